@@ -1,0 +1,3 @@
+"""contrast: a command-line experiment runner for contrastive self-supervised learning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from contrastive_cli.cli import main
+
+raise SystemExit(main())

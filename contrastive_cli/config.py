@@ -1,0 +1,38 @@
+"""Where the configs are, and composing them outside the command line (tests, resume)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+
+def config_dir() -> Path:
+    """``contrastive_cli/conf`` in an installed wheel, the top-level ``conf/`` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"contrast's configs are missing: looked in {here / 'conf'} and {here.parent / 'conf'}")
+
+
+CONF_DIR = config_dir()
+
+
+def config_groups() -> dict[str, list[str]]:
+    """{group: [options]} from the config folder (the Hydra internals excluded)."""
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(CONF_DIR.iterdir())
+        if d.is_dir() and d.name != "hydra" and not d.name.startswith("_")
+    }
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config ``contrast train <overrides>`` would run, with Hydra's runtime info."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)

@@ -1,0 +1,44 @@
+"""BYOL: online encoder+projector+predictor regresses an EMA target of the other view."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from contrastive_cli.losses.byol import byol_loss
+from contrastive_cli.methods.momentum import cosine_momentum, frozen_copy, update_momentum
+
+
+class BYOL(nn.Module):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        projector: Callable[[int], nn.Module],
+        predictor: Callable[[int], nn.Module],
+        projection_dim: int = 256,
+        base_momentum: float = 0.996,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector(encoder.out_dim)
+        self.predictor = predictor(projection_dim)
+        self.target_encoder = frozen_copy(encoder)
+        self.target_projector = frozen_copy(self.projector)
+        self.base_momentum = base_momentum
+
+    def forward(self, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
+        views = torch.cat([view1, view2])
+        p1, p2 = self.predictor(self.projector(self.encoder(views))).chunk(2)
+        with torch.no_grad():
+            t1, t2 = self.target_projector(self.target_encoder(views)).chunk(2)
+        return byol_loss(p1, t2) + byol_loss(p2, t1)
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        # `step` is the number of optimizer steps taken so far, so tau follows the schedule
+        # from its base value at the first update to 1 at the last.
+        m = cosine_momentum(step - 1, total_steps, self.base_momentum)
+        update_momentum(self.encoder, self.target_encoder, m)
+        update_momentum(self.projector, self.target_projector, m)

@@ -1,0 +1,33 @@
+"""SimCLR: encoder -> projector -> NT-Xent over both views."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from contrastive_cli.distributed import Gather, local_only
+from contrastive_cli.losses.ntxent import nt_xent
+
+
+class SimCLR(nn.Module):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        projector: Callable[[int], nn.Module],
+        temperature: float = 0.5,
+        gather: Gather = local_only,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector(encoder.out_dim)
+        self.temperature = temperature
+        self.gather = gather
+
+    def forward(self, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
+        z1, z2 = self.projector(self.encoder(torch.cat([view1, view2]))).chunk(2)
+        return nt_xent(z1, z2, self.temperature, self.gather)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass

@@ -1,0 +1,49 @@
+"""Triplet: encoder -> projector, in-batch mined triplets over both views."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from contrastive_cli.distributed import Gather, local_only
+from contrastive_cli.losses.triplet import Mining, triplet_loss
+
+
+class Triplet(nn.Module):
+    """Anchor and positive are two views of one image (``positives=views``) or any two
+    samples of one class (``positives=labels``, which needs labelled data)."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        projector: Callable[[int], nn.Module],
+        margin: float = 0.2,
+        mining: Mining = "semihard",
+        positives: str = "views",
+        gather: Gather = local_only,
+    ):
+        super().__init__()
+        if positives not in ("views", "labels"):
+            raise ValueError(f"loss.positives must be views or labels, got {positives!r}")
+        self.encoder = encoder
+        self.projector = projector(encoder.out_dim)
+        self.margin = margin
+        self.mining = mining
+        self.positives = positives
+        self.gather = gather
+
+    def forward(self, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
+        n = view1.shape[0]
+        if self.positives == "labels":
+            if labels is None:
+                raise ValueError("loss.positives=labels needs labelled training data")
+            ids = labels
+        else:
+            ids = torch.arange(n, device=view1.device)
+        z = self.projector(self.encoder(torch.cat([view1, view2])))
+        return triplet_loss(z, torch.cat([ids, ids]), self.margin, self.mining, self.gather)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
