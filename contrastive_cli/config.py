@@ -36,3 +36,19 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def build(node: DictConfig, *args: object, **kwargs: object):  # noqa: ANN201
+    """``hydra.utils.instantiate``, but an error the user can fix comes through as itself
+    (Hydra wraps everything raised inside a target in an InstantiationException)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from contrastive_cli.errors import UserError
+
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from contrastive_cli.config import build
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
@@ -50,7 +50,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def load_data(cfg: DictConfig) -> ImageData:
     """The data source of ``cfg.data``, checked against the shape the config declares."""
-    data: ImageData = instantiate(cfg.data.source)
+    data: ImageData = build(cfg.data.source)
     _, c, h, w = data.pretrain.images.shape
     if c != cfg.data.channels or h != cfg.data.image_size or w != cfg.data.image_size:
         raise DataError(
@@ -63,7 +63,7 @@ def load_data(cfg: DictConfig) -> ImageData:
 def build_encoder(cfg: DictConfig, seed: int) -> torch.nn.Module:
     """The encoder, initialised on the CPU from ``seed`` alone (same weights on any device)."""
     torch.manual_seed(seed)
-    return instantiate(cfg.encoder, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    return build(cfg.encoder, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
 
 
 def run_training(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
@@ -81,21 +81,21 @@ def run_training(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None 
 def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float) -> dict[str, Any]:
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
-    runtime: Runtime = instantiate(cfg.device)
+    runtime: Runtime = build(cfg.device)
     data = load_data(cfg)
-    augment = instantiate(cfg.data.augment)
+    augment = build(cfg.data.augment)
     encoder = build_encoder(cfg, t.seed)
     random_init = copy.deepcopy(encoder)                      # the random-encoder baseline
-    method = instantiate(cfg.loss, encoder=encoder).to(runtime.device)
+    method = build(cfg.loss, encoder=encoder).to(runtime.device)
     if runtime.channels_last:
         method = method.to(memory_format=torch.channels_last)
     step_fn = torch.compile(method) if runtime.compile else method
-    optimizer = instantiate(cfg.optim.optimizer)([p for p in method.parameters() if p.requires_grad])
+    optimizer = build(cfg.optim.optimizer)([p for p in method.parameters() if p.requires_grad])
     try:
         batches = InMemoryBatches(data.pretrain, t.batch_size, t.seed, runtime.device, runtime.data_on_device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    scheduler = instantiate(cfg.optim.scheduler)(optimizer, steps_per_epoch=len(batches), epochs=t.epochs)
+    scheduler = build(cfg.optim.scheduler)(optimizer, steps_per_epoch=len(batches), epochs=t.epochs)
 
     progress = Progress()
     checkpoint = run_dir / CHECKPOINT

@@ -1,0 +1,48 @@
+# make install | run | test | lint | bench
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Torch pin for the machines we develop and test on (a CUDA build that also runs on CPU;
+# on aarch64 a CPU build). Elsewhere: `make install TORCH=torch` lets pip choose.
+ARCH   := $(shell uname -m)
+ifeq ($(ARCH),aarch64)
+TORCH  ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+endif
+PYTEST ?= -q
+
+.PHONY: install run test test-all lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev,sweep,parquet]'
+	touch $@
+
+run: install
+	$(BIN)/contrast train
+
+# Everything but @pytest.mark.slow; exit code 5 (no tests collected) fails the target.
+test: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST)
+
+test-all: install
+	$(BIN)/python -m pytest $(PYTEST)
+
+lint: install
+	$(BIN)/ruff check contrastive_cli tests benchmarks
+	$(BIN)/ruff format --check contrastive_cli tests benchmarks
+
+format: install
+	$(BIN)/ruff check --fix contrastive_cli tests benchmarks
+	$(BIN)/ruff format contrastive_cli tests benchmarks
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""One module per ``contrast`` subcommand, each exposing ``HELP`` and ``main(args) -> int``."""

@@ -1,0 +1,61 @@
+"""Shared fixtures: compose the real configs, shrink them, run the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig, open_dict
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A run that takes a few seconds on digits: enough steps to exercise every part.
+TINY = [
+    "trainer.epochs=2",
+    "trainer.batch_size=64",
+    "eval.probe.max_iter=30",
+    "eval.probe.weight_decays=[1e-4,1e-2]",
+    "eval.monitor_bank=500",
+    "eval.monitor_queries=100",
+]
+
+
+def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+    """``contrast <args>`` in a subprocess, importing this checkout's package."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0",
+                **(env or {})}
+    full_env.pop("CONTRAST_DATA", None) if env is None or "CONTRAST_DATA" not in env else None
+    proc = subprocess.run([sys.executable, "-m", "contrastive_cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"contrast {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Run directories (those holding .hydra/config.yaml) under ``root``, oldest first."""
+    return sorted((p.parent.parent for p in root.rglob(".hydra/config.yaml")), key=lambda p: str(p))
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture
+def compose_cfg():
+    """compose_cfg(*overrides) -> the config `contrast train` would run (hydra key removed)."""
+    from contrastive_cli.config import compose
+
+    def _compose(*overrides: str) -> DictConfig:
+        cfg = compose(list(overrides))
+        with open_dict(cfg):
+            cfg.pop("hydra", None)
+        return cfg
+
+    return _compose
