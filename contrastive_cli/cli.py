@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import contrastive_cli
@@ -10,10 +11,10 @@ from contrastive_cli.config import config_groups
 from contrastive_cli.errors import UserError
 
 # name -> module under contrastive_cli.commands; each has HELP and main(args) -> exit code.
-COMMANDS = ["train"]
+COMMANDS = ["train", "runs", "resume", "reproduce", "eval", "plot"]
 
 
-def _command(name: str):  # noqa: ANN202
+def _command(name: str):
     return importlib.import_module(f"contrastive_cli.commands.{name}")
 
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] not in COMMANDS:
         print(f"error: unknown command {args[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if args[0] != "train":  # Hydra configures logging for train; the others log plainly to stdout
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         return _command(args[0]).main(args[1:])
     except UserError as e:

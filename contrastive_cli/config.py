@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 def config_dir() -> Path:
@@ -20,6 +20,29 @@ def config_dir() -> Path:
 CONF_DIR = config_dir()
 
 
+def claim_directory(path: str) -> str:
+    """Create and return a directory no other run has: ``path``, else ``path-2``, ``path-3``...
+
+    ``mkdir`` without ``exist_ok`` is atomic, so two runs started in the same second (or
+    parallel sweep jobs on a shared filesystem) never share a directory. Registered as the
+    cached resolver ``unique_dir`` used by ``hydra.run.dir`` and ``hydra.sweep.dir``; Hydra
+    copies resolver caches into each job's config, so a sweep's jobs agree on the name.
+    """
+    base = Path(path)
+    candidate, n = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return str(candidate)
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+
+
+if not OmegaConf.has_resolver("unique_dir"):
+    OmegaConf.register_new_resolver("unique_dir", claim_directory, use_cache=True)
+
+
 def config_groups() -> dict[str, list[str]]:
     """{group: [options]} from the config folder (the Hydra internals excluded)."""
     return {
@@ -30,15 +53,15 @@ def config_groups() -> dict[str, list[str]]:
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
-    """The config ``contrast train <overrides>`` would run, with Hydra's runtime info."""
+    """The job config ``contrast train <overrides>`` would run (without the hydra section)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
 
 
-def build(node: DictConfig, *args: object, **kwargs: object):  # noqa: ANN201
+def build(node: DictConfig, *args: object, **kwargs: object):
     """``hydra.utils.instantiate``, but an error the user can fix comes through as itself
     (Hydra wraps everything raised inside a target in an InstantiationException)."""
     from hydra.errors import InstantiationException

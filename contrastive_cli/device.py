@@ -31,10 +31,10 @@ def _mps_available() -> bool:
 
 
 def resolve_device(
-    type: str = "auto",  # noqa: A002 - the config key is `device.type`
+    type: str = "auto",
     precision: str = "bf16",
     channels_last: bool = True,
-    compile: bool = False,  # noqa: A002
+    compile: bool = False,
     data_on_device: bool = True,
 ) -> Runtime:
     """auto -> cuda, else mps, else cpu. Mixed precision and channels_last apply on CUDA only:
@@ -44,7 +44,7 @@ def resolve_device(
     if precision not in PRECISIONS:
         raise ConfigError(f"device.precision={precision!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
     if type == "auto":
-        type = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"  # noqa: A001
+        type = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     if type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is visible to PyTorch; use device=auto or device=cpu")
     if type == "mps" and not _mps_available():

@@ -19,3 +19,21 @@ class DataError(UserError):
     """Data that is missing, unreadable or cannot be downloaded."""
 
     exit_code = 1
+
+
+class Diverged(UserError):
+    """A non-finite loss or gradient: the step was not applied and the run stopped."""
+
+    exit_code = 3
+
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        super().__init__(
+            f"training diverged at step {step} (loss {loss}, gradient norm {grad_norm}); the step was "
+            "not applied and the last good checkpoint is kept. Try a lower optim.optimizer.lr, "
+            "a larger loss.temperature, or trainer.grad_clip=1.0"
+        )
+        self.step = step
+
+
+class RunExists(ConfigError):
+    """The chosen run directory already holds a run (it is left untouched)."""

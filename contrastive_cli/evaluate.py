@@ -145,7 +145,7 @@ def linear_probe(
     """Choose the weight decay on a held-out part of train, refit on all of train, test once."""
     g = torch.Generator().manual_seed(derive_seed(seed, "probe-split"))
     order = torch.randperm(len(train_x), generator=g).to(train_x.device)
-    n_val = max(1, int(round(len(train_x) * val_fraction)))
+    n_val = max(1, round(len(train_x) * val_fraction))
     val_idx, fit_idx = order[:n_val], order[n_val:]
     fit_x, val_x = _standardise(train_x[fit_idx].float(), train_x[val_idx].float())
     best: tuple[float, float] | None = None

@@ -5,7 +5,6 @@ The CLI calls ``run_training``; tests call it too, with a composed config and a 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -16,18 +15,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from contrastive_cli.config import build
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from contrastive_cli.checkpoint import load_checkpoint, save_checkpoint
-from contrastive_cli.data.batches import InMemoryBatches
+from contrastive_cli.config import build
+from contrastive_cli.data.batches import InMemoryBatches, derive_seed
 from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
-from contrastive_cli.errors import ConfigError, DataError
-from contrastive_cli.evaluate import KnnMonitor, evaluate_protocol
+from contrastive_cli.errors import ConfigError, DataError, Diverged, RunExists
+from contrastive_cli.evaluate import KnnMonitor, evaluate_protocol, extract_features
 from contrastive_cli.report import MetricsLog, results_table, versions, write_json
-from contrastive_cli.train import Progress, train
+from contrastive_cli.rundirs import Run
+from contrastive_cli.signals import GracefulStop, Interrupted
+from contrastive_cli.train import Hooks, Progress, train
 
 log = logging.getLogger(__name__)
 CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -66,26 +67,93 @@ def build_encoder(cfg: DictConfig, seed: int) -> torch.nn.Module:
     return build(cfg.encoder, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
 
 
+def encoder_metadata(cfg: DictConfig) -> dict[str, str]:
+    """What encoder.safetensors carries so it can be rebuilt without its run directory."""
+    return {"format": "contrast-encoder-v1", "encoder": json.dumps(OmegaConf.to_container(cfg.encoder, resolve=True)),
+            "data": str(cfg.data.name), "channels": str(cfg.data.channels),
+            "image_size": str(cfg.data.image_size), "seed": str(cfg.trainer.seed)}
+
+
+def evaluate_encoder(
+    cfg: DictConfig, encoder: torch.nn.Module, data: ImageData, augment: Any, runtime: Runtime, seed: int
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The evaluation protocol for ``encoder`` and, when ``eval.baselines``, for raw pixels and
+    the same encoder freshly initialised from ``seed`` (its weights before training)."""
+    assert data.train is not None and data.test is not None
+    encoders = {"trained": encoder}
+    if cfg.eval.baselines:
+        memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
+        encoders["random_init"] = build_encoder(cfg, seed).to(runtime.device, memory_format=memory_format)
+    evaluated = evaluate_protocol(
+        encoders, data.train.images, data.train.labels, data.test.images, data.test.labels,
+        data.num_classes, augment.normalize, runtime.device, OmegaConf.to_container(cfg.eval),
+        seed, pixels=cfg.eval.baselines, channels_last=runtime.channels_last, autocast=runtime.autocast,
+    )
+    return evaluated.pop("trained"), evaluated
+
+
+def plot_embedding_of(
+    encoder: torch.nn.Module, data: ImageData, augment: Any, runtime: Runtime, cfg: DictConfig, out: Path, title: str
+) -> Path | None:
+    """The embedding map of up to ``eval.embedding_points`` test images (a fixed subset)."""
+    from contrastive_cli.plots import plot_embedding
+
+    if data.test is None or data.test.labels is None or cfg.eval.embedding_points <= 0:
+        return None
+    g = torch.Generator().manual_seed(derive_seed(cfg.trainer.seed, "embedding"))
+    idx = torch.randperm(len(data.test), generator=g)[: cfg.eval.embedding_points]
+    features = extract_features(encoder, data.test.images[idx], augment.normalize, runtime.device,
+                                cfg.eval.batch_size, runtime.channels_last, runtime.autocast)
+    return plot_embedding(features.cpu().numpy(), data.test.labels[idx].numpy(), out, title, cfg.trainer.seed)
+
+
+def embedding_map(run: Run, out: Path) -> Path | None:
+    """The embedding map of a finished run's encoder (rebuilt from its saved config)."""
+    from safetensors.torch import load_file
+
+    weights = run.path / "encoder.safetensors"
+    if not weights.is_file():
+        return None
+    cfg = run.config()
+    runtime = build(cfg.device)
+    data = load_data(cfg)
+    encoder = build_encoder(cfg, cfg.trainer.seed)
+    encoder.load_state_dict(load_file(str(weights)))
+    title = f"{run.choices.get('loss', '')} on {cfg.data.name}"
+    return plot_embedding_of(encoder.to(runtime.device), data, build(cfg.data.augment), runtime, cfg, out, title)
+
+
 def run_training(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
     """Train and evaluate the run that ``cfg`` describes, in ``run_dir``. Returns results.json."""
     started = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.trainer.resume and any((run_dir / f).exists() for f in ("results.json", str(CHECKPOINT))):
+        raise RunExists(
+            f"run directory {run_dir} already holds a run; resume it with `contrast resume {run_dir}` "
+            "or choose a new directory"
+        )
     handler = _log_to(run_dir / "train.log")
     try:
-        return _run(cfg, run_dir, choices or {}, started)
+        with GracefulStop() as stop:
+            return _run(cfg, run_dir, choices or {}, started, stop)
+    except Interrupted as e:
+        status = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
+        if status.get("status") != "interrupted":  # stopped outside the loop: nothing new to save
+            write_json(run_dir / "results.json", {"status": "interrupted", "run_dir": str(run_dir), "error": str(e)})
+            log.info(str(e))
+        raise
     finally:
         logging.getLogger("contrastive_cli").removeHandler(handler)
         handler.close()
 
 
-def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float) -> dict[str, Any]:
+def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float, stop: GracefulStop) -> dict[str, Any]:
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
     runtime: Runtime = build(cfg.device)
     data = load_data(cfg)
     augment = build(cfg.data.augment)
     encoder = build_encoder(cfg, t.seed)
-    random_init = copy.deepcopy(encoder)                      # the random-encoder baseline
     method = build(cfg.loss, encoder=encoder).to(runtime.device)
     if runtime.channels_last:
         method = method.to(memory_format=torch.channels_last)
@@ -117,6 +185,13 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
         )
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
+    def save(progress: Progress) -> None:
+        save_checkpoint(checkpoint, {
+            "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "progress": dataclasses.asdict(progress),
+            "config": resolved,
+        })
+
     def end_epoch(progress: Progress, record: dict) -> None:
         if monitor is not None and (progress.epoch % cfg.eval.every == 0 or progress.epoch == t.epochs):
             record["knn"] = monitor(method.encoder)
@@ -127,45 +202,55 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
             + (f"  knn {record['knn']:.4f}" if "knn" in record else "")
         )
         if t.checkpoint:
-            save_checkpoint(checkpoint, {
-                "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "progress": dataclasses.asdict(progress),
-                "config": resolved,
-            })
+            save(progress)
+
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir), "data": cfg.data.name, "encoder": choices.get("encoder"),
+        "loss": choices.get("loss"), "epochs": t.epochs, "seed": t.seed, "device": runtime.describe(),
+    }
+
+    def stopped(status: str, progress: Progress, error: str) -> dict[str, Any]:
+        return {"status": status, **summary, "error": error, "epoch": progress.epoch, "steps": progress.step,
+                "wall_time_s": time.time() - started, "versions": versions()}
 
     log.info(f"training {choices.get('loss', '')} on {cfg.data.name} ({len(data.pretrain)} images, "
              f"{len(batches)} steps/epoch) on {runtime.describe()}; run dir {run_dir}")
-    progress = train(step_fn, optimizer, scheduler, batches, augment, runtime, t.epochs, t.seed,
-                     progress, end_epoch, t.log_every)
+    def interrupted(progress: Progress) -> Interrupted:
+        message = (f"stopped at epoch {progress.epoch + 1}, step {progress.step}; checkpoint saved; "
+                   f"continue with: contrast resume {run_dir}")
+        write_json(run_dir / "results.json", stopped("interrupted", progress, message))
+        log.info(message)
+        return Interrupted(stop.signum or 2, message)
+
+    hooks = Hooks(end_epoch=end_epoch, save=save, stop_requested=lambda: stop.requested, interrupted=interrupted)
+    stop.graceful = True
+    try:
+        progress = train(step_fn, optimizer, scheduler, batches, augment, runtime, t.epochs, t.seed,
+                         progress, hooks, t.log_every, t.grad_clip)
+    except Diverged as e:
+        write_json(run_dir / "results.json", stopped("diverged", progress, str(e)))
+        raise
+    finally:
+        stop.graceful = False
 
     encoder = method.encoder
     save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
               str(run_dir / "encoder.safetensors"),
-              metadata={"config": json.dumps(resolved["encoder"]), "data": cfg.data.name,
-                        "channels": str(cfg.data.channels), "image_size": str(cfg.data.image_size)})
+              metadata=encoder_metadata(cfg))
 
     results: dict[str, Any] = {
-        "status": "completed", "run_dir": str(run_dir),
-        "data": cfg.data.name, "encoder": choices.get("encoder"), "loss": choices.get("loss"),
-        "epochs": t.epochs, "steps": progress.step, "seed": t.seed, "device": runtime.describe(),
+        "status": "completed", **summary, "steps": progress.step,
         "train_time_s": progress.train_seconds,
         "images_per_s": progress.step * t.batch_size / max(progress.train_seconds, 1e-9),
     }
     eval_start = time.perf_counter()
     if data.labelled:
-        encoders = {"trained": encoder}
-        if cfg.eval.baselines:
-            encoders["random_init"] = random_init.to(runtime.device)
-        evaluated = evaluate_protocol(
-            encoders, data.train.images, data.train.labels, data.test.images, data.test.labels,
-            data.num_classes, augment.normalize, runtime.device, OmegaConf.to_container(cfg.eval),
-            t.seed, pixels=cfg.eval.baselines, channels_last=runtime.channels_last, autocast=runtime.autocast,
-        )
-        results["metrics"] = evaluated.pop("trained")
-        results["baselines"] = evaluated
+        results["metrics"], results["baselines"] = evaluate_encoder(cfg, encoder, data, augment, runtime, t.seed)
     else:
         log.info("the data has no labels: k-NN and the linear probe are skipped")
     results["eval_time_s"] = time.perf_counter() - eval_start
+    if cfg.eval.plots:
+        _plot_run(run_dir, metrics_log.records(), encoder, data, augment, runtime, cfg, choices)
     results["wall_time_s"] = time.time() - started
     results["versions"] = versions()
     write_json(run_dir / "results.json", results)
@@ -173,6 +258,19 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
         log.info("\n" + results_table(results))
     log.info(f"results: {run_dir / 'results.json'}")
     return results
+
+
+def _plot_run(run_dir: Path, records: list[dict], encoder: torch.nn.Module, data: ImageData, augment: Any,
+              runtime: Runtime, cfg: DictConfig, choices: dict[str, str]) -> None:
+    """plots/curves.png and plots/embedding.png; a failed plot is a warning, never a failed run."""
+    from contrastive_cli.plots import plot_curves
+
+    try:
+        plot_curves([(run_dir.name, records)], run_dir / "plots" / "curves.png")
+        plot_embedding_of(encoder, data, augment, runtime, cfg, run_dir / "plots" / "embedding.png",
+                          f"{choices.get('loss', '')} on {cfg.data.name}")
+    except Exception as e:
+        log.warning(f"plots were not written: {type(e).__name__}: {e}")
 
 
 def _log_to(path: Path) -> logging.Handler:

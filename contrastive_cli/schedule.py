@@ -34,5 +34,5 @@ def warmup_cosine(
     warmup_epochs: float = 1,
     final_lr_ratio: float = 0.0,
 ) -> LambdaLR:
-    warmup = min(int(round(warmup_epochs * steps_per_epoch)), steps_per_epoch * epochs)
+    warmup = min(round(warmup_epochs * steps_per_epoch), steps_per_epoch * epochs)
     return LambdaLR(optimizer, WarmupCosine(warmup, steps_per_epoch * epochs, final_lr_ratio))

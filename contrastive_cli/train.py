@@ -14,6 +14,7 @@ from tqdm import tqdm
 from contrastive_cli.data.augment import Augment
 from contrastive_cli.data.batches import InMemoryBatches, derive_seed
 from contrastive_cli.device import Runtime
+from contrastive_cli.errors import Diverged
 
 
 @dataclass
@@ -41,6 +42,16 @@ def epoch_record(progress: Progress, steps_per_epoch: int, batch_size: int, lr: 
     }
 
 
+@dataclass
+class Hooks:
+    """What the loop calls out to; run.py supplies them."""
+
+    end_epoch: Callable[[Progress, dict], None]      # monitor, log, checkpoint
+    save: Callable[[Progress], None]                 # checkpoint mid-epoch (on a stop request)
+    stop_requested: Callable[[], bool] = lambda: False
+    interrupted: Callable[[Progress], BaseException] = lambda p: KeyboardInterrupt()
+
+
 def train(
     method: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -51,11 +62,17 @@ def train(
     epochs: int,
     seed: int,
     progress: Progress,
-    end_epoch: Callable[[Progress, dict], None],
+    hooks: Hooks,
     log_every: int = 10,
+    grad_clip: float = 0.0,
 ) -> Progress:
-    """Train ``method`` from ``progress`` to ``epochs``; ``end_epoch`` logs and checkpoints."""
+    """Train ``method`` from ``progress`` to ``epochs``.
+
+    Raises ``Diverged`` (step not applied) on a non-finite loss or gradient, and
+    ``hooks.interrupted(progress)`` after saving when ``hooks.stop_requested()``.
+    """
     total_steps = epochs * len(batches)
+    params = [p for p in method.parameters() if p.requires_grad]
     generator = torch.Generator(device=runtime.device)
     autocast = (
         torch.autocast(runtime.device.type, dtype=torch.bfloat16) if runtime.autocast else contextlib.nullcontext()
@@ -78,6 +95,13 @@ def train(
                 loss = method(view1, view2, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            # A non-finite step must never reach the weights: this check is one host sync
+            # per step (free on CPU; on CUDA it waits for the backward pass).
+            if not torch.isfinite(loss.detach() + grad_norm):
+                raise Diverged(progress.step + 1, loss.item(), grad_norm.item())
+            if grad_clip > 0:
+                nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
             optimizer.step()
             scheduler.step()
             progress.step += 1
@@ -91,12 +115,23 @@ def train(
                 seconds = progress.epoch_seconds + time.perf_counter() - start
                 rate = (progress.batch * batches.batch_size) / max(seconds, 1e-9)
                 bar.set_postfix(loss=f"{losses[-1].item():.4f}", img_s=f"{rate:,.0f}")
+            if hooks.stop_requested():
+                _bank(progress, losses, start)
+                bar.close()
+                hooks.save(progress)
+                raise hooks.interrupted(progress)
         bar.close()
-        progress.step_losses += torch.stack(losses).float().tolist() if losses else []
-        progress.epoch_seconds += time.perf_counter() - start
+        _bank(progress, losses, start)
         progress.epoch += 1
         record = epoch_record(progress, len(batches), batches.batch_size, scheduler.get_last_lr()[0])
         progress.train_seconds += progress.epoch_seconds
         progress.batch, progress.step_losses, progress.epoch_seconds = 0, [], 0.0
-        end_epoch(progress, record)
+        hooks.end_epoch(progress, record)
     return progress
+
+
+def _bank(progress: Progress, losses: list[Tensor], start: float) -> None:
+    """Move this session's step losses and time into ``progress`` (plain floats)."""
+    progress.step_losses += torch.stack(losses).float().tolist() if losses else []
+    progress.epoch_seconds += time.perf_counter() - start
+    losses.clear()

@@ -11,12 +11,14 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from contrastive_cli.config import CONF_DIR
-from contrastive_cli.errors import UserError
+from contrastive_cli.errors import RunExists, UserError
+from contrastive_cli.signals import Interrupted
 
 log = logging.getLogger(__name__)
+HELP = "train an encoder with a contrastive loss, then evaluate it (Hydra overrides)"
 
 
 def objective(results: dict) -> float:
@@ -34,9 +36,13 @@ def _train_task(cfg: DictConfig) -> float:
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
+        # The saved config is complete and resolved: a later edit to conf/ or the
+        # environment cannot change what a rerun of this directory does.
+        OmegaConf.save(cfg, run_dir / hc.output_subdir / "config.yaml", resolve=True)
         return objective(run_training(cfg, run_dir, dict(hc.runtime.choices)))
     except UserError as e:
-        write_json(run_dir / "results.json", {"status": "failed", "error": str(e), "run_dir": str(run_dir)})
+        if not isinstance(e, RunExists) and not (run_dir / "results.json").exists():
+            write_json(run_dir / "results.json", {"status": "failed", "error": str(e), "run_dir": str(run_dir)})
         if cfg.get("debug"):
             raise
         if multirun:
@@ -45,17 +51,38 @@ def _train_task(cfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:  # a bug: keep the traceback, but let a sweep's other jobs run
-        write_json(run_dir / "results.json", {"status": "failed", "error": f"{type(e).__name__}: {e}", "run_dir": str(run_dir)})
+        write_json(run_dir / "results.json",
+                   {"status": "failed", "error": f"{type(e).__name__}: {e}", "run_dir": str(run_dir)})
         if multirun and not cfg.get("debug"):
             log.exception("job failed")
             return math.nan
         raise
 
 
-HELP = "train an encoder with a contrastive loss, then evaluate it (Hydra overrides)"
+def _explicit_run_dir(args: list[str]) -> Path | None:
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            return Path(value)
+    return None
 
 
 def main(args: list[str]) -> int:
+    # Hydra writes .hydra/ into the run directory before any of our code runs, so a run
+    # directory given on the command line is checked here, before Hydra starts.
+    explicit = _explicit_run_dir(args)
+    resuming = any(a.startswith("trainer.resume=") and a.split("=", 1)[1].lower() == "true" for a in args)
+    if explicit is not None and not resuming and any(
+        (explicit / f).exists() for f in ("results.json", "checkpoints", ".hydra")
+    ):
+        raise RunExists(f"hydra.run.dir={explicit} already holds a run; resume it with "
+                        f"`contrast resume {explicit}` or choose a new directory")
+    # Sweepers optimise the returned k-NN accuracy: Optuna must maximise it, not minimise.
+    if "hydra/sweeper=optuna" in args and not any(a.startswith("hydra.sweeper.direction") for a in args):
+        args = [*args, "hydra.sweeper.direction=maximize"]
     sys.argv = ["contrast train", *args]
-    _train_task()
+    try:
+        _train_task()
+    except Interrupted as e:  # run.py has logged how to continue
+        return e.exit_code
     return 0

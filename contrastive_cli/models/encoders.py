@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +17,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [in_channels * image_size * image_size, *hidden_dims]
         layers: list[nn.Module] = [nn.Flatten()]
-        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+        for d_in, d_out in itertools.pairwise(dims):
             layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
         self.net = nn.Sequential(*layers)
         self.out_dim = dims[-1]

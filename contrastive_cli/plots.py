@@ -1,0 +1,110 @@
+"""PNG plots: training curves, the embedding map of test features, sweep metric vs value."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+
+from contrastive_cli.rundirs import Run
+
+log = logging.getLogger(__name__)
+DPI = 100
+CURVES_SIZE = (10, 4)      # inches: 1000 x 400 px
+EMBEDDING_SIZE = (7, 7)    # 700 x 700 px
+
+
+def run_label(run: Run, others: Sequence[Run]) -> str:
+    """The shortest label that tells runs apart: their differing overrides, else the dir name."""
+    common = set.intersection(*(set(r.overrides) for r in others)) if len(others) > 1 else set()
+    own = [o for o in run.overrides if o not in common and not o.startswith("hydra")]
+    return " ".join(own) or run.path.name
+
+
+def plot_curves(series: Sequence[tuple[str, list[dict]]], out: Path) -> Path:
+    """Loss and monitor k-NN per epoch from (label, metrics.jsonl records); runs share the axes."""
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=CURVES_SIZE, dpi=DPI)
+    for label, records in series:
+        if not records:
+            continue
+        ax_loss.plot([r["epoch"] for r in records], [r["loss"] for r in records], marker=".", label=label)
+        knn = [(r["epoch"], r["knn"]) for r in records if "knn" in r]
+        if knn:
+            ax_knn.plot(*zip(*knn, strict=True), marker=".", label=label)
+    ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
+    ax_knn.set(title="monitor k-NN (held-out part of train)", xlabel="epoch", ylabel="accuracy")
+    for ax in (ax_loss, ax_knn):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_embedding(features: np.ndarray, labels: np.ndarray, out: Path, title: str, seed: int = 0) -> Path:
+    """2-D map of features (UMAP when installed, else t-SNE), coloured by class."""
+    try:
+        import umap  # type: ignore[import-not-found]
+
+        xy = umap.UMAP(random_state=seed).fit_transform(features)
+        method = "UMAP"
+    except ImportError:
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
+        xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(features)
+        method = "t-SNE"
+    fig, ax = plt.subplots(figsize=EMBEDDING_SIZE, dpi=DPI)
+    classes = np.unique(labels)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for i, c in enumerate(classes):
+        pts = xy[labels == c]
+        ax.scatter(pts[:, 0], pts[:, 1], s=4, color=cmap(i % cmap.N), label=str(c))
+    ax.set(title=f"{title} ({method}, {len(features)} test images)", xticks=[], yticks=[])
+    if len(classes) <= 20:
+        ax.legend(markerscale=3, fontsize=7, loc="best")
+    return _save(fig, out)
+
+
+def swept_keys(runs: Sequence[Run]) -> dict[str, list[str]]:
+    """Override keys whose value differs between runs -> each run's value ('' when unset)."""
+    values = [dict(o.split("=", 1) for o in r.overrides if "=" in o and not o.startswith("hydra")) for r in runs]
+    keys = sorted({k for v in values for k in v})
+    return {k: [v.get(k, "") for v in values] for k in keys if len({v.get(k, "") for v in values}) > 1}
+
+
+def plot_sweep(runs: Sequence[Run], out: Path, metric: str = "knn_k200") -> Path | None:
+    """The metric against each swept value (one panel per swept key); None if nothing was swept."""
+    swept = swept_keys(runs)
+    if not swept:
+        return None
+    scores = [((r.results or {}).get("metrics") or {}).get(metric, math.nan) for r in runs]
+    fig, axes = plt.subplots(1, len(swept), figsize=(4.5 * len(swept), 4), dpi=DPI, squeeze=False)
+    for ax, (key, values) in zip(axes[0], swept.items(), strict=True):
+        try:
+            xs: list = [float(v) for v in values]
+            numeric = True
+        except ValueError:
+            order = sorted(set(values))
+            xs, numeric = [order.index(v) for v in values], False
+            ax.set_xticks(range(len(order)), order, rotation=30)
+        ax.scatter(xs, scores)
+        if numeric and len(set(xs)) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 100:
+            ax.set_xscale("log")
+        ax.set(title=key, xlabel=key, ylabel=metric)
+        ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def _save(fig: plt.Figure, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    return out
