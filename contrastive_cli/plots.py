@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
@@ -41,6 +42,7 @@ def plot_curves(series: Sequence[tuple[str, list[dict]]], out: Path) -> Path:
     ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
     ax_knn.set(title="monitor k-NN (held-out part of train)", xlabel="epoch", ylabel="accuracy")
     for ax in (ax_loss, ax_knn):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)

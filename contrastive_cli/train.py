@@ -73,6 +73,7 @@ def train(
     """
     total_steps = epochs * len(batches)
     params = [p for p in method.parameters() if p.requires_grad]
+    forward_state = ForwardState(method)
     generator = torch.Generator(device=runtime.device)
     autocast = (
         torch.autocast(runtime.device.type, dtype=torch.bfloat16) if runtime.autocast else contextlib.nullcontext()
@@ -91,6 +92,7 @@ def train(
                 view1 = view1.contiguous(memory_format=torch.channels_last)
                 view2 = view2.contiguous(memory_format=torch.channels_last)
             # 2. loss, backward, optimizer and schedule step
+            forward_state.save()
             with autocast:
                 loss = method(view1, view2, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -99,6 +101,7 @@ def train(
             # A non-finite step must never reach the weights: this check is one host sync
             # per step (free on CPU; on CUDA it waits for the backward pass).
             if not torch.isfinite(loss.detach() + grad_norm):
+                forward_state.restore()
                 raise Diverged(progress.step + 1, loss.item(), grad_norm.item())
             if grad_clip > 0:
                 nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
@@ -128,6 +131,25 @@ def train(
         progress.batch, progress.step_losses, progress.epoch_seconds = 0, [], 0.0
         hooks.end_epoch(progress, record)
     return progress
+
+
+class ForwardState:
+    """The buffers a forward pass changes (BatchNorm running statistics), copied before each
+    step so that a rejected step leaves no trace. A few small copies per step."""
+
+    def __init__(self, method: nn.Module):
+        self.buffers = [
+            b for m in method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()
+        ]
+        self.copies = [torch.empty_like(b) for b in self.buffers]
+
+    def save(self) -> None:
+        for copy, buffer in zip(self.copies, self.buffers, strict=True):
+            copy.copy_(buffer)
+
+    def restore(self) -> None:
+        for copy, buffer in zip(self.copies, self.buffers, strict=True):
+            buffer.copy_(copy)
 
 
 def _bank(progress: Progress, losses: list[Tensor], start: float) -> None:

@@ -22,6 +22,7 @@ TINY = [
     "eval.probe.weight_decays=[1e-4,1e-2]",
     "eval.monitor_bank=500",
     "eval.monitor_queries=100",
+    "eval.embedding_points=200",
 ]
 
 

@@ -15,6 +15,7 @@ from contrastive_cli.config import claim_directory
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.signals import Interrupted
 
+TIMINGS = {"seconds"}  # wall-clock numbers, never expected to repeat
 HELP = "rerun RUN_DIR's saved config into a new run dir and report identical or the differences"
 
 
@@ -27,12 +28,12 @@ def compared_values(run_dir: Path) -> dict[str, float]:
             if key in record:
                 values[f"epoch {record['epoch']} {key}"] = float(record[key])
     results = run.results or {}
-    for key, value in (results.get("metrics") or {}).items():
-        values[f"metrics.{key}"] = float(value)
-    for name, metrics in (results.get("baselines") or {}).items():
+    sections = {"metrics": results.get("metrics") or {}}
+    sections.update({f"baselines.{name}": m for name, m in (results.get("baselines") or {}).items()})
+    for section, metrics in sections.items():
         for key, value in metrics.items():
-            if key != "seconds":
-                values[f"baselines.{name}.{key}"] = float(value)
+            if key not in TIMINGS:
+                values[f"{section}.{key}"] = float(value)
     return values
 
 

@@ -1,0 +1,139 @@
+"""Experiments you can trust: reproduce, resume after faults, sweeps with failures, runs,
+eval, plot. One tiny deterministic reference run is shared by the module."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from contrastive_cli.commands.reproduce import compared_values
+from tests.conftest import REPO, TINY, read_results, run_cli, run_dirs
+
+# 3 epochs x 22 steps on digits, deterministic kernels; no plots (they are tested below).
+CFG = [o for o in TINY if not o.startswith("trainer.epochs")] + [
+    "trainer.epochs=3", "trainer.deterministic=true", "eval.plots=false",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of CFG: what every resumed or reproduced run must equal."""
+    root = tmp_path_factory.mktemp("reference")
+    run_cli(["train", *CFG, f"hydra.run.dir={root / 'run'}"], cwd=root, check=True)
+    return root / "run"
+
+
+def test_reproduce_is_bit_identical(reference, tmp_path):
+    proc = run_cli(["reproduce", str(reference), "--out", str(tmp_path / "again")], cwd=tmp_path, check=True)
+    assert "identical" in proc.stdout
+    assert compared_values(tmp_path / "again") == compared_values(reference)
+    # The saved config is complete and resolved: no interpolations left in it.
+    assert "${" not in (reference / ".hydra" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(("fault", "n"), [("kill-in-step", 2), ("kill-in-step", 40), ("kill-in-save", 2)])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, fault, n):
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.harness", fault, str(n), "--", "train", *CFG, f"hydra.run.dir={run}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (run / "results.json").exists()
+    run_cli(["resume", str(run)], cwd=tmp_path, check=True)
+    assert read_results(run)["status"] == "completed"
+    assert compared_values(run) == compared_values(reference)
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(reference, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "contrastive_cli", "train", *CFG, f"hydra.run.dir={run}"],
+        cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first epoch"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143
+    assert (run / "checkpoints" / "last.pt").is_file()
+    results = read_results(run)
+    assert results["status"] == "interrupted"
+    assert f"contrast resume {run}" in out
+    run_cli(["resume", str(run)], cwd=tmp_path, check=True)
+    assert compared_values(run) == compared_values(reference)
+
+
+def test_sweep_with_a_failing_job_finishes_the_others_and_exits_nonzero(tmp_path):
+    proc = run_cli(["train", "-m", "trainer.batch_size=64,100000", *[o for o in CFG if "batch_size" not in o]],
+                   cwd=tmp_path)
+    assert proc.returncode == 1
+    runs = run_dirs(tmp_path / "outputs" / "multirun")
+    statuses = sorted(read_results(r)["status"] for r in runs)
+    assert statuses == ["completed", "failed"]
+    assert "failed" in proc.stdout and "trainer.batch_size=100000" in proc.stdout
+    [sweep] = {r.parent for r in runs}
+    rows = list(csv.DictReader((sweep / "sweep_results.csv").open()))
+    assert sorted(r["status"] for r in rows) == ["completed", "failed"]
+    assert "larger than" in next(r["error"] for r in rows if r["status"] == "failed")
+
+
+def test_runs_lists_sorts_filters_and_writes_csv(reference, tmp_path):
+    proc = run_cli(["runs", str(reference.parent), "--sort", "knn", "--csv", str(tmp_path / "r.csv")],
+                   cwd=tmp_path, check=True)
+    assert "ntxent" in proc.stdout and "completed" in proc.stdout
+    [row] = list(csv.DictReader((tmp_path / "r.csv").open()))
+    results = read_results(reference)
+    assert row["loss"] == "ntxent" and row["data"] == "digits" and row["status"] == "completed"
+    assert float(row["knn"]) == results["metrics"]["knn_k200"]
+    assert "trainer.epochs=3" in row["overrides"]
+    none = run_cli(["runs", str(reference.parent), "--where", "loss=moco", "--json", "-"], cwd=tmp_path, check=True)
+    assert json.loads(none.stdout) == []
+    some = run_cli(["runs", str(reference.parent), "--where", "trainer.epochs=3", "--json", "-"], cwd=tmp_path,
+                   check=True)
+    assert len(json.loads(some.stdout)) == 1
+
+
+def test_eval_of_the_saved_encoder_reproduces_the_runs_numbers(reference, tmp_path):
+    out = tmp_path / "eval.json"
+    run_cli(["eval", str(reference), "--out", str(out)], cwd=tmp_path, check=True)
+    evaluated = json.loads(out.read_text())
+    for key in ("knn_k200", "knn_k20", "linear_top1"):
+        assert evaluated["metrics"][key] == read_results(reference)["metrics"][key]
+
+
+def _png_size(path):
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+def test_plot_writes_curves_and_embedding_pngs(reference, tmp_path):
+    run_cli(["plot", str(reference), "--out", str(tmp_path / "plots")], cwd=tmp_path, check=True)
+    assert _png_size(tmp_path / "plots" / "curves.png") == (1000, 400)
+    assert _png_size(tmp_path / "plots" / "embedding.png") == (700, 700)
+
+
+def test_resume_of_a_completed_run_changes_nothing(reference, tmp_path):
+    before = (reference / "results.json").read_text()
+    proc = run_cli(["resume", str(reference)], cwd=tmp_path, check=True)
+    assert "already completed" in proc.stdout
+    assert (reference / "results.json").read_text() == before
+
+
+def test_train_refuses_to_write_into_an_existing_run(reference, tmp_path):
+    before = {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}
+    proc = run_cli(["train", *CFG, f"hydra.run.dir={reference}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "already holds a run" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
