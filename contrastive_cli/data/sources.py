@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,11 +32,18 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> ImageData:
     bunch = sk_digits()
     images = torch.from_numpy(np.rint(bunch.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
+    # ceil(N * fraction) test images in all (scikit-learn's convention: 360 of 1,797), spread
+    # over the classes in proportion, the leftover to the largest remainders. Rounding each
+    # class on its own would drift from that total (it gave 359).
+    quota = np.bincount(bunch.target, minlength=10) * test_fraction
+    per_class = np.floor(quota).astype(int)
+    leftover = math.ceil(len(labels) * test_fraction - 1e-9) - int(per_class.sum())
+    per_class[np.argsort(per_class - quota, kind="stable")[:leftover]] += 1
     rng = np.random.default_rng(split_seed)
     test_idx = []
     for c in range(10):
         members = np.flatnonzero(bunch.target == c)
-        test_idx.extend(rng.permutation(members)[: round(len(members) * test_fraction)])
+        test_idx.extend(rng.permutation(members)[: per_class[c]])
     is_test = torch.zeros(len(labels), dtype=torch.bool)
     is_test[torch.as_tensor(sorted(test_idx))] = True
     train = Split(images[~is_test], labels[~is_test])
