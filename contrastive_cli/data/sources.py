@@ -11,6 +11,7 @@ import gzip
 import io
 import math
 import pickle
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -61,10 +62,15 @@ def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (uint8 payload), gzipped or not."""
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:        # truncated or corrupt download
+            raise DataError(f"{path}: damaged gzip file ({e}); delete it and fetch it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an uint8 IDX file (bad magic number)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX file (the header is cut off)")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     payload = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if payload.size != int(np.prod(dims)):
