@@ -148,13 +148,22 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
         batch = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError) as e:
         raise DataError(f"{path}: not a CIFAR python batch file ({e})") from None
+    if not isinstance(batch, dict):
+        kind = type(batch).__name__
+        raise DataError(f"{path}: not a CIFAR python batch file (holds a {kind}, not a dict)")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or label_key not in batch:
         raise DataError(f"{path}: CIFAR batch without 'data' or '{label_key}'")
-    data = np.asarray(batch["data"], dtype=np.uint8)
+    try:
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: CIFAR batch with unreadable data or labels ({e})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: CIFAR data must be (N, 3072) uint8, got {data.shape}")
-    return data.reshape(-1, 3, 32, 32), np.asarray(batch[label_key], dtype=np.int64)
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {labels.size} labels for {data.shape[0]} images")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def load_cifar(
