@@ -15,7 +15,9 @@ import torch
 from torch import Tensor
 
 
-def run_ranks(fn: Callable[..., Any], per_rank: Sequence[Sequence[Any]], timeout: float = 30) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], per_rank: Sequence[Sequence[Any]], timeout: float = 30
+) -> list[Any]:
     """Run ``fn(gather, *per_rank[r])`` for every rank r at once, in threads.
 
     ``gather`` behaves like an all-gather across the simulated processes: each call blocks
@@ -69,8 +71,14 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
     return path
 
 
-def write_mnist(directory: Path, gz: bool = False, n_train: int = 6, n_test: int = 4, size: int = 28,
-                seed: int = 0) -> dict[str, np.ndarray]:
+def write_mnist(
+    directory: Path,
+    gz: bool = False,
+    n_train: int = 6,
+    n_test: int = 4,
+    size: int = 28,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """The four MNIST-family IDX files of random tiny splits; returns the arrays written."""
     rng = np.random.default_rng(seed)
     arrays = {
@@ -84,8 +92,9 @@ def write_mnist(directory: Path, gz: bool = False, n_train: int = 6, n_test: int
     return arrays
 
 
-def write_cifar_batch(path: Path, data: np.ndarray, labels: list[int], label_key: str = "labels",
-                      protocol: int = 2) -> None:
+def write_cifar_batch(
+    path: Path, data: np.ndarray, labels: list[int], label_key: str = "labels", protocol: int = 2
+) -> None:
     """A python-version CIFAR batch: a pickled dict with bytes keys, as in the archives."""
     batch = {
         b"batch_label": b"a tiny batch",
@@ -100,8 +109,14 @@ def write_cifar_batch(path: Path, data: np.ndarray, labels: list[int], label_key
         pickle.dump(batch, f, protocol=protocol)
 
 
-def write_cifar(directory: Path, files: Sequence[str], label_key: str = "labels", num_classes: int = 10,
-                per_file: int = 2, seed: int = 0) -> dict[str, tuple[np.ndarray, list[int]]]:
+def write_cifar(
+    directory: Path,
+    files: Sequence[str],
+    label_key: str = "labels",
+    num_classes: int = 10,
+    per_file: int = 2,
+    seed: int = 0,
+) -> dict[str, tuple[np.ndarray, list[int]]]:
     """Tiny CIFAR batch files in ``directory``; returns {file: (data (N, 3072), labels)}."""
     rng = np.random.default_rng(seed)
     written = {}

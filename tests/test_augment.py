@@ -11,13 +11,23 @@ import torch
 from contrastive_cli.data.augment import Augment, _hue_matrices
 
 LUMA = torch.tensor([0.299, 0.587, 0.114])
-CIFAR = dict(mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616])   # conf/data/cifar10
-OFF = dict(crop_scale=(1, 1), crop_ratio=(1, 1), hflip=0.0, rotate=0.0, translate=0.0, jitter_p=0.0,
-           grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+CIFAR = dict(mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616])  # conf/data/cifar10
+OFF = dict(
+    crop_scale=(1, 1),
+    crop_ratio=(1, 1),
+    hflip=0.0,
+    rotate=0.0,
+    translate=0.0,
+    jitter_p=0.0,
+    grayscale_p=0.0,
+    blur_p=0.0,
+    solarize_p=0.0,
+)
 
 
 def only(channels: int, **options: object) -> Augment:
-    """Every option off (full-size crop, no colour change), identity normalisation, then ``options``."""
+    """Every option off (full-size crop, no colour change), identity normalisation, then
+    ``options``."""
     return Augment(mean=[0.0] * channels, std=[1.0] * channels, **{**OFF, **options})
 
 
@@ -42,8 +52,8 @@ def test_output_shape_dtype_and_range(c, size):
     out = augment(x, gen())
     assert out.shape == x.shape and out.dtype == torch.float32
     pixels = out * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
-    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5          # a normalised [0, 1] image
-    assert x.dtype == torch.uint8                                       # the input is untouched
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5  # a normalised [0, 1] image
+    assert x.dtype == torch.uint8  # the input is untouched
 
 
 def test_every_sample_of_a_batch_gets_its_own_parameters():
@@ -58,7 +68,7 @@ def test_the_same_seed_gives_the_same_views_and_another_seed_other_views():
     augment, x = Augment(**CIFAR, blur_p=0.5, solarize_p=0.5), images(8, 3, 16)
     assert torch.equal(augment(x, gen(1)), augment(x, gen(1)))
     assert not torch.allclose(augment(x, gen(1)), augment(x, gen(2)))
-    g = gen(1)                                          # two draws from one generator: two views
+    g = gen(1)  # two draws from one generator: two views
     assert not torch.allclose(augment(x, g), augment(x, g))
 
 
@@ -70,11 +80,14 @@ def test_everything_off_is_the_identity():
 def test_normalize_is_x_over_255_minus_mean_over_std():
     augment = Augment(**CIFAR)
     x = images(2, 3, 4)
-    mean, std = torch.tensor(CIFAR["mean"]).view(1, 3, 1, 1), torch.tensor(CIFAR["std"]).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor(CIFAR["mean"]).view(1, 3, 1, 1),
+        torch.tensor(CIFAR["std"]).view(1, 3, 1, 1),
+    )
     expected = (x.float() / 255 - mean) / std
     assert augment.normalize(x).dtype == torch.float32
     assert torch.allclose(augment.normalize(x), expected, atol=1e-6)
-    assert torch.allclose(augment.normalize(x.float() / 255), expected, atol=1e-6)   # [0, 1] floats
+    assert torch.allclose(augment.normalize(x.float() / 255), expected, atol=1e-6)  # [0, 1] floats
 
 
 def test_channel_mismatches_are_errors():
@@ -117,10 +130,10 @@ def test_rotate_turns_the_image_about_its_centre_by_at_most_the_angle():
     size, centre, radius, max_deg = 33, 16.0, 10.0, 30
     out = only(1, rotate=max_deg)(blob(size, centre, centre + radius, b=64), gen())
     rel = centroids(out) - centre
-    assert torch.allclose(rel.norm(dim=1), torch.full((64,), radius), atol=0.3)   # distance kept
+    assert torch.allclose(rel.norm(dim=1), torch.full((64,), radius), atol=0.3)  # distance kept
     angles = torch.rad2deg(torch.atan2(rel[:, 0], rel[:, 1]))
     assert angles.abs().max() <= max_deg + 1
-    assert angles.std() > max_deg / 4                                              # spread out
+    assert angles.std() > max_deg / 4  # spread out
 
 
 def test_translate_shifts_by_at_most_the_fraction_of_the_size():
@@ -137,7 +150,7 @@ def test_crop_scale_zooms_in_by_the_side_ratio():
     size = 64
     ramp = (torch.arange(size) * 4).to(torch.uint8).expand(16, 1, size, size).contiguous()
     out = only(1, crop_scale=(0.25, 0.25))(ramp, gen())
-    slopes = out[:, 0, 3:-3, 3:-3].diff(dim=-1) * 255              # per output pixel, inside
+    slopes = out[:, 0, 3:-3, 3:-3].diff(dim=-1) * 255  # per output pixel, inside
     assert torch.allclose(slopes, torch.full_like(slopes, 2.0), atol=1e-3)
     starts = out[:, 0, size // 2, size // 2]
     assert starts.std() > 0.01
@@ -156,7 +169,7 @@ def per_sample_ratio(num: torch.Tensor, den: torch.Tensor, mask: torch.Tensor) -
 
 @pytest.mark.parametrize("c", [1, 3])
 def test_brightness_scales_each_sample_by_one_factor_in_range(c):
-    x = images(32, c, 6, lo=20, hi=150)                             # x 1.5 stays below 1
+    x = images(32, c, 6, lo=20, hi=150)  # x 1.5 stays below 1
     out = only(c, jitter_p=1.0, brightness=0.5, contrast=0.0, saturation=0.0, hue=0.0)(x, gen())
     factors = per_sample_ratio(out, as_float(x), torch.ones_like(out, dtype=torch.bool))
     assert factors.min() >= 0.5 - 1e-5 and factors.max() <= 1.5 + 1e-5
@@ -165,7 +178,7 @@ def test_brightness_scales_each_sample_by_one_factor_in_range(c):
 
 @pytest.mark.parametrize("c", [1, 3])
 def test_contrast_scales_the_distance_to_the_mean_luma(c):
-    x = images(32, c, 6, lo=90, hi=166)                             # |x - mean| * 1.5 stays in [0, 1]
+    x = images(32, c, 6, lo=90, hi=166)  # |x - mean| * 1.5 stays in [0, 1]
     out = only(c, jitter_p=1.0, brightness=0.0, contrast=0.5, saturation=0.0, hue=0.0)(x, gen())
     xf = as_float(x)
     luma = (xf * LUMA.view(1, 3, 1, 1)).sum(1, keepdim=True) if c == 3 else xf
@@ -216,17 +229,17 @@ def test_hue_jitter_keeps_luma_and_grays_and_changes_colours():
     b = 32
     colour = torch.tensor([140, 110, 125], dtype=torch.uint8).view(1, 3, 1, 1).expand(b, 3, 4, 4)
     gray = torch.full((b, 3, 4, 4), 120, dtype=torch.uint8)
-    x = torch.cat([colour, gray], dim=3).contiguous()               # left half colour, right gray
+    x = torch.cat([colour, gray], dim=3).contiguous()  # left half colour, right gray
     out = only(3, jitter_p=1.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.5)(x, gen())
     xf = as_float(x)
-    assert torch.allclose(out[..., 4:], xf[..., 4:], atol=1e-5)                     # grays stay
+    assert torch.allclose(out[..., 4:], xf[..., 4:], atol=1e-5)  # grays stay
     luma = lambda t: (t * LUMA.view(1, 3, 1, 1)).sum(1)  # noqa: E731
-    assert torch.allclose(luma(out), luma(xf), atol=1e-5)                           # Y is kept
-    assert (out[:, :, 0, 0] - xf[:, :, 0, 0]).abs().amax(1).min() > 0               # hues move
-    assert out[:, :, 0, 0].std(0).max() > 0.01                                      # differently
+    assert torch.allclose(luma(out), luma(xf), atol=1e-5)  # Y is kept
+    assert (out[:, :, 0, 0] - xf[:, :, 0, 0]).abs().amax(1).min() > 0  # hues move
+    assert out[:, :, 0, 0].std(0).max() > 0.01  # differently
 
 
-# --------------------------------------------------------------------------- grayscale, blur, solarize
+# --------------------------------------------------------------------- grayscale, blur, solarize
 def test_grayscale_gives_equal_channels_holding_the_luma():
     x = images(4, 3, 8)
     out = only(3, grayscale_p=1.0)(x, gen())
@@ -243,7 +256,7 @@ def test_blur_spreads_an_impulse_into_a_normalised_gaussian():
     x = torch.zeros(2, 1, 16, 16, dtype=torch.uint8)
     x[:, :, 8, 8] = 255
     out = only(1, blur_p=1.0, blur_sigma=(1.0, 1.0))(x, gen())
-    k = torch.tensor([math.exp(-0.5), 1.0, math.exp(-0.5)])         # 3 taps at 16 px, sigma 1
+    k = torch.tensor([math.exp(-0.5), 1.0, math.exp(-0.5)])  # 3 taps at 16 px, sigma 1
     k = k / k.sum()
     expected = torch.zeros(16, 16)
     expected[7:10, 7:10] = torch.outer(k, k)

@@ -29,7 +29,7 @@ def epoch_ids(batches: InMemoryBatches, epoch: int, start: int = 0) -> list[list
 
 def test_each_image_at_most_once_per_epoch_and_the_last_partial_batch_dropped():
     batches = InMemoryBatches(indexed_split(50), batch_size=8, seed=0, device=CPU)
-    assert len(batches) == 6                                        # 50 // 8; 2 images left out
+    assert len(batches) == 6  # 50 // 8; 2 images left out
     for epoch in range(3):
         seen = epoch_ids(batches, epoch)
         assert [len(b) for b in seen] == [8] * 6
@@ -49,12 +49,14 @@ def test_unlabelled_data_yields_no_labels():
 
 
 def test_same_seed_same_order_other_seed_or_epoch_other_order():
-    make = lambda seed: InMemoryBatches(indexed_split(64), batch_size=8, seed=seed, device=CPU)  # noqa: E731
+    def make(seed: int) -> InMemoryBatches:
+        return InMemoryBatches(indexed_split(64), batch_size=8, seed=seed, device=CPU)
+
     assert epoch_ids(make(0), 0) == epoch_ids(make(0), 0)
     assert epoch_ids(make(0), 0) != epoch_ids(make(1), 0)
     orders = [epoch_ids(make(0), epoch) for epoch in range(4)]
     assert all(orders[i] != orders[j] for i in range(4) for j in range(i))
-    assert epoch_ids(make(0), 3) == orders[3]                      # an epoch is not a stream position
+    assert epoch_ids(make(0), 3) == orders[3]  # an epoch is not a stream position
 
 
 @pytest.mark.parametrize("start", [0, 1, 5, 7, 8])
@@ -78,7 +80,9 @@ def test_derive_seed_is_stable_across_processes_and_versions():
 
 
 def test_derive_seed_separates_purposes_and_fits_a_generator():
-    seeds = {derive_seed(s, p, k) for s in range(3) for p in ("order", "augment") for k in range(50)}
+    seeds = {
+        derive_seed(s, p, k) for s in range(3) for p in ("order", "augment") for k in range(50)
+    }
     assert len(seeds) == 300
     assert all(0 <= s < 2**63 for s in seeds)
-    torch.Generator().manual_seed(max(seeds))                       # accepted as a seed
+    torch.Generator().manual_seed(max(seeds))  # accepted as a seed

@@ -21,7 +21,13 @@ GROUPS = {
     "optim": ["adam", "sgd"],
 }
 OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
-SHAPES = {"digits": (1, 8), "mnist": (1, 28), "fashion_mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32)}
+SHAPES = {
+    "digits": (1, 8),
+    "mnist": (1, 28),
+    "fashion_mnist": (1, 28),
+    "cifar10": (3, 32),
+    "cifar100": (3, 32),
+}
 CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
 
 
@@ -33,10 +39,17 @@ def test_the_config_groups_and_their_options():
 def test_every_option_composes(compose_cfg, group, option):
     cfg = compose_cfg(f"{group}={option}")
     node = cfg[group]
-    targets = [node.source._target_, node.augment._target_] if group == "data" else (
-        [node.optimizer._target_, node.scheduler._target_] if group == "optim" else [node._target_])
+    targets = (
+        [node.source._target_, node.augment._target_]
+        if group == "data"
+        else (
+            [node.optimizer._target_, node.scheduler._target_]
+            if group == "optim"
+            else [node._target_]
+        )
+    )
     assert all(targets)
-    assert set(cfg) == {*GROUPS, "trainer", "eval", "debug"}    # no group added or lost
+    assert set(cfg) == {*GROUPS, "trainer", "eval", "debug"}  # no group added or lost
 
 
 def test_selecting_an_option_that_does_not_exist_lists_the_valid_ones(compose_cfg):
@@ -58,14 +71,19 @@ def test_a_misspelt_key_is_an_error_not_a_new_key(compose_cfg):
 def test_data_options_declare_their_shape_and_build_their_augmentation(compose_cfg, data):
     cfg = compose_cfg(f"data={data}").data
     c, size = SHAPES[data]
-    assert (cfg.channels, cfg.image_size, cfg.num_classes, cfg.name) == (c, size, CLASSES[data], data)
+    assert (cfg.channels, cfg.image_size, cfg.num_classes, cfg.name) == (
+        c,
+        size,
+        CLASSES[data],
+        data,
+    )
     assert len(cfg.mean) == len(cfg.std) == c
     augment = build(cfg.augment)
     x = torch.randint(0, 256, (4, c, size, size), dtype=torch.uint8)
     assert augment(x, torch.Generator().manual_seed(0)).shape == (4, c, size, size)
-    if c == 1:                                                   # digits and clothes: no hue shifts
+    if c == 1:  # digits and clothes: no hue shifts
         assert cfg.augment.hue == 0 and cfg.augment.saturation == 0
-    if data in ("digits", "mnist"):                              # digits are not mirror-symmetric
+    if data in ("digits", "mnist"):  # digits are not mirror-symmetric
         assert cfg.augment.hflip == 0
 
 
@@ -80,7 +98,10 @@ def test_data_sources_load_tiny_files_offline(compose_cfg, tmp_path, data):
         folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[data]
         write_mnist(tmp_path / folder / "raw", gz=True)
     elif data == "cifar10":
-        write_cifar(tmp_path / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
+        write_cifar(
+            tmp_path / "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+        )
     elif data == "cifar100":
         write_cifar(tmp_path / "cifar-100-python", ["train", "test"], "fine_labels", 100)
     cfg = compose_cfg(*overrides)
@@ -130,7 +151,9 @@ def test_loss_defaults_are_the_papers(compose_cfg):
     assert (triplet.margin, triplet.mining, triplet.positives) == (0.2, "semihard", "views")
 
 
-@pytest.mark.parametrize("override", ["loss.mining=hard", "loss.mining=all", "loss.positives=labels"])
+@pytest.mark.parametrize(
+    "override", ["loss.mining=hard", "loss.mining=all", "loss.positives=labels"]
+)
 def test_triplet_options_build(compose_cfg, override):
     cfg = compose_cfg("loss=triplet", "encoder=mlp", override)
     method = build(cfg.loss, encoder=build(cfg.encoder, in_channels=1, image_size=8))
@@ -150,8 +173,8 @@ def test_every_optim_builds_an_optimizer_and_a_warmup_cosine_schedule(compose_cf
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert lrs[:4] == pytest.approx([base / 4, base / 2, 3 * base / 4, base])   # one warmup epoch
-    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))         # then decays
+    assert lrs[:4] == pytest.approx([base / 4, base / 2, 3 * base / 4, base])  # one warmup epoch
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))  # then decays
     assert lrs[-1] < base * 0.1
 
 
@@ -159,9 +182,15 @@ def test_every_optim_builds_an_optimizer_and_a_warmup_cosine_schedule(compose_cf
 def test_device_cpu_and_auto_resolve_here(compose_cfg):
     cpu = build(compose_cfg("device=cpu").device)
     assert isinstance(cpu, Runtime) and cpu.device == torch.device("cpu")
-    assert not cpu.autocast and not cpu.channels_last              # fp32, NCHW on the CPU
+    assert not cpu.autocast and not cpu.channels_last  # fp32, NCHW on the CPU
     auto = build(compose_cfg("device=auto").device)
-    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    expected = (
+        "cuda"
+        if torch.cuda.is_available()
+        else "mps"
+        if torch.backends.mps.is_available()
+        else "cpu"
+    )
     assert auto.device.type == expected
     assert auto.autocast == (expected == "cuda")
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from contrastive_cli.losses import byol_loss, moco_infonce, nt_xent, triplet_loss
 from tests.fakes import run_ranks
 
-SHAPES = [(2, 3), (5, 8), (16, 32)]          # (batch size, dimension)
+SHAPES = [(2, 3), (5, 8), (16, 32)]  # (batch size, dimension)
 
 
 def randn(*shape: int, seed: int) -> Tensor:
@@ -50,7 +50,9 @@ def test_nt_xent_equals_naive(n, d, t):
 def test_nt_xent_does_not_depend_on_the_norms():
     z1, z2 = randn(6, 4, seed=1), randn(6, 4, seed=2)
     scale = torch.rand(6, 1, dtype=torch.float64) * 10 + 0.1
-    assert nt_xent(z1 * scale, z2, 0.5).item() == pytest.approx(nt_xent(z1, z2, 0.5).item(), rel=1e-12)
+    assert nt_xent(z1 * scale, z2, 0.5).item() == pytest.approx(
+        nt_xent(z1, z2, 0.5).item(), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
@@ -67,7 +69,10 @@ def test_nt_xent_aligned_orthogonal_pairs_closed_form(n, t):
 def test_nt_xent_mean_over_ranks_equals_the_whole_batch(world):
     n_local, d, t = 4, 6, 0.3
     z1, z2 = randn(world * n_local, d, seed=3), randn(world * n_local, d, seed=4)
-    per_rank = [(z1[r * n_local:(r + 1) * n_local], z2[r * n_local:(r + 1) * n_local]) for r in range(world)]
+    per_rank = [
+        (z1[r * n_local : (r + 1) * n_local], z2[r * n_local : (r + 1) * n_local])
+        for r in range(world)
+    ]
     losses = run_ranks(lambda gather, a, b: nt_xent(a, b, t, gather), per_rank)
     whole = nt_xent(z1, z2, t).item()
     assert sum(loss.item() for loss in losses) / world == pytest.approx(whole, rel=1e-12)
@@ -97,7 +102,9 @@ def naive_moco(q: Tensor, k: Tensor, queue: Tensor, t: float) -> float:
 @pytest.mark.parametrize("t", [0.07, 0.2, 1.0])
 def test_moco_infonce_equals_naive(n, d, queue_size, t):
     q, k, queue = randn(n, d, seed=n), randn(n, d, seed=d), randn(queue_size, d, seed=queue_size)
-    assert moco_infonce(q, k, queue, t).item() == pytest.approx(naive_moco(q, k, queue, t), rel=1e-10)
+    assert moco_infonce(q, k, queue, t).item() == pytest.approx(
+        naive_moco(q, k, queue, t), rel=1e-10
+    )
 
 
 @pytest.mark.parametrize("t", [0.1, 0.2])
@@ -105,7 +112,9 @@ def test_moco_infonce_aligned_keys_orthogonal_queue_closed_form(t):
     """q = k = e_0, queue = e_1..e_K: l = log(1 + K e^(-1/T))."""
     e = torch.eye(6, dtype=torch.float64)
     q = e[:1].repeat(3, 1)
-    assert moco_infonce(q, q.clone(), e[1:], t).item() == pytest.approx(math.log(1 + 5 * math.exp(-1 / t)))
+    assert moco_infonce(q, q.clone(), e[1:], t).item() == pytest.approx(
+        math.log(1 + 5 * math.exp(-1 / t))
+    )
 
 
 def test_moco_infonce_sends_no_gradient_to_keys_or_queue():
@@ -135,7 +144,7 @@ def test_byol_loss_equals_naive(n, d):
 def test_byol_loss_identical_vectors_is_zero_and_opposite_is_four():
     p = randn(8, 16, seed=0)
     assert byol_loss(p, p.clone()).item() == pytest.approx(0.0, abs=1e-12)
-    assert byol_loss(p, 3.0 * p).item() == pytest.approx(0.0, abs=1e-12)      # scale-free
+    assert byol_loss(p, 3.0 * p).item() == pytest.approx(0.0, abs=1e-12)  # scale-free
     assert byol_loss(p, -p).item() == pytest.approx(4.0, rel=1e-12)
 
 
@@ -184,7 +193,7 @@ def view_ids(n: int) -> list[int]:
     [
         view_ids(2),
         view_ids(6),
-        [0, 0, 1, 1, 1, 2, 2, 2, 2, 3],          # classes of different sizes, one without a positive
+        [0, 0, 1, 1, 1, 2, 2, 2, 2, 3],  # classes of different sizes, one without a positive
         [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3],
     ],
 )
@@ -220,9 +229,11 @@ def test_triplet_loss_mean_over_ranks_equals_the_whole_batch(mining):
     anchors, pairs and triplets, so the mean of the ranks' losses is the whole batch's."""
     world, n, d, margin = 2, 4, 5, 0.5
     e = randn(2 * world * n, d, seed=9)
-    ids = torch.arange(world * n).repeat_interleave(2)            # rows 2k, 2k+1: image k
+    ids = torch.arange(world * n).repeat_interleave(2)  # rows 2k, 2k+1: image k
     rows = 2 * n
-    per_rank = [(e[r * rows:(r + 1) * rows], ids[r * rows:(r + 1) * rows]) for r in range(world)]
+    per_rank = [
+        (e[r * rows : (r + 1) * rows], ids[r * rows : (r + 1) * rows]) for r in range(world)
+    ]
     losses = run_ranks(lambda gather, x, i: triplet_loss(x, i, margin, mining, gather), per_rank)
     whole = triplet_loss(e, ids, margin, mining).item()
     assert sum(loss.item() for loss in losses) / world == pytest.approx(whole, rel=1e-12)

@@ -32,7 +32,6 @@ class Flat(nn.Module):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_dim, out_dim), nn.Tanh())
         self.out_dim = out_dim
 
-
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
@@ -65,7 +64,7 @@ def test_queue_overwrites_the_oldest_rows_and_wraps_around():
     k = unit_keys(8)
     queue.push(k[:4])
     assert same(queue.keys[:4], k[:4]) and int(queue.ptr) == 4
-    queue.push(k[4:8])                    # 4 does not divide 6: rows 4, 5, then 0, 1
+    queue.push(k[4:8])  # 4 does not divide 6: rows 4, 5, then 0, 1
     assert same(queue.keys[4:6], k[4:6])
     assert same(queue.keys[0:2], k[6:8])
     assert same(queue.keys[2:4], k[2:4])  # not yet overwritten
@@ -79,7 +78,7 @@ def test_queue_holds_the_newest_keys_in_push_order(batch):
     queue = KeyQueue(size=size, dim=3)
     k = unit_keys(5 * batch + size, seed=batch)
     for start in range(0, len(k), batch):
-        queue.push(k[start:start + batch])
+        queue.push(k[start : start + batch])
     assert same(oldest_first(queue), k[-size:])
 
 
@@ -87,9 +86,9 @@ def test_queue_batch_larger_than_the_queue_keeps_its_newest_keys():
     queue = KeyQueue(size=4, dim=3)
     k = unit_keys(13)
     queue.push(k[:3])
-    queue.push(k[3:13])                   # 10 keys into 4 rows
+    queue.push(k[3:13])  # 10 keys into 4 rows
     assert same(oldest_first(queue), k[9:13])
-    queue.push(k[:1])                     # FIFO continues: the oldest (k[9]) goes first
+    queue.push(k[:1])  # FIFO continues: the oldest (k[9]) goes first
     assert same(oldest_first(queue), torch.cat([k[10:13], k[:1]]))
 
 
@@ -99,7 +98,7 @@ def test_queue_stores_normalised_keys_without_gradient():
     queue.push(raw)
     assert torch.allclose(queue.keys[:2], F.normalize(raw.detach(), dim=1))
     assert not queue.keys.requires_grad
-    assert {name for name, _ in queue.named_buffers()} == {"keys", "ptr"}   # saved in checkpoints
+    assert {name for name, _ in queue.named_buffers()} == {"keys", "ptr"}  # saved in checkpoints
 
 
 # --------------------------------------------------------------------------- MoCo
@@ -113,16 +112,16 @@ def test_moco_loss_uses_the_queue_read_before_this_steps_keys():
     v1, v2 = views(5)
     before = moco.queue.keys.clone()
     loss = moco(v1, v2)
-    assert torch.equal(moco.queue.keys, before)                     # forward leaves the queue
+    assert torch.equal(moco.queue.keys, before)  # forward leaves the queue
     with torch.no_grad():
         q = moco.projector(moco.encoder(v1))
         k = moco.key_projector(moco.key_encoder(v2))
     assert loss.item() == pytest.approx(moco_infonce(q, k, before, 0.2).item(), rel=1e-6)
 
     ptr = int(moco.queue.ptr)
-    moco.after_step(1, 10)                                          # the keys go in only now
-    assert torch.allclose(moco.queue.keys[ptr:ptr + 5], F.normalize(k, dim=1), atol=1e-6)
-    assert torch.equal(moco.queue.keys[ptr + 5:], before[ptr + 5:])
+    moco.after_step(1, 10)  # the keys go in only now
+    assert torch.allclose(moco.queue.keys[ptr : ptr + 5], F.normalize(k, dim=1), atol=1e-6)
+    assert torch.equal(moco.queue.keys[ptr + 5 :], before[ptr + 5 :])
     # Non-vacuous: with this step's keys already in the queue the loss would differ.
     assert moco_infonce(q, k, moco.queue.keys, 0.2).item() != pytest.approx(loss.item(), rel=1e-4)
 
@@ -134,7 +133,9 @@ def test_moco_keys_carry_no_gradient():
     loss.backward()
     frozen = [*moco.key_encoder.parameters(), *moco.key_projector.parameters()]
     assert all(not p.requires_grad and p.grad is None for p in frozen)
-    assert all(p.grad is not None for p in [*moco.encoder.parameters(), *moco.projector.parameters()])
+    assert all(
+        p.grad is not None for p in [*moco.encoder.parameters(), *moco.projector.parameters()]
+    )
 
 
 def test_moco_symmetric_averages_both_directions_and_enqueues_both_key_sets():
@@ -155,7 +156,9 @@ def test_moco_symmetric_averages_both_directions_and_enqueues_both_key_sets():
 def test_moco_keys_use_per_group_batchnorm_statistics():
     """Sample i's key is computed with BatchNorm statistics of the group i % splits."""
     torch.manual_seed(0)
-    moco = MoCo(ConvNet(1, 8, widths=(4,), strides=(2,)), HEAD, out_dim=4, queue_size=8, key_bn_splits=2)
+    moco = MoCo(
+        ConvNet(1, 8, widths=(4,), strides=(2,)), HEAD, out_dim=4, queue_size=8, key_bn_splits=2
+    )
     v = views(6, shape=(1, 8, 8))[0]
     keys = moco._keys_of(v)
     with torch.no_grad():
@@ -173,7 +176,7 @@ def test_update_momentum_is_the_ema_formula(m):
     with torch.no_grad():
         for p in online.parameters():
             p.add_(torch.randn_like(p))
-    online(torch.randn(8, 3))                                      # moves the BN running stats
+    online(torch.randn(8, 3))  # moves the BN running stats
     old = [p.clone() for p in target.parameters()]
     update_momentum(online, target, m)
     for p_t, p_old, p_o in zip(target.parameters(), old, online.parameters(), strict=True):
@@ -188,16 +191,16 @@ def test_cosine_momentum_endpoints_and_midpoint():
     assert cosine_momentum(0, 1000, base) == pytest.approx(base)
     assert cosine_momentum(500, 1000, base) == pytest.approx((1 + base) / 2)
     assert cosine_momentum(1000, 1000, base) == pytest.approx(1.0)
-    assert cosine_momentum(2000, 1000, base) == pytest.approx(1.0)          # clamped
+    assert cosine_momentum(2000, 1000, base) == pytest.approx(1.0)  # clamped
     values = [cosine_momentum(s, 100, base) for s in range(101)]
-    assert all(a <= b for a, b in itertools.pairwise(values))              # monotone
+    assert all(a <= b for a, b in itertools.pairwise(values))  # monotone
 
 
 # --------------------------------------------------------------------------- BYOL
 def make_byol() -> BYOL:
     torch.manual_seed(0)
     byol = BYOL(Flat(), HEAD, HEAD, projection_dim=4, base_momentum=0.9)
-    with torch.no_grad():                                           # online != target
+    with torch.no_grad():  # online != target
         for p in [*byol.encoder.parameters(), *byol.projector.parameters()]:
             p.add_(torch.randn_like(p))
     return byol
@@ -224,7 +227,10 @@ def test_byol_loss_is_symmetric_in_the_views_and_the_target_gets_no_gradient():
     loss = byol(v1, v2)
     assert loss.item() == pytest.approx(byol(v2, v1).item(), rel=1e-6)
     loss.backward()
-    assert all(p.grad is None for p in [*byol.target_encoder.parameters(), *byol.target_projector.parameters()])
+    assert all(
+        p.grad is None
+        for p in [*byol.target_encoder.parameters(), *byol.target_projector.parameters()]
+    )
 
 
 # --------------------------------------------------------------------------- Triplet
@@ -235,7 +241,9 @@ def test_triplet_positives_labels_uses_the_labels_as_ids():
     labels = torch.tensor([0, 1, 0, 2, 1, 2])
     loss = method(v1, v2, labels)
     z = method.projector(method.encoder(torch.cat([v1, v2])))
-    assert loss.item() == pytest.approx(triplet_loss(z, torch.cat([labels, labels]), 0.3, "all").item(), rel=1e-6)
+    assert loss.item() == pytest.approx(
+        triplet_loss(z, torch.cat([labels, labels]), 0.3, "all").item(), rel=1e-6
+    )
     by_views = triplet_loss(z, torch.arange(6).repeat(2), 0.3, "all").item()
     assert loss.item() != pytest.approx(by_views, rel=1e-4)
     with pytest.raises(ValueError, match="labels"):
@@ -248,7 +256,9 @@ def test_triplet_positives_views_pairs_the_two_views_of_each_image():
     v1, v2 = views(5)
     z = method.projector(method.encoder(torch.cat([v1, v2])))
     expected = triplet_loss(z, torch.arange(5).repeat(2), 0.3, "hard").item()
-    assert method(v1, v2, torch.zeros(5, dtype=torch.long)).item() == pytest.approx(expected, rel=1e-6)
+    assert method(v1, v2, torch.zeros(5, dtype=torch.long)).item() == pytest.approx(
+        expected, rel=1e-6
+    )
 
 
 def test_triplet_rejects_unknown_positives():
@@ -279,17 +289,19 @@ def test_method_step_is_a_finite_scalar_that_trains_only_online_parameters(kind)
     loss.backward()
     online = {n: p for n, p in method.named_parameters() if not n.startswith(("key_", "target_"))}
     momentum = {n: p for n, p in method.named_parameters() if n.startswith(("key_", "target_"))}
-    assert all(p.grad is not None for p in online.values()), [n for n, p in online.items() if p.grad is None]
+    assert all(p.grad is not None for p in online.values()), [
+        n for n, p in online.items() if p.grad is None
+    ]
     assert any(p.grad.abs().sum() > 0 for p in method.encoder.parameters())
     assert all(not p.requires_grad and p.grad is None for p in momentum.values())
     assert bool(momentum) == (kind in ("moco", "byol"))
-    method.after_step(1, 10)                                        # the step's state update runs
+    method.after_step(1, 10)  # the step's state update runs
 
 
 # --------------------------------------------------------------------------- several processes
 def rank_views(world: int, n: int) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
     v1, v2 = views(world * n, seed=3)
-    return v1, v2, [(v1[r * n:(r + 1) * n], v2[r * n:(r + 1) * n]) for r in range(world)]
+    return v1, v2, [(v1[r * n : (r + 1) * n], v2[r * n : (r + 1) * n]) for r in range(world)]
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,12 @@ from contrastive_cli.data.sources import load_cifar, load_digits, load_idx_datas
 from contrastive_cli.errors import DataError
 from tests.fakes import write_cifar, write_cifar_batch, write_idx, write_mnist
 
-IDX_NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte"]
+IDX_NAMES = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+]
 CIFAR10_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"]
 
 
@@ -29,7 +33,7 @@ def test_digits_split_sizes_types_and_shape():
     for split in (data.train, data.test):
         assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (1, 8, 8)
         assert split.labels.dtype == torch.int64 and set(split.labels.tolist()) == set(range(10))
-    assert data.train.images.max() == 255                          # 0..16 scaled to 0..255
+    assert data.train.images.max() == 255  # 0..16 scaled to 0..255
     assert data.pretrain is data.train and data.labelled
 
 
@@ -40,7 +44,8 @@ def test_digits_train_and_test_partition_the_dataset():
     bunch = sk_digits()
     full = np.rint(bunch.images * (255 / 16)).astype(np.uint8)
     rows = lambda images, labels: sorted(  # noqa: E731
-        (img.tobytes(), int(y)) for img, y in zip(images, labels, strict=True))
+        (img.tobytes(), int(y)) for img, y in zip(images, labels, strict=True)
+    )
     data = load_digits()
     both = np.concatenate([data.train.images.numpy(), data.test.images.numpy()])[:, 0]
     labels = np.concatenate([data.train.labels.numpy(), data.test.labels.numpy()])
@@ -59,7 +64,9 @@ def test_digits_split_is_deterministic():
 
 # --------------------------------------------------------------------------- MNIST family
 def load_idx(root: Path, folder: str = "MNIST", **kwargs: object):
-    return load_idx_dataset(root=str(root), download=False, folder=folder, name=folder.lower(), **kwargs)
+    return load_idx_dataset(
+        root=str(root), download=False, folder=folder, name=folder.lower(), **kwargs
+    )
 
 
 def assert_matches(data, arrays: dict[str, np.ndarray]) -> None:
@@ -107,7 +114,9 @@ def test_idx_loader_missing_files_name_them_and_where_to_put_them(tmp_path):
 
 def test_idx_loader_without_a_downloader_does_not_download(tmp_path):
     with pytest.raises(DataError, match="train-images-idx3-ubyte"):
-        load_idx_dataset(str(tmp_path), download=True, folder="MNIST", name="mnist", downloader=None)
+        load_idx_dataset(
+            str(tmp_path), download=True, folder="MNIST", name="mnist", downloader=None
+        )
 
 
 def test_idx_loader_download_uses_the_downloader_then_loads(tmp_path):
@@ -118,8 +127,9 @@ def test_idx_loader_download_uses_the_downloader_then_loads(tmp_path):
         if len(calls) == 1:
             write_mnist(Path(root) / "MNIST" / "raw", gz=False, seed=3)
 
-    data = load_idx_dataset(str(tmp_path), download=True, folder="MNIST", name="mnist",
-                            downloader=fake_downloader)
+    data = load_idx_dataset(
+        str(tmp_path), download=True, folder="MNIST", name="mnist", downloader=fake_downloader
+    )
     assert calls == [(str(tmp_path), True, True), (str(tmp_path), False, True)]
     assert len(data.train) == 6
 
@@ -129,12 +139,16 @@ def test_a_failed_download_is_one_data_error_with_the_reason(tmp_path):
         raise OSError("Network is unreachable\nlong traceback text")
 
     with pytest.raises(DataError, match=r"download into .* failed \(Network is unreachable\)") as e:
-        load_idx_dataset(str(tmp_path), download=True, folder="MNIST", name="mnist", downloader=offline)
+        load_idx_dataset(
+            str(tmp_path), download=True, folder="MNIST", name="mnist", downloader=offline
+        )
     assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("gz", [False, True])
-@pytest.mark.parametrize("keep", [5, 16, 100])          # bytes kept: inside the header, the dims, the pixels
+@pytest.mark.parametrize(
+    "keep", [5, 16, 100]
+)  # bytes kept: inside the header, the dims, the pixels
 def test_truncated_idx_file_is_a_data_error(tmp_path, gz, keep):
     arrays = write_mnist(tmp_path / "MNIST" / "raw", gz=False)
     path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
@@ -165,14 +179,30 @@ def test_idx_images_and_labels_of_different_lengths_are_a_data_error(tmp_path):
 
 # --------------------------------------------------------------------------- CIFAR
 def cifar10(root: Path, **kwargs: object):
-    return load_cifar(root=str(root), download=False, folder="cifar-10-batches-py", name="cifar10",
-                      train_files=CIFAR10_FILES, test_files=["test_batch"], label_key="labels",
-                      num_classes=10, **kwargs)
+    return load_cifar(
+        root=str(root),
+        download=False,
+        folder="cifar-10-batches-py",
+        name="cifar10",
+        train_files=CIFAR10_FILES,
+        test_files=["test_batch"],
+        label_key="labels",
+        num_classes=10,
+        **kwargs,
+    )
 
 
 def cifar100(root: Path):
-    return load_cifar(root=str(root), download=False, folder="cifar-100-python", name="cifar100",
-                      train_files=["train"], test_files=["test"], label_key="fine_labels", num_classes=100)
+    return load_cifar(
+        root=str(root),
+        download=False,
+        folder="cifar-100-python",
+        name="cifar100",
+        train_files=["train"],
+        test_files=["test"],
+        label_key="fine_labels",
+        num_classes=100,
+    )
 
 
 def test_cifar10_loader_reads_the_python_batches(tmp_path):
@@ -182,7 +212,10 @@ def test_cifar10_loader_reads_the_python_batches(tmp_path):
     assert data.train.images.dtype == torch.uint8 and data.train.labels.dtype == torch.int64
     train_data = np.concatenate([written[f][0] for f in CIFAR10_FILES])
     train_labels = [y for f in CIFAR10_FILES for y in written[f][1]]
-    assert data.train.labels.tolist() == train_labels and data.test.labels.tolist() == written["test_batch"][1]
+    assert (
+        data.train.labels.tolist() == train_labels
+        and data.test.labels.tolist() == written["test_batch"][1]
+    )
     # Row layout: 1024 red, 1024 green, 1024 blue values, each 32x32 row-major.
     i, c, y, x = 7, 2, 5, 30
     assert data.train.images[i, c, y, x].item() == train_data[i, c * 1024 + y * 32 + x]
@@ -191,7 +224,9 @@ def test_cifar10_loader_reads_the_python_batches(tmp_path):
 
 
 def test_cifar100_loader_uses_the_fine_labels(tmp_path):
-    written = write_cifar(tmp_path / "cifar-100-python", ["train", "test"], "fine_labels", 100, per_file=3)
+    written = write_cifar(
+        tmp_path / "cifar-100-python", ["train", "test"], "fine_labels", 100, per_file=3
+    )
     data = cifar100(tmp_path)
     assert data.train.labels.tolist() == written["train"][1]
     assert data.test.labels.tolist() == written["test"][1]
@@ -236,7 +271,9 @@ def test_cifar_pickle_of_something_else_is_a_data_error(tmp_path, content):
 
 def test_cifar_labels_that_do_not_match_the_images_are_a_data_error(tmp_path):
     write_cifar(tmp_path / "cifar-10-batches-py", [*CIFAR10_FILES, "test_batch"])
-    write_cifar_batch(tmp_path / "cifar-10-batches-py" / "test_batch", np.zeros((2, 3072), np.uint8), [1, 2, 3])
+    write_cifar_batch(
+        tmp_path / "cifar-10-batches-py" / "test_batch", np.zeros((2, 3072), np.uint8), [1, 2, 3]
+    )
     with pytest.raises(DataError, match="test_batch"):
         cifar10(tmp_path)
 
@@ -262,6 +299,14 @@ def test_cifar_missing_files_are_named(tmp_path):
 
 def test_cifar_without_a_downloader_does_not_download(tmp_path):
     with pytest.raises(DataError, match="test_batch"):
-        load_cifar(str(tmp_path), download=True, folder="cifar-10-batches-py", name="cifar10",
-                   train_files=CIFAR10_FILES, test_files=["test_batch"], label_key="labels",
-                   num_classes=10, downloader=None)
+        load_cifar(
+            str(tmp_path),
+            download=True,
+            folder="cifar-10-batches-py",
+            name="cifar10",
+            train_files=CIFAR10_FILES,
+            test_files=["test_batch"],
+            label_key="labels",
+            num_classes=10,
+            downloader=None,
+        )

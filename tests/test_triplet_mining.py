@@ -14,7 +14,7 @@ from contrastive_cli.losses import triplet_loss
 # depends only on the angle between them: d = 2 - 2 cos(angle), increasing up to 180°.
 #   row:    0    1    2    3    4
 ANGLES = [0, 50, 20, 75, 95]
-IDS = [0, 0, 1, 1, 2]          # row 4 has no positive: it is only ever a negative
+IDS = [0, 0, 1, 1, 2]  # row 4 has no positive: it is only ever a negative
 MARGIN = 0.5
 
 
@@ -28,7 +28,7 @@ def relu(x: float) -> float:
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     rad = torch.tensor(ANGLES, dtype=torch.float64).deg2rad()
-    radius = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=torch.float64)   # norms do not matter
+    radius = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=torch.float64)  # norms do not matter
     return torch.stack([rad.cos(), rad.sin()], 1) * radius[:, None], torch.tensor(IDS)
 
 
@@ -53,10 +53,10 @@ def test_hard_mining_takes_the_farthest_of_several_positives():
     e = torch.stack([rad.cos(), rad.sin()], 1)
     ids = torch.tensor([0, 0, 0, 1])
     expected = (
-        relu(d(40) - d(60) + MARGIN)          # anchor 0: positive 40°, negative 60°
-        + relu(d(30) - d(50) + MARGIN)        # anchor 1 (10°): positive 40° (30), negative 50
-        + relu(d(40) - d(20) + MARGIN)        # anchor 2 (40°): positive 0° (40), negative 20
-    ) / 3                                     # row 3 has no positive
+        relu(d(40) - d(60) + MARGIN)  # anchor 0: positive 40°, negative 60°
+        + relu(d(30) - d(50) + MARGIN)  # anchor 1 (10°): positive 40° (30), negative 50
+        + relu(d(40) - d(20) + MARGIN)  # anchor 2 (40°): positive 0° (40), negative 20
+    ) / 3  # row 3 has no positive
     assert triplet_loss(e, ids, MARGIN, "hard").item() == pytest.approx(expected, rel=1e-12)
 
 
