@@ -60,3 +60,15 @@ def compose_cfg():
         return cfg
 
     return _compose
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """Tests run tiny tensors in-process; on a shared 2-core machine a second intra-op thread
+    only waits for a busy core (small L-BFGS fits ran 20-100x slower with 2 threads)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

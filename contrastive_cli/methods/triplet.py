@@ -41,7 +41,10 @@ class Triplet(nn.Module):
                 raise ValueError("loss.positives=labels needs labelled training data")
             ids = labels
         else:
+            # Image ids must be unique across processes, or images of different ranks with
+            # the same local index would count as each other's positives.
             ids = torch.arange(n, device=view1.device)
+            ids = ids + self.gather(ids)[1]
         z = self.projector(self.encoder(torch.cat([view1, view2])))
         return triplet_loss(z, torch.cat([ids, ids]), self.margin, self.mining, self.gather)
 

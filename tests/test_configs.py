@@ -1,0 +1,204 @@
+"""Every option of every config group composes with the real configs and instantiates."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from contrastive_cli.config import build, config_groups
+from contrastive_cli.device import Runtime
+from contrastive_cli.errors import ConfigError
+from tests.fakes import write_cifar, write_mnist
+
+GROUPS = {
+    "data": ["cifar10", "cifar100", "digits", "fashion_mnist", "mnist"],
+    "device": ["auto", "cpu", "cuda", "mps"],
+    "encoder": ["cnn", "mlp", "resnet18"],
+    "loss": ["byol", "moco", "ntxent", "triplet"],
+    "optim": ["adam", "sgd"],
+}
+OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
+SHAPES = {
+    "digits": (1, 8),
+    "mnist": (1, 28),
+    "fashion_mnist": (1, 28),
+    "cifar10": (3, 32),
+    "cifar100": (3, 32),
+}
+CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+
+
+def test_the_config_groups_and_their_options():
+    assert config_groups() == GROUPS
+
+
+@pytest.mark.parametrize("group,option", OPTIONS)
+def test_every_option_composes(compose_cfg, group, option):
+    cfg = compose_cfg(f"{group}={option}")
+    node = cfg[group]
+    targets = (
+        [node.source._target_, node.augment._target_]
+        if group == "data"
+        else (
+            [node.optimizer._target_, node.scheduler._target_]
+            if group == "optim"
+            else [node._target_]
+        )
+    )
+    assert all(targets)
+    assert set(cfg) == {*GROUPS, "trainer", "eval", "debug"}  # no group added or lost
+
+
+def test_selecting_an_option_that_does_not_exist_lists_the_valid_ones(compose_cfg):
+    for group, options in GROUPS.items():
+        with pytest.raises(MissingConfigException) as e:
+            compose_cfg(f"{group}=nonexistent")
+        message = str(e.value)
+        assert f"{group}/nonexistent" in message and "Available options" in message
+        assert all(option in message for option in options)
+
+
+def test_a_misspelt_key_is_an_error_not_a_new_key(compose_cfg):
+    with pytest.raises(ConfigCompositionException, match=r"trainer\.epoch"):
+        compose_cfg("trainer.epoch=3")
+
+
+# --------------------------------------------------------------------------- data
+@pytest.mark.parametrize("data", GROUPS["data"])
+def test_data_options_declare_their_shape_and_build_their_augmentation(compose_cfg, data):
+    cfg = compose_cfg(f"data={data}").data
+    c, size = SHAPES[data]
+    assert (cfg.channels, cfg.image_size, cfg.num_classes, cfg.name) == (
+        c,
+        size,
+        CLASSES[data],
+        data,
+    )
+    assert len(cfg.mean) == len(cfg.std) == c
+    augment = build(cfg.augment)
+    x = torch.randint(0, 256, (4, c, size, size), dtype=torch.uint8)
+    assert augment(x, torch.Generator().manual_seed(0)).shape == (4, c, size, size)
+    if c == 1:  # digits and clothes: no hue shifts
+        assert cfg.augment.hue == 0 and cfg.augment.saturation == 0
+    if data in ("digits", "mnist"):  # digits are not mirror-symmetric
+        assert cfg.augment.hflip == 0
+
+
+@pytest.mark.parametrize("data", GROUPS["data"])
+def test_data_sources_load_tiny_files_offline(compose_cfg, tmp_path, data):
+    """Each source, as configured, reads files in the original layout from data.root."""
+    c, size = SHAPES[data]
+    overrides = [f"data={data}"]
+    if data != "digits":
+        overrides += [f"data.root={tmp_path}", "data.download=false"]
+    if data in ("mnist", "fashion_mnist"):
+        folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[data]
+        write_mnist(tmp_path / folder / "raw", gz=True)
+    elif data == "cifar10":
+        write_cifar(
+            tmp_path / "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+        )
+    elif data == "cifar100":
+        write_cifar(tmp_path / "cifar-100-python", ["train", "test"], "fine_labels", 100)
+    cfg = compose_cfg(*overrides)
+    loaded = build(cfg.data.source)
+    assert loaded.train.images.shape[1:] == (c, size, size) and loaded.num_classes == CLASSES[data]
+    assert loaded.labelled
+
+
+# --------------------------------------------------------------------------- encoder
+@pytest.mark.parametrize("encoder", GROUPS["encoder"])
+@pytest.mark.parametrize("data", ["digits", "mnist", "cifar10"])
+def test_every_encoder_on_every_data_shape(compose_cfg, encoder, data):
+    cfg = compose_cfg(f"encoder={encoder}", f"data={data}")
+    c, size = SHAPES[data]
+    torch.manual_seed(0)
+    net = build(cfg.encoder, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    out = net(torch.randn(2, c, size, size))
+    assert out.shape == (2, net.out_dim) and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- loss
+@pytest.mark.parametrize("loss", GROUPS["loss"])
+def test_every_loss_builds_its_method_around_an_encoder(compose_cfg, loss):
+    cfg = compose_cfg(f"loss={loss}", "encoder=mlp")
+    torch.manual_seed(0)
+    encoder = build(cfg.encoder, in_channels=1, image_size=8)
+    method = build(cfg.loss, encoder=encoder)
+    assert method.encoder is encoder
+    views = torch.randn(2, 8, 1, 8, 8)
+    value = method(views[0], views[1], torch.arange(8) % 4)
+    assert value.dim() == 0 and torch.isfinite(value)
+    value.backward()
+    method.after_step(1, 10)
+
+
+def test_loss_defaults_are_the_papers(compose_cfg):
+    """SimCLR T=0.5 (CIFAR); MoCo v2 T=0.2, momentum 0.99 and queue 4096 (CIFAR demo);
+    BYOL tau_base=0.996 and 256-d projections; FaceNet margin 0.2 with semi-hard mining."""
+    loss = lambda name: compose_cfg(f"loss={name}").loss  # noqa: E731
+    assert loss("ntxent").temperature == 0.5
+    moco = loss("moco")
+    assert (moco.temperature, moco.momentum, moco.queue_size) == (0.2, 0.99, 4096)
+    assert moco.out_dim == moco.projector.out_dim
+    byol = loss("byol")
+    assert (byol.base_momentum, byol.projector.out_dim, byol.predictor.out_dim) == (0.996, 256, 256)
+    triplet = loss("triplet")
+    assert (triplet.margin, triplet.mining, triplet.positives) == (0.2, "semihard", "views")
+
+
+@pytest.mark.parametrize(
+    "override", ["loss.mining=hard", "loss.mining=all", "loss.positives=labels"]
+)
+def test_triplet_options_build(compose_cfg, override):
+    cfg = compose_cfg("loss=triplet", "encoder=mlp", override)
+    method = build(cfg.loss, encoder=build(cfg.encoder, in_channels=1, image_size=8))
+    assert method(torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8), torch.arange(8) % 2).dim() == 0
+
+
+# --------------------------------------------------------------------------- optim
+@pytest.mark.parametrize("optim", GROUPS["optim"])
+def test_every_optim_builds_an_optimizer_and_a_warmup_cosine_schedule(compose_cfg, optim):
+    cfg = compose_cfg(f"optim={optim}")
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer = build(cfg.optim.optimizer)(params)
+    scheduler = build(cfg.optim.scheduler)(optimizer, steps_per_epoch=4, epochs=3)
+    base = cfg.optim.optimizer.lr
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([base / 4, base / 2, 3 * base / 4, base])  # one warmup epoch
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))  # then decays
+    assert lrs[-1] < base * 0.1
+
+
+# --------------------------------------------------------------------------- device
+def test_device_cpu_and_auto_resolve_here(compose_cfg):
+    cpu = build(compose_cfg("device=cpu").device)
+    assert isinstance(cpu, Runtime) and cpu.device == torch.device("cpu")
+    assert not cpu.autocast and not cpu.channels_last  # fp32, NCHW on the CPU
+    auto = build(compose_cfg("device=auto").device)
+    expected = (
+        "cuda"
+        if torch.cuda.is_available()
+        else "mps"
+        if torch.backends.mps.is_available()
+        else "cpu"
+    )
+    assert auto.device.type == expected
+    assert auto.autocast == (expected == "cuda")
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_an_unavailable_device_is_a_config_error(compose_cfg, device):
+    available = torch.cuda.is_available() if device == "cuda" else torch.backends.mps.is_available()
+    if available:
+        pytest.skip(f"{device} is available on this machine")
+    with pytest.raises(ConfigError, match=f"device={device}"):
+        build(compose_cfg(f"device={device}").device)

@@ -1,0 +1,187 @@
+"""The evaluation protocol: k-NN against a naive loop, the linear probe's accuracy and its
+choice of weight decay (never from the test split), and feature extraction."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from contrastive_cli.evaluate import (
+    KnnMonitor,
+    evaluate_features,
+    extract_features,
+    knn_predict,
+    linear_probe,
+    pixel_features,
+)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- k-NN
+def naive_knn(
+    train: torch.Tensor,
+    labels: torch.Tensor,
+    test: torch.Tensor,
+    num_classes: int,
+    k: int,
+    t: float,
+) -> list[int]:
+    """Per query: cosine similarity to every bank row, the k most similar vote exp(sim / T)."""
+    preds = []
+    for q in test.double():
+        sims = []
+        for x, y in zip(train.double(), labels.tolist(), strict=True):
+            sims.append((float(q @ x) / (float(q.norm()) * float(x.norm())), y))
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * num_classes
+        for sim, y in sims[:k]:
+            votes[y] += math.exp(sim / t)
+        preds.append(max(range(num_classes), key=lambda c: votes[c]))
+    return preds
+
+
+@pytest.mark.parametrize("t", [0.05, 0.1, 1.0])
+def test_knn_equals_naive_for_several_k_including_more_than_the_bank(t):
+    train, test = torch.randn(40, 6, generator=gen(0)), torch.randn(25, 6, generator=gen(1))
+    labels = torch.randint(0, 4, (40,), generator=gen(2))
+    ks = [1, 3, 10, 40, 100]  # 100 > the 40 bank rows
+    preds = knn_predict(train, labels, test, 4, ks, t, chunk_size=7)  # several chunks
+    for k in ks:
+        assert preds[k].tolist() == naive_knn(train, labels, test, 4, k, t), k
+    assert torch.equal(preds[100], preds[40])
+
+
+def test_knn_votes_are_weighted_by_exp_similarity_over_t():
+    """One close neighbour of class 0 against two farther ones of class 1 (k = 3): class 0
+    wins at a small T (weights dominate), class 1 at a large T (nearly a plain majority)."""
+    deg = torch.tensor([5.0, 40.0, 45.0]).deg2rad()
+    bank = torch.stack([deg.cos(), deg.sin()], 1)
+    labels, query = torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]])
+    assert knn_predict(bank, labels, query, 2, (3,), 0.1)[3].item() == 0
+    assert knn_predict(bank, labels, query, 2, (3,), 10.0)[3].item() == 1
+
+
+def test_knn_ignores_feature_norms():
+    train, test = torch.randn(30, 5, generator=gen(0)), torch.randn(10, 5, generator=gen(1))
+    labels = torch.randint(0, 3, (30,), generator=gen(2))
+    scaled = train * torch.rand(30, 1, generator=gen(3)).add(0.1) * 10
+    assert torch.equal(
+        knn_predict(train, labels, test, 3, (5,))[5], knn_predict(scaled, labels, test, 3, (5,))[5]
+    )
+
+
+# --------------------------------------------------------------------------- linear probe
+def blobs(
+    n: int, num_classes: int, dim: int, spread: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian classes around scaled basis vectors (linearly separable when spread is small)."""
+    y = torch.arange(n) % num_classes
+    centres = torch.eye(num_classes, dim) * 5
+    return centres[y] + spread * torch.randn(n, dim, generator=gen(seed)), y
+
+
+def test_probe_reaches_full_accuracy_on_linearly_separable_features():
+    train_x, train_y = blobs(150, 3, 10, 0.5, seed=0)
+    test_x, test_y = blobs(60, 3, 10, 0.5, seed=1)
+    result = linear_probe(
+        train_x, train_y, test_x, test_y, 3, weight_decays=(1e-4, 1e-2), max_iter=50
+    )
+    assert result.top1 >= 0.99 and result.val_top1 >= 0.99
+    assert result.weight_decay in (1e-4, 1e-2)
+
+
+def test_probe_never_uses_test_labels_or_features_to_choose_the_weight_decay():
+    train_x, train_y = blobs(120, 4, 30, 4.0, seed=2)  # noisy: the choice matters
+    test_x, test_y = blobs(80, 4, 30, 4.0, seed=3)
+    wds = (1e-5, 1e-3, 1e-1, 1.0)
+    ref = linear_probe(train_x, train_y, test_x, test_y, 4, weight_decays=wds, max_iter=40)
+    for seed in range(2):
+        shuffled = test_y[torch.randperm(len(test_y), generator=gen(seed))]
+        other = linear_probe(train_x, train_y, test_x, shuffled, 4, weight_decays=wds, max_iter=40)
+        assert (other.weight_decay, other.val_top1) == (ref.weight_decay, ref.val_top1)
+    noise = torch.randn_like(test_x) * 100
+    other = linear_probe(train_x, train_y, noise, test_y, 4, weight_decays=wds, max_iter=40)
+    assert (other.weight_decay, other.val_top1) == (ref.weight_decay, ref.val_top1)
+    # The test labels do score the final model.
+    assert (
+        linear_probe(
+            train_x, train_y, test_x, (test_y + 1) % 4, 4, weight_decays=wds, max_iter=40
+        ).top1
+        != ref.top1
+    )
+
+
+@pytest.mark.parametrize("num_classes,has_top5", [(10, False), (11, True)])
+def test_top5_is_reported_only_with_more_than_ten_classes(num_classes, has_top5):
+    train_x, train_y = blobs(110, num_classes, 12, 2.0, seed=4)
+    test_x, test_y = blobs(55, num_classes, 12, 2.0, seed=5)
+    result = linear_probe(
+        train_x, train_y, test_x, test_y, num_classes, weight_decays=(1e-3,), max_iter=20
+    )
+    assert (result.top5 is not None) == has_top5
+    if has_top5:
+        assert result.top1 <= result.top5 <= 1.0
+    metrics = evaluate_features(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes,
+        knn_ks=[20, 5],
+        knn_temperature=0.1,
+        probe={"weight_decays": [1e-3], "max_iter": 20},
+        seed=0,
+    )
+    expected = {"knn_k20", "knn_k5", "linear_top1", "probe_weight_decay"} | (
+        {"linear_top5"} if has_top5 else set()
+    )
+    assert set(metrics) == expected
+    assert all(0.0 <= metrics[k] <= 1.0 for k in expected - {"probe_weight_decay"})
+
+
+# --------------------------------------------------------------------------- features
+def test_extract_features_uses_eval_mode_and_restores_the_mode():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten())
+    encoder(torch.randn(16, 1, 5, 5))  # non-trivial running stats
+    images = torch.randint(0, 256, (10, 1, 5, 5), dtype=torch.uint8, generator=gen(0))
+    transform = lambda x: x.float() / 255  # noqa: E731
+    feats = extract_features(encoder, images, transform, torch.device("cpu"), batch_size=3)
+    assert encoder.training  # mode restored
+    with torch.no_grad():
+        expected = encoder.eval()(transform(images))
+    assert feats.dtype == torch.float32 and feats.shape == (10, 36)
+    assert torch.allclose(feats, expected, atol=1e-6)
+
+
+def test_pixel_features_are_flattened_pixels_in_unit_range():
+    images = torch.tensor([[[[0, 255], [51, 102]]]], dtype=torch.uint8)
+    assert torch.allclose(pixel_features(images), torch.tensor([[0.0, 1.0, 0.2, 0.4]]))
+
+
+def test_knn_monitor_bank_and_queries_are_disjoint_parts_of_train():
+    n = 200
+    images = torch.arange(n).view(n, 1, 1, 1).to(torch.uint8)  # pixel value = index
+    labels = torch.arange(n) % 5
+    monitor = KnnMonitor(
+        images,
+        labels,
+        5,
+        lambda x: x.float(),
+        torch.device("cpu"),
+        bank_size=100,
+        query_size=30,
+        k=5,
+        temperature=0.1,
+        seed=0,
+    )
+    bank = set(monitor.bank_images.flatten().tolist())
+    queries = set(monitor.query_images.flatten().tolist())
+    assert len(bank) == 100 and len(queries) == 30 and not bank & queries
+    assert torch.equal(monitor.bank_labels, monitor.bank_images.flatten().long() % 5)
