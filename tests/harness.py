@@ -33,7 +33,7 @@ def kill_in_step(n: int) -> None:
     original = Augment.__call__
     calls = {"count": 0}
 
-    def patched(self, x, generator):  # noqa: ANN001, ANN202
+    def patched(self, x, generator):
         calls["count"] += 1
         if calls["count"] == 2 * (n - 1) + 2:   # the second view of step n
             _die()
@@ -46,7 +46,7 @@ def kill_in_save(n: int) -> None:
     original = torch.save
     saves = {"count": 0}
 
-    def patched(obj, f, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def patched(obj, f, *args, **kwargs):
         saves["count"] += 1
         if saves["count"] == n and hasattr(f, "write"):
             buffer = io.BytesIO()

@@ -138,7 +138,9 @@ class Augment:
             dim=1,
         )                                                    # (B, 2, 3): output -> input coords
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # "border": a crop's outermost output pixels sample between the last image pixel and
+        # the image edge; zero padding would darken them (by up to half on small crops).
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def _jitter(self, x: Tensor, apply: Tensor, uniform) -> Tensor:
         b, c = x.shape[:2]

@@ -37,8 +37,8 @@ class BYOL(nn.Module):
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        # `step` is the number of optimizer steps taken so far, so tau follows the schedule
-        # from its base value at the first update to 1 at the last.
+        # `step` counts optimizer steps taken, so the k-th update uses tau(k-1): the base value
+        # at the first update, rising towards 1 (it reaches 1 only after the last step).
         m = cosine_momentum(step - 1, total_steps, self.base_momentum)
         update_momentum(self.encoder, self.target_encoder, m)
         update_momentum(self.projector, self.target_projector, m)
