@@ -78,7 +78,7 @@ def test_diverged_run_reports_status_and_keeps_the_last_good_checkpoint(compose_
     cfg = compose_cfg(*TINY)
     steps_per_epoch = 1437 // 64
     _nan_at_step(monkeypatch, steps_per_epoch + 3)          # early in the second epoch
-    with pytest.raises(Diverged, match="lower optim.optimizer.lr"):
+    with pytest.raises(Diverged, match=r"lower optim\.optimizer\.lr"):
         run_training(cfg, tmp_path, {"loss": "ntxent"})
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "diverged" and results["epoch"] == 1

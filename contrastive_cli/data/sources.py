@@ -127,7 +127,7 @@ def load_idx_dataset(
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR batch files and nothing else: numpy arrays and plain types."""
 
-    ALLOWED = {
+    ALLOWED = frozenset({
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
@@ -135,7 +135,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
         ("_codecs", "encode"),
-    }
+    })
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
