@@ -10,7 +10,7 @@ from contrastive_cli.config import config_groups
 from contrastive_cli.errors import UserError
 
 # name -> module under contrastive_cli.commands; each has HELP and main(args) -> exit code.
-COMMANDS = ["train"]
+COMMANDS = ["train", "embed"]
 
 
 def _command(name: str):  # noqa: ANN202

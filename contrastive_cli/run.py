@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from contrastive_cli.checkpoint import load_checkpoint, save_checkpoint
-from contrastive_cli.data.batches import InMemoryBatches
 from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
 from contrastive_cli.errors import ConfigError, DataError
@@ -92,7 +91,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
     step_fn = torch.compile(method) if runtime.compile else method
     optimizer = build(cfg.optim.optimizer)([p for p in method.parameters() if p.requires_grad])
     try:
-        batches = InMemoryBatches(data.pretrain, t.batch_size, t.seed, runtime.device, runtime.data_on_device)
+        batches = data.pretrain.batches(t.batch_size, t.seed, runtime.device, runtime.data_on_device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     scheduler = build(cfg.optim.scheduler)(optimizer, steps_per_epoch=len(batches), epochs=t.epochs)
@@ -164,7 +163,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
         results["metrics"] = evaluated.pop("trained")
         results["baselines"] = evaluated
     else:
-        log.info("the data has no labels: k-NN and the linear probe are skipped")
+        results["eval_skipped"] = "the data has no labels: k-NN and the linear probe are skipped"
+        log.info(results["eval_skipped"])
     results["eval_time_s"] = time.perf_counter() - eval_start
     results["wall_time_s"] = time.time() - started
     results["versions"] = versions()

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from contrastive_cli.config import CONF_DIR
+from contrastive_cli.config import CONF_DIR, expand_home
 from contrastive_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,6 @@ HELP = "train an encoder with a contrastive loss, then evaluate it (Hydra overri
 
 
 def main(args: list[str]) -> int:
-    sys.argv = ["contrast train", *args]
+    sys.argv = ["contrast train", *map(expand_home, args)]
     _train_task()
     return 0
