@@ -149,6 +149,16 @@ def test_decode_converts_modes_and_sizes(tmp_path):
     assert grey.shape == (1, 4, 4) and abs(int(grey[0, 0, 0]) - 76) <= 2   # ITU-R 601 luma of red
 
 
+def test_decode_applies_exif_rotation(tmp_path):
+    stored = np.zeros((10, 20), dtype=np.uint8)
+    stored[:, :10] = 255                                          # left half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6                                              # "rotate 90 degrees clockwise to view"
+    Image.fromarray(stored, "L").save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    out = decode(str(tmp_path / "phone.jpg"), 10, 1)[0]
+    assert out[0].min() > 200 and out[-1].max() < 50              # viewed: the top is white
+
+
 def test_a_truncated_file_is_replaced_when_streaming_and_dropped_from_the_cache(tmp_path, caplog):
     paths = write_images(tmp_path, classes=None, per_class=8, corrupt=False)
     png = next(p for p in paths if p.suffix == ".png")

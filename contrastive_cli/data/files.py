@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -46,9 +46,11 @@ def decode(path: str, image_size: int, channels: int) -> np.ndarray:
     mode = MODES[channels]
     with Image.open(path) as img:
         img.draft(mode, (image_size, image_size))
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even when upright
+            img = ImageOps.exif_transpose(img)
         img = _convert(img, mode)
-        img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BILINEAR)
+        if img.size != (image_size, image_size):
+            img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BILINEAR)
         array = np.asarray(img, dtype=np.uint8)
     return np.array(array[None] if channels == 1 else array.transpose(2, 0, 1), order="C")  # a writable copy
 

@@ -52,7 +52,7 @@ def load_folder(
     cache_dir: str | None = None,
     workers: int | None = None,
     test_fraction: float = 0.2,
-    extensions: Sequence[str] = ("jpg", "jpeg", "png"),
+    extensions: Sequence[str] = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm"),
 ) -> ImageData:
     """The images under ``path`` (and ``eval_path``), as the module docstring describes."""
     _check(image_size, channels, test_fraction, workers)
@@ -210,6 +210,7 @@ def _cached(setting: str, root: Path, files: list[tuple[str, int, int]], image_s
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
         save_file({"images": decoded.contiguous()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)        # readable by whoever can read the data (the writer makes it 0600)
         os.replace(tmp, file)
         log.info(f"{setting}: cached {len(kept)} decoded images in {file}")
     except OSError as e:
