@@ -11,7 +11,7 @@ from contrastive_cli.config import config_groups
 from contrastive_cli.errors import UserError
 
 # name -> module under contrastive_cli.commands; each has HELP and main(args) -> exit code.
-COMMANDS = ["train", "runs", "resume", "reproduce", "eval", "plot"]
+COMMANDS = ["train", "runs", "resume", "reproduce", "eval", "plot", "embed"]
 
 
 def _command(name: str):

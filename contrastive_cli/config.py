@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,3 +76,12 @@ def build(node: DictConfig, *args: object, **kwargs: object):
         if isinstance(e.__cause__, UserError):
             raise e.__cause__ from None
         raise
+
+
+def expand_home(override: str) -> str:
+    """``key=~/photos`` -> ``key=/home/me/photos``. Shells leave a ``~`` after ``=`` alone and
+    Hydra's override grammar rejects it, so without this the obvious command fails to parse."""
+    key, sep, value = override.partition("=")
+    if sep and value.startswith("~") and not key.startswith("~"):
+        return f"{key}={os.path.expanduser(value)}"
+    return override

@@ -34,13 +34,16 @@ def extract_features(
     channels_last: bool = False,
     autocast: bool = False,
 ) -> Tensor:
-    """(N, C, H, W) uint8 -> (N, D) float32 features on ``device``; the encoder's mode is kept."""
+    """(N, C, H, W) uint8 -> (N, D) float32 features on ``device``; the encoder's mode is kept.
+
+    ``images`` is a tensor, or image files (``ImageFiles``) that decode batch by batch.
+    """
     was_training = encoder.training
     encoder.eval()
     out = []
     try:
-        for start in range(0, len(images), batch_size):
-            x = transform(images[start : start + batch_size].to(device, non_blocking=True))
+        for chunk in images.split(batch_size):
+            x = transform(chunk.to(device, non_blocking=True))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -234,7 +237,9 @@ def evaluate_protocol(
     )
     sources: dict[str, Callable[[Tensor], Tensor]] = {}
     if pixels:
-        sources["raw_pixels"] = lambda images: pixel_features(images.to(device))
+        sources["raw_pixels"] = lambda images: torch.cat(
+            [pixel_features(chunk.to(device)) for chunk in images.split(eval_cfg["batch_size"])]
+        )
     for name, encoder in encoders.items():
         sources[name] = lambda images, enc=encoder: extract_features(
             enc, images, transform, device, eval_cfg["batch_size"], channels_last, autocast

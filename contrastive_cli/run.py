@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from contrastive_cli.checkpoint import load_checkpoint, save_checkpoint
 from contrastive_cli.config import build
-from contrastive_cli.data.batches import InMemoryBatches, derive_seed
+from contrastive_cli.data.batches import derive_seed
 from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
 from contrastive_cli.errors import ConfigError, DataError, Diverged, RunExists
@@ -160,7 +160,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
     step_fn = torch.compile(method) if runtime.compile else method
     optimizer = build(cfg.optim.optimizer)([p for p in method.parameters() if p.requires_grad])
     try:
-        batches = InMemoryBatches(data.pretrain, t.batch_size, t.seed, runtime.device, runtime.data_on_device)
+        batches = data.pretrain.batches(t.batch_size, t.seed, runtime.device, runtime.data_on_device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     scheduler = build(cfg.optim.scheduler)(optimizer, steps_per_epoch=len(batches), epochs=t.epochs)
@@ -247,7 +247,8 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
     if data.labelled:
         results["metrics"], results["baselines"] = evaluate_encoder(cfg, encoder, data, augment, runtime, t.seed)
     else:
-        log.info("the data has no labels: k-NN and the linear probe are skipped")
+        results["eval_skipped"] = "the data has no labels: k-NN and the linear probe are skipped"
+        log.info(results["eval_skipped"])
     results["eval_time_s"] = time.perf_counter() - eval_start
     if cfg.eval.plots:
         _plot_run(run_dir, metrics_log.records(), encoder, data, augment, runtime, cfg, choices)

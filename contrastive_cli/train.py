@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from contrastive_cli.data.augment import Augment
-from contrastive_cli.data.batches import InMemoryBatches, derive_seed
+from contrastive_cli.data.batches import Batches, derive_seed
 from contrastive_cli.device import Runtime
 from contrastive_cli.errors import Diverged
 
@@ -56,7 +56,7 @@ def train(
     method: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    batches: InMemoryBatches,
+    batches: Batches,
     augment: Augment,
     runtime: Runtime,
     epochs: int,

@@ -52,7 +52,7 @@ def test_help_lists_groups_and_options(tmp_path):
     for text in ("train", "data", "fashion_mnist", "loss", "byol", "device", "cuda", "encoder", "resnet18"):
         assert text in top
     train_help = run_cli(["train", "--help"], cwd=tmp_path, check=True).stdout
-    for text in ("data: cifar10, cifar100, digits, fashion_mnist, mnist", "loss: byol, moco, ntxent, triplet",
+    for text in ("data: cifar10, cifar100, digits, fashion_mnist, folder, mnist, stl10", "loss: byol, moco, ntxent, triplet",
                  "knn_temperature"):
         assert text in train_help
 

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from contrastive_cli.config import CONF_DIR
+from contrastive_cli.config import CONF_DIR, expand_home
 from contrastive_cli.errors import RunExists, UserError
 from contrastive_cli.signals import Interrupted
 
@@ -68,6 +68,7 @@ def _explicit_run_dir(args: list[str]) -> Path | None:
 
 
 def main(args: list[str]) -> int:
+    args = [expand_home(a) for a in args]  # the shell leaves ~ in data.path=~/photos
     # Hydra writes .hydra/ into the run directory before any of our code runs, so a run
     # directory given on the command line is checked here, before Hydra starts.
     explicit = _explicit_run_dir(args)

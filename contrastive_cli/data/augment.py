@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from contrastive_cli.errors import ConfigError
+
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) plane.
@@ -27,7 +29,8 @@ class Augment:
     """The augmentation recipe of a dataset (its ``data.augment`` config).
 
     Args:
-        mean, std: per-channel normalisation applied last (and by ``normalize``).
+        mean, std: per-channel normalisation applied last (and by ``normalize``); a single
+            value applies to every channel.
         crop_scale: range of the crop's area as a fraction of the image.
         crop_ratio: range of the crop's aspect ratio (sampled log-uniformly).
         hflip: probability of a horizontal flip.
@@ -59,9 +62,13 @@ class Augment:
         blur_p: float = 0.0,
         blur_sigma: Sequence[float] = (0.1, 2.0),
         solarize_p: float = 0.0,
+        channels: int | None = None,
     ):
         if len(mean) != len(std):
-            raise ValueError(f"data.mean and data.std differ in length: {list(mean)} vs {list(std)}")
+            raise ConfigError(f"data.mean and data.std differ in length: {list(mean)} vs {list(std)}")
+        if channels is not None and len(mean) not in (1, channels):
+            raise ConfigError(f"data.mean={list(mean)} has {len(mean)} values for data.channels={channels}; "
+                              f"allowed: 1 value or {channels}")
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
@@ -90,7 +97,7 @@ class Augment:
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """x: uint8 (B, C, H, W) -> one augmented view, float32 (B, C, H, W), normalised."""
         b, c = x.shape[:2]
-        if c != len(self.mean):
+        if len(self.mean) not in (1, c):
             raise ValueError(f"images have {c} channels but data.mean has {len(self.mean)}")
         x = x.float().div_(255)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from contrastive_cli.data.datasets import Split
+from contrastive_cli.data.files import ImageFiles
 
 
 def derive_seed(*parts: object) -> int:
@@ -19,6 +21,22 @@ def derive_seed(*parts: object) -> int:
     """
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
+    """The permutation of ``n`` images that ``epoch`` visits, from (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "order", epoch))
+    return torch.randperm(n, generator=g)
+
+
+class Batches(Protocol):
+    """What the training loop iterates: ``len()`` steps per epoch of ``batch_size`` images."""
+
+    batch_size: int
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]: ...
 
 
 class InMemoryBatches:
@@ -46,8 +64,7 @@ class InMemoryBatches:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
         """Batches ``start, start+1, ...`` of ``epoch``: uint8 images and labels on device."""
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
-        order = torch.randperm(len(self.images), generator=g).to(self.images.device)
+        order = epoch_order(self.seed, epoch, len(self.images)).to(self.images.device)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.images[idx]
@@ -56,3 +73,33 @@ class InMemoryBatches:
                 images = images.pin_memory().to(self.device, non_blocking=True) if self.pin else images.to(self.device)
                 labels = labels.to(self.device) if labels is not None else None
             yield images, labels
+
+
+class StreamingBatches:
+    """Batches of image files: DataLoader workers decode them, in the order (and with the
+    drop-last rule) of ``InMemoryBatches``, so both paths see the same images per step.
+
+    Labels stay in memory; images are decoded per epoch and copied to ``device`` (from
+    pinned memory on CUDA).
+    """
+
+    def __init__(self, split: Split, batch_size: int, seed: int, device: torch.device):
+        if batch_size > len(split):
+            raise ValueError(f"trainer.batch_size={batch_size} is larger than the {len(split)} training images")
+        self.files: ImageFiles = split.images  # type: ignore[assignment]
+        self.labels = split.labels
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.files) // self.batch_size
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Batches ``start, start+1, ...`` of ``epoch``: uint8 images and labels on device."""
+        order = epoch_order(self.seed, epoch, len(self.files))
+        idx = [order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(start, len(self))]
+        decoded = self.files.batches([i.tolist() for i in idx], pin_memory=self.device.type == "cuda")
+        for i, images in zip(idx, decoded, strict=True):
+            labels = self.labels[i].to(self.device) if self.labels is not None else None
+            yield images.to(self.device, non_blocking=True), labels

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import math
 import pickle
 import zlib
 from collections.abc import Callable, Sequence
@@ -18,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contrastive_cli.data.datasets import ImageData, Split
-from contrastive_cli.errors import DataError
+from contrastive_cli.data.datasets import ImageData, Split, stratified_test_mask
+from contrastive_cli.errors import ConfigError, DataError
 
 
 def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> ImageData:
@@ -33,20 +32,7 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> ImageData:
     bunch = sk_digits()
     images = torch.from_numpy(np.rint(bunch.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
-    # ceil(N * fraction) test images in all (scikit-learn's convention: 360 of 1,797), spread
-    # over the classes in proportion, the leftover to the largest remainders. Rounding each
-    # class on its own would drift from that total (it gave 359).
-    quota = np.bincount(bunch.target, minlength=10) * test_fraction
-    per_class = np.floor(quota).astype(int)
-    leftover = math.ceil(len(labels) * test_fraction - 1e-9) - int(per_class.sum())
-    per_class[np.argsort(per_class - quota, kind="stable")[:leftover]] += 1
-    rng = np.random.default_rng(split_seed)
-    test_idx = []
-    for c in range(10):
-        members = np.flatnonzero(bunch.target == c)
-        test_idx.extend(rng.permutation(members)[: per_class[c]])
-    is_test = torch.zeros(len(labels), dtype=torch.bool)
-    is_test[torch.as_tensor(sorted(test_idx))] = True
+    is_test = torch.from_numpy(stratified_test_mask(bunch.target, test_fraction, split_seed))
     train = Split(images[~is_test], labels[~is_test])
     return ImageData(pretrain=train, train=train, test=Split(images[is_test], labels[is_test]), num_classes=10)
 
@@ -137,7 +123,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),
     })
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> type:
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         return super().find_class(module, name)
@@ -201,12 +187,75 @@ def load_cifar(
     return ImageData(pretrain=train, train=train, test=read(test_files), num_classes=num_classes)
 
 
-def _download(name: str, downloader: Callable[..., object], root: Path) -> None:
-    """Fetch with torchvision's code; any failure (offline, disk) becomes one line."""
+def _download(
+    name: str,
+    downloader: Callable[..., object],
+    root: Path,
+    calls: Sequence[dict[str, object]] = ({"train": True}, {"train": False}),
+) -> None:
+    """Fetch with torchvision's code, once per ``calls`` entry (its split arguments); any
+    failure (offline, disk) becomes one line."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        for train in (True, False):
-            downloader(root=str(root), train=train, download=True)
+        for split in calls:
+            downloader(root=str(root), download=True, **split)
     except Exception as e:  # network errors come in many types (URLError, OSError, RuntimeError)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"data={name}: download into {root} failed ({reason}); data.download=true needs internet") from None
+
+
+# --------------------------------------------------------------------------- STL-10
+STL10_SIZE = 96
+STL10_FILES = {"unlabeled": ("unlabeled_X.bin", None), "train": ("train_X.bin", "train_y.bin"),
+               "test": ("test_X.bin", "test_y.bin")}
+
+
+def _read_stl10_images(path: Path) -> torch.Tensor:
+    """(N, 3, 96, 96) uint8, memory-mapped: the file stores each image channel by channel,
+    column-major (as torchvision reads it), so rows and columns are swapped in a view."""
+    per_image = 3 * STL10_SIZE * STL10_SIZE
+    size = path.stat().st_size
+    if size == 0 or size % per_image:
+        raise DataError(f"{path}: {size} bytes is not a whole number of 3x96x96 STL-10 images")
+    array = np.memmap(path, dtype=np.uint8, mode="c").reshape(-1, 3, STL10_SIZE, STL10_SIZE)
+    return torch.from_numpy(array.transpose(0, 1, 3, 2))
+
+
+def load_stl10(
+    root: str,
+    download: bool,
+    name: str,
+    folder: str = "stl10_binary",
+    pretrain_split: str = "unlabeled",
+    downloader: Callable[..., object] | None = None,
+    url: str = "",
+) -> ImageData:
+    """STL-10 from ``root/<folder>`` (torchvision's layout); trains on ``pretrain_split``."""
+    allowed = ("unlabeled", "train", "train+unlabeled")
+    if pretrain_split not in allowed:
+        raise ConfigError(f"data.pretrain_split={pretrain_split!r} is not allowed; allowed: {', '.join(allowed)}")
+    base = Path(root).expanduser()
+    directory = base / folder
+    files = [f for pair in STL10_FILES.values() for f in pair if f is not None]
+    if not all((directory / f).is_file() for f in files) and download and downloader is not None:
+        _download(name, downloader, base, calls=({"split": "train"},))  # fetches the whole archive
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise DataError(
+            f"data={name}: missing {', '.join(missing)} in {directory}; extract stl10_binary.tar.gz "
+            f"({url or 'from the dataset site'}) into {base}" + ("" if download else " or set data.download=true")
+        )
+    splits = {}
+    for split, (images_file, labels_file) in STL10_FILES.items():
+        images = _read_stl10_images(directory / images_file)
+        labels = None
+        if labels_file is not None:
+            raw = np.fromfile(directory / labels_file, dtype=np.uint8)
+            if raw.shape[0] != images.shape[0] or raw.size == 0 or raw.min() < 1 or raw.max() > 10:
+                raise DataError(f"data={name}: {directory / labels_file} does not hold labels 1-10 for "
+                                f"the {images.shape[0]} images of {images_file}")
+            labels = torch.from_numpy(raw.astype(np.int64) - 1)
+        splits[split] = Split(images, labels)
+    parts = [splits[p] for p in pretrain_split.split("+")]
+    pretrain = parts[0] if len(parts) == 1 else Split(torch.cat([p.images for p in parts]))
+    return ImageData(pretrain=pretrain, train=splits["train"], test=splits["test"], num_classes=10)

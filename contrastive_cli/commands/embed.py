@@ -1,0 +1,248 @@
+"""``contrast embed RUN_DIR [overrides...] --out FILE``: a trained encoder's features for
+every image of a dataset, one row per image, as parquet, .npy or .csv.
+
+The encoder is rebuilt from the run's saved config and loaded from its safetensors file;
+the data is the run's unless overridden (``data=folder data.path=...``). Features are the
+evaluation protocol's: the encoder's output before any projector, encoder in eval(), images
+normalised as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm import tqdm
+
+from contrastive_cli.config import build, compose, config_groups, expand_home
+from contrastive_cli.errors import ConfigError, DataError
+
+HELP = "write a trained encoder's embeddings of a dataset (.parquet, .npy or .csv)"
+FORMATS = (".parquet", ".npy", ".csv")
+GROUPS = ("data", "device")            # config groups an override may switch
+KEYS = ("data.", "device.", "eval.batch_size")  # keys an override may set
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"contrast embed: {message} (see contrast embed --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="contrast embed",
+        description="Run a trained encoder over a dataset and write one row per image: split, path "
+        "(image folders) or index, label (when known), class (when named) and the embedding.",
+        epilog="examples:\n"
+        "  contrast embed outputs/2026-01-01/12-00-00_ntxent_folder --out embeddings.parquet\n"
+        "  contrast embed RUN_DIR data=folder data.path=~/photos --out embeddings.npy\n"
+        "  contrast embed RUN_DIR data=mnist device=cpu eval.batch_size=512 --out mnist.csv\n\n"
+        "overrides: data=..., data.KEY=..., device=..., device.KEY=..., eval.batch_size=...; the\n"
+        "data must have the channels and image size the encoder was trained on.\n"
+        ".npy holds a structured array (np.load(f)['embedding'] is N x D); a missing label is -1.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished `contrast train` run directory")
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="data, device or eval.batch_size overrides")
+    parser.add_argument("--out", required=True, metavar="FILE", help="output file: .parquet, .npy or .csv")
+    return parser
+
+
+def main(args: list[str]) -> int:
+    opts = _parser().parse_intermixed_args(args)
+    out = Path(opts.out).expanduser()
+    _check_out(out)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    run_dir = Path(opts.run_dir).expanduser()
+    run_cfg = saved_config(run_dir)
+    cfg = apply_overrides(run_cfg, opts.overrides)
+    rows = embed(run_dir, run_cfg, cfg)
+    write(out, rows, {"run_dir": str(run_dir.resolve()), "data": str(cfg.data.name)})
+    n, dim = rows["embedding"].shape
+    print(f"wrote {n} embeddings of dimension {dim} to {out}")
+    return 0
+
+
+def _check_out(out: Path) -> None:
+    if out.suffix.lower() not in FORMATS:
+        raise ConfigError(f"--out {out}: the extension {out.suffix or '(none)'!s} is not allowed; "
+                          f"allowed: {', '.join(FORMATS)}")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+    if out.suffix.lower() == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--out {out}: writing parquet needs pyarrow (pip install pyarrow, or "
+                              "pip install 'contrast[parquet]'); or write .npy or .csv") from None
+
+
+def saved_config(run_dir: Path) -> DictConfig:
+    """The config the run in ``run_dir`` trained with (``.hydra/config.yaml``)."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not run_dir.is_dir():
+        raise ConfigError(f"RUN_DIR={run_dir}: no such folder")
+    if not path.is_file():
+        raise ConfigError(f"RUN_DIR={run_dir}: not a contrast run directory (no .hydra/config.yaml)")
+    cfg = OmegaConf.load(path)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def apply_overrides(run_cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """The run's config with ``overrides`` applied as ``contrast train`` would: ``group=option``
+    swaps in that option's config, ``key=value`` sets a key that must exist (struct mode)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([expand_home(o) for o in overrides])
+    except OverrideParseException as e:
+        raise ConfigError(f"cannot parse the override: {str(e).strip().splitlines()[0]}") from None
+    cfg = copy.deepcopy(run_cfg)
+    groups = config_groups()
+    for o in parsed:
+        key = o.key_or_group
+        if o.type != OverrideType.CHANGE or o.is_sweep_override() or not (key in GROUPS or key.startswith(KEYS)):
+            raise ConfigError(f"{o.input_line}: contrast embed takes only data=..., data.KEY=..., device=..., "
+                              "device.KEY=... and eval.batch_size=... (the encoder is the run's)")
+        if key in GROUPS:
+            option = o.value()
+            if option not in groups[key]:
+                raise ConfigError(f"{key}={option} is not an option; options: {', '.join(groups[key])}")
+            with open_dict(cfg):
+                cfg[key] = compose([f"{key}={option}"])[key]
+        else:
+            try:
+                OmegaConf.update(cfg, key, o.value(), merge=False)
+            except Exception as e:  # struct mode: a key that does not exist
+                raise ConfigError(f"{o.input_line}: {key} is not a setting of data={cfg.data.get('name')} "
+                                  f"({type(e).__name__})") from None
+    return cfg
+
+
+def load_encoder(run_dir: Path, run_cfg: DictConfig) -> torch.nn.Module:
+    """The run's encoder, rebuilt from its config as ``contrast train`` built it, with the
+    trained weights from ``encoder.safetensors`` (no pickles)."""
+    from safetensors.torch import load_file
+
+    from contrastive_cli.run import build_encoder
+
+    path = run_dir / "encoder.safetensors"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: the run has not finished (see {run_dir / 'results.json'})")
+    encoder = build_encoder(run_cfg, run_cfg.trainer.seed)
+    try:
+        encoder.load_state_dict(load_file(str(path)))
+    except RuntimeError as e:
+        raise DataError(f"{path} does not fit the run's encoder config: {str(e).splitlines()[0]}") from None
+    return encoder
+
+
+def embed(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, np.ndarray]:
+    """Columns of the output: split, path or index, label, class (when named), embedding."""
+    from contrastive_cli.evaluate import extract_features
+    from contrastive_cli.run import load_data
+
+    want = (run_cfg.data.channels, run_cfg.data.image_size)
+    have = (cfg.data.channels, cfg.data.image_size)
+    if have != want:
+        raise ConfigError(
+            f"the encoder of {run_dir} takes {want[0]}x{want[1]}x{want[1]} images but data={cfg.data.name} "
+            f"has data.channels={have[0]}, data.image_size={have[1]}; set data.channels={want[0]} "
+            f"data.image_size={want[1]} (or pick data of that shape)"
+        )
+    runtime = build(cfg.device)
+    encoder = load_encoder(run_dir, run_cfg).to(runtime.device)
+    if runtime.channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    normalize = build(run_cfg.data.augment).normalize    # as the encoder saw images in training
+    data = load_data(cfg)
+    batch_size = cfg.eval.batch_size
+    columns: dict[str, list] = {"split": [], "id": [], "label": [], "embedding": []}
+    for name, split in data.named_splits().items():
+        bar = tqdm(total=len(split), desc=f"embedding {name}", unit="img", disable=None, dynamic_ncols=True)
+        for chunk in split.images.split(batch_size):
+            features = extract_features(encoder, chunk, normalize, runtime.device, batch_size,
+                                        runtime.channels_last, runtime.autocast)
+            columns["embedding"].append(features.cpu().numpy())
+            bar.update(len(chunk))
+        bar.close()
+        columns["split"] += [name] * len(split)
+        columns["id"] += split.paths if split.paths is not None else list(range(len(split)))
+        columns["label"].append(split.labels.numpy() if split.labels is not None else np.full(len(split), -1))
+    labels = np.concatenate(columns["label"]).astype(np.int64)
+    rows = {
+        "split": np.array(columns["split"]),
+        "path" if isinstance(columns["id"][0], str) else "index": np.array(columns["id"]),
+        "label": labels,
+    }
+    if data.class_names:
+        rows["class"] = np.array([data.class_names[i] if i >= 0 else "" for i in labels])
+    rows["embedding"] = np.concatenate(columns["embedding"]).astype(np.float32)
+    return rows
+
+
+def write(out: Path, rows: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write ``rows`` to ``out`` in the format its extension names, atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        {".parquet": _parquet, ".npy": _npy, ".csv": _csv}[out.suffix.lower()](Path(tmp), rows, metadata)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _parquet(path: Path, rows: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Label is null where unknown; embedding is a fixed-size list of float32."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dim = rows["embedding"].shape[1]
+    columns = {}
+    for name, values in rows.items():
+        if name == "embedding":
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
+        elif name == "label":
+            columns[name] = pa.array(values, mask=values < 0)
+        else:
+            columns[name] = pa.array(values.tolist())
+    table = pa.table(columns).replace_schema_metadata({**metadata, "embedding_dim": str(dim)})
+    pq.write_table(table, path)
+
+
+def _npy(path: Path, rows: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """A structured array (no pickled objects): arr['embedding'] is (N, D), label -1 = unknown."""
+    dim = rows["embedding"].shape[1]
+    dtype = [(name, values.dtype) if name != "embedding" else (name, np.float32, (dim,)) for name, values in rows.items()]
+    table = np.empty(len(rows["embedding"]), dtype=dtype)
+    for name, values in rows.items():
+        table[name] = values
+    np.save(path, table, allow_pickle=False)
+
+
+def _csv(path: Path, rows: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """One column per embedding dimension (e0, e1, ...); an unknown label is left empty."""
+    dim = rows["embedding"].shape[1]
+    names = [n for n in rows if n != "embedding"]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*names, *(f"e{i}" for i in range(dim))])
+        for i, vector in enumerate(rows["embedding"]):
+            fields = [rows[n][i] for n in names]
+            fields = ["" if n == "label" and v < 0 else v for n, v in zip(names, fields, strict=True)]
+            writer.writerow([*fields, *(f"{v:.9g}" for v in vector)])
