@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from contrastive_cli.errors import ConfigError
 
 
 def config_dir() -> Path:
@@ -85,3 +88,41 @@ def expand_home(override: str) -> str:
     if sep and value.startswith("~") and not key.startswith("~"):
         return f"{key}={os.path.expanduser(value)}"
     return override
+
+
+def apply_overrides(
+    run_cfg: DictConfig, overrides: Sequence[str], groups_allowed: Sequence[str], keys_allowed: tuple[str, ...],
+    command: str,
+) -> DictConfig:
+    """The run's config with ``overrides`` applied as ``contrast train`` would: ``group=option``
+    swaps in that option's config, ``key=value`` sets a key that must exist (struct mode).
+    Only ``groups_allowed`` may be switched and keys starting with ``keys_allowed`` set:
+    the encoder always stays the run's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([expand_home(o) for o in overrides])
+    except OverrideParseException as e:
+        raise ConfigError(f"cannot parse the override: {str(e).strip().splitlines()[0]}") from None
+    cfg = copy.deepcopy(run_cfg)
+    groups = config_groups()
+    for o in parsed:
+        key = o.key_or_group
+        if o.type != OverrideType.CHANGE or o.is_sweep_override() or not (key in groups_allowed or key.startswith(keys_allowed)):
+            allowed = [f"{g}=..." for g in groups_allowed] + [f"{k}..." if k.endswith(".") else f"{k}=..." for k in keys_allowed]
+            raise ConfigError(f"{o.input_line}: {command} takes only {', '.join(allowed)} (the encoder is the run's)")
+        if key in groups_allowed:
+            option = o.value()
+            if option not in groups[key]:
+                raise ConfigError(f"{key}={option} is not an option; options: {', '.join(groups[key])}")
+            with open_dict(cfg):
+                cfg[key] = compose([f"{key}={option}"])[key]
+        else:
+            try:
+                OmegaConf.update(cfg, key, o.value(), merge=False)
+            except Exception as e:  # struct mode: a key that does not exist
+                raise ConfigError(f"{o.input_line}: {key} is not a setting of data={cfg.data.get('name')} "
+                                  f"({type(e).__name__})") from None
+    return cfg

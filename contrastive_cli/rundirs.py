@@ -15,9 +15,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from contrastive_cli.errors import UserError
+from contrastive_cli.errors import ConfigError, UserError
 
-CONFIG = Path(".hydra") / "config.yaml"
+CONFIG = Path(".hydra") / "config.yaml"                         # complete and resolved
+INTERPOLATED = Path(".hydra") / "config_unresolved.yaml"        # the same, interpolations kept
 
 
 @dataclass
@@ -27,9 +28,12 @@ class Run:
     overrides: list[str] = field(default_factory=list)      # command-line overrides
     results: dict[str, Any] | None = None
 
-    def config(self) -> DictConfig:
-        """The saved (complete, resolved) config, in struct mode: typos stay errors."""
-        cfg = OmegaConf.load(self.path / CONFIG)
+    def config(self, interpolated: bool = False) -> DictConfig:
+        """The saved config in struct mode (typos stay errors). Resolved by default: what the
+        run did. ``interpolated``: with interpolations kept, so that an override such as
+        ``data.path=...`` reaches the keys that follow it (``data.source.path``)."""
+        path = self.path / (INTERPOLATED if interpolated and (self.path / INTERPOLATED).is_file() else CONFIG)
+        cfg = OmegaConf.load(path)
         OmegaConf.set_struct(cfg, True)
         return cfg  # type: ignore[return-value]
 
@@ -55,8 +59,10 @@ class Run:
 
 def load_run(path: Path) -> Run:
     path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"RUN_DIR={path}: no such folder")
     if not (path / CONFIG).is_file():
-        raise UserError(f"{path} is not a run directory (no {CONFIG}); `contrast runs` lists run directories")
+        raise ConfigError(f"RUN_DIR={path}: not a run directory (no {CONFIG}); `contrast runs` lists them")
     choices: dict[str, str] = {}
     hydra_file = path / ".hydra" / "hydra.yaml"
     if hydra_file.is_file():

@@ -12,10 +12,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from contrastive_cli import cli
-from contrastive_cli.commands.embed import apply_overrides, saved_config
-from contrastive_cli.config import build
+from contrastive_cli.commands.embed import GROUPS, KEYS
+from contrastive_cli.config import apply_overrides, build
 from contrastive_cli.evaluate import extract_features
 from contrastive_cli.run import build_encoder, load_data
+from contrastive_cli.rundirs import load_run
 from tests.conftest import TINY, run_cli, run_dirs
 from tests.image_folders import write_images
 
@@ -35,7 +36,7 @@ def trained(tmp_path_factory):
 def in_process(run, overrides=()):
     """{path or index: features} computed here, without the embed command's code."""
     run_cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    cfg = apply_overrides(saved_config(run), overrides)
+    cfg = apply_overrides(load_run(run).config(interpolated=True), overrides, GROUPS, KEYS, "contrast embed")
     encoder = build_encoder(run_cfg, 0)
     encoder.load_state_dict(load_file(str(run / "encoder.safetensors")))
     normalize = build(run_cfg.data.augment).normalize

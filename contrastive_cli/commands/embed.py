@@ -10,22 +10,21 @@ normalised as in training.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from contrastive_cli.config import build, compose, config_groups, expand_home
+from contrastive_cli.config import apply_overrides, build
 from contrastive_cli.errors import ConfigError, DataError
+from contrastive_cli.rundirs import load_run
 
 HELP = "write a trained encoder's embeddings of a dataset (.parquet, .npy or .csv)"
 FORMATS = (".parquet", ".npy", ".csv")
@@ -65,8 +64,8 @@ def main(args: list[str]) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     run_dir = Path(opts.run_dir).expanduser()
-    run_cfg = saved_config(run_dir)
-    cfg = apply_overrides(run_cfg, opts.overrides)
+    run_cfg = load_run(run_dir).config(interpolated=True)
+    cfg = apply_overrides(run_cfg, opts.overrides, GROUPS, KEYS, "contrast embed")
     rows = embed(run_dir, run_cfg, cfg)
     write(out, rows, {"run_dir": str(run_dir.resolve()), "data": str(cfg.data.name)})
     n, dim = rows["embedding"].shape
@@ -86,51 +85,6 @@ def _check_out(out: Path) -> None:
         except ImportError:
             raise ConfigError(f"--out {out}: writing parquet needs pyarrow (pip install pyarrow, or "
                               "pip install 'contrast[parquet]'); or write .npy or .csv") from None
-
-
-def saved_config(run_dir: Path) -> DictConfig:
-    """The config the run in ``run_dir`` trained with (``.hydra/config.yaml``)."""
-    path = run_dir / ".hydra" / "config.yaml"
-    if not run_dir.is_dir():
-        raise ConfigError(f"RUN_DIR={run_dir}: no such folder")
-    if not path.is_file():
-        raise ConfigError(f"RUN_DIR={run_dir}: not a contrast run directory (no .hydra/config.yaml)")
-    cfg = OmegaConf.load(path)
-    OmegaConf.set_struct(cfg, True)
-    return cfg
-
-
-def apply_overrides(run_cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
-    """The run's config with ``overrides`` applied as ``contrast train`` would: ``group=option``
-    swaps in that option's config, ``key=value`` sets a key that must exist (struct mode)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
-    from hydra.errors import OverrideParseException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides([expand_home(o) for o in overrides])
-    except OverrideParseException as e:
-        raise ConfigError(f"cannot parse the override: {str(e).strip().splitlines()[0]}") from None
-    cfg = copy.deepcopy(run_cfg)
-    groups = config_groups()
-    for o in parsed:
-        key = o.key_or_group
-        if o.type != OverrideType.CHANGE or o.is_sweep_override() or not (key in GROUPS or key.startswith(KEYS)):
-            raise ConfigError(f"{o.input_line}: contrast embed takes only data=..., data.KEY=..., device=..., "
-                              "device.KEY=... and eval.batch_size=... (the encoder is the run's)")
-        if key in GROUPS:
-            option = o.value()
-            if option not in groups[key]:
-                raise ConfigError(f"{key}={option} is not an option; options: {', '.join(groups[key])}")
-            with open_dict(cfg):
-                cfg[key] = compose([f"{key}={option}"])[key]
-        else:
-            try:
-                OmegaConf.update(cfg, key, o.value(), merge=False)
-            except Exception as e:  # struct mode: a key that does not exist
-                raise ConfigError(f"{o.input_line}: {key} is not a setting of data={cfg.data.get('name')} "
-                                  f"({type(e).__name__})") from None
-    return cfg
 
 
 def load_encoder(run_dir: Path, run_cfg: DictConfig) -> torch.nn.Module:

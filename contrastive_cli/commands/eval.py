@@ -13,54 +13,48 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from contrastive_cli.config import build, compose
+from contrastive_cli.config import apply_overrides, build, compose
 from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.report import results_table, write_json
 from contrastive_cli.rundirs import load_run
 
 log = logging.getLogger(__name__)
+GROUPS = ("data", "device")                      # what an override may switch
+KEYS = ("data.", "device.", "eval.")             # and set; the encoder is always the run's
 HELP = "evaluate a saved encoder (k-NN, linear probe, baselines) on any dataset: RUN_DIR data=cifar100"
 
 
-def _source(path: Path) -> tuple[Path, DictConfig, dict[str, str]]:
-    """(encoder file, saved config, group choices) of a run dir or a bare encoder file."""
-    if path.is_dir():
-        run = load_run(path)
-        weights = path / "encoder.safetensors"
+def _source(path: Path, overrides: list[str]) -> tuple[Path, DictConfig, DictConfig, dict[str, str]]:
+    """(encoder file, config to evaluate with, config it trained with, group choices).
+
+    A run directory (or an encoder file inside one): the run's config with ``overrides``
+    applied. A bare encoder file: a fresh config from ``overrides`` (data defaults to the
+    dataset it trained on) with the encoder and seed from the file's metadata.
+    """
+    run_dir = path if path.is_dir() else path.parent
+    if path.is_dir() or (path.suffix == ".safetensors" and (run_dir / ".hydra" / "config.yaml").is_file()):
+        run = load_run(run_dir)
+        weights = path if path.is_file() else path / "encoder.safetensors"
         if not weights.is_file():
             raise UserError(f"{path} has no encoder.safetensors (the run did not finish training)")
-        return weights, run.config(), run.choices
+        saved = run.config(interpolated=True)
+        return weights, apply_overrides(saved, overrides, GROUPS, KEYS, "contrast eval"), saved, run.choices
     if path.suffix != ".safetensors" or not path.is_file():
         raise UserError(f"{path} is neither a run directory nor an .safetensors encoder file")
-    if (path.parent / ".hydra" / "config.yaml").is_file():
-        run = load_run(path.parent)
-        return path, run.config(), run.choices
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != "contrast-encoder-v1":
         raise UserError(f"{path} has no contrast metadata; evaluate it through its run directory")
-    cfg = OmegaConf.create({
+    saved = OmegaConf.create({
         "encoder": json.loads(meta["encoder"]), "trainer": {"seed": int(meta["seed"])},
         "data": {"name": meta["data"], "channels": int(meta["channels"]), "image_size": int(meta["image_size"])},
     })
-    return path, cfg, {"data": meta["data"]}
-
-
-def eval_config(saved: DictConfig, choices: dict[str, str], overrides: list[str]) -> DictConfig:
-    """What to evaluate with: the run's saved data/eval/device sections, except those an
-    override touches, which are composed afresh from conf/; always the run's encoder and seed.
-    A bare encoder file carries no sections, so everything but the encoder is composed."""
-    touched = {o.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("/", 1)[0] for o in overrides}
-    groups = [f"{g}={o}" for g, o in choices.items() if g in ("data", "device") and g not in touched]
-    cfg = compose([*groups, *overrides])
-    full_run = "source" in saved.data
+    chosen = [o for o in overrides if o.split("=", 1)[0] == "data"] or [f"data={meta['data']}"]
+    cfg = compose([*chosen, *(o for o in overrides if o.split("=", 1)[0] != "data")])
     with open_dict(cfg):
-        for section in ("data", "eval", "device"):
-            if full_run and section not in touched:
-                cfg[section] = saved[section]
         cfg.encoder = saved.encoder
         cfg.trainer.seed = saved.trainer.seed
-    return cfg
+    return path, cfg, saved, {"data": meta["data"]}
 
 
 def main(args: list[str]) -> int:
@@ -69,8 +63,7 @@ def main(args: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=cifar100 device=cpu")
     parser.add_argument("--out", type=Path, help="results file (default: <run>/evals/<data>_<time>.json)")
     ns = parser.parse_args(args)
-    weights, saved, choices = _source(ns.source.expanduser())
-    cfg = eval_config(saved, choices, ns.overrides)
+    weights, cfg, saved, choices = _source(ns.source.expanduser(), ns.overrides)
     trained_on = saved.data
     if cfg.data.channels != trained_on.channels:
         raise ConfigError(f"data={cfg.data.name} has {cfg.data.channels} channels but the encoder was trained on "

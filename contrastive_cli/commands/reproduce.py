@@ -70,7 +70,7 @@ def main(args: list[str]) -> int:
     out = Path(claim_directory(str(ns.out or Path("outputs") / now.strftime("%Y-%m-%d")
                                    / f"{now:%H-%M-%S}_reproduce_{original.path.name}")))
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
-    for name in ("hydra.yaml", "overrides.yaml"):
+    for name in ("hydra.yaml", "overrides.yaml", "config_unresolved.yaml"):
         if (original.path / ".hydra" / name).is_file():
             shutil.copy2(original.path / ".hydra" / name, out / ".hydra" / name)
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml", resolve=True)

@@ -38,6 +38,7 @@ def _train_task(cfg: DictConfig) -> float:
     try:
         # The saved config is complete and resolved: a later edit to conf/ or the
         # environment cannot change what a rerun of this directory does.
+        OmegaConf.save(cfg, run_dir / hc.output_subdir / "config_unresolved.yaml")  # for overrides later
         OmegaConf.save(cfg, run_dir / hc.output_subdir / "config.yaml", resolve=True)
         return objective(run_training(cfg, run_dir, dict(hc.runtime.choices)))
     except UserError as e:
