@@ -19,3 +19,9 @@ class DataError(UserError):
     """Data that is missing, unreadable or cannot be downloaded."""
 
     exit_code = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written, or is missing, damaged or unsafe to load."""
+
+    exit_code = 1

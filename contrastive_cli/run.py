@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 from contrastive_cli.config import build
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from contrastive_cli.checkpoint import load_checkpoint, save_checkpoint
+from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from contrastive_cli.data.batches import InMemoryBatches
 from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
@@ -28,6 +29,7 @@ from contrastive_cli.errors import ConfigError, DataError
 from contrastive_cli.evaluate import KnnMonitor, evaluate_protocol
 from contrastive_cli.report import MetricsLog, results_table, versions, write_json
 from contrastive_cli.train import Progress, train
+from contrastive_cli.validate import check_data, validate
 
 log = logging.getLogger(__name__)
 CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -50,7 +52,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def load_data(cfg: DictConfig) -> ImageData:
     """The data source of ``cfg.data``, checked against the shape the config declares."""
-    data: ImageData = build(cfg.data.source)
+    try:
+        data: ImageData = build(cfg.data.source)
+    except InstantiationException as e:  # unreadable files or folders: permissions, I/O errors
+        if not isinstance(e.__cause__, OSError):
+            raise
+        err = e.__cause__
+        raise DataError(f"data={cfg.data.name}: cannot read {err.filename or cfg.data.root} "
+                        f"({err.strerror or err})") from None
     _, c, h, w = data.pretrain.images.shape
     if c != cfg.data.channels or h != cfg.data.image_size or w != cfg.data.image_size:
         raise DataError(
@@ -69,6 +78,7 @@ def build_encoder(cfg: DictConfig, seed: int) -> torch.nn.Module:
 def run_training(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
     """Train and evaluate the run that ``cfg`` describes, in ``run_dir``. Returns results.json."""
     started = time.time()
+    validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _log_to(run_dir / "train.log")
     try:
@@ -83,6 +93,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
     seed_everything(t.seed, t.deterministic)
     runtime: Runtime = build(cfg.device)
     data = load_data(cfg)
+    check_data(cfg, data)
     augment = build(cfg.data.augment)
     encoder = build_encoder(cfg, t.seed)
     random_init = copy.deepcopy(encoder)                      # the random-encoder baseline
@@ -99,13 +110,14 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
 
     progress = Progress()
     checkpoint = run_dir / CHECKPOINT
-    if t.resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint, map_location=runtime.device)
+    resume_from = latest_valid_checkpoint(checkpoint.parent) if t.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, map_location=runtime.device)
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         progress = Progress(**state["progress"])
-        log.info(f"resuming from {checkpoint}: epoch {progress.epoch}, step {progress.step}")
+        log.info(f"resuming from {resume_from}: epoch {progress.epoch}, step {progress.step}")
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", keep_epochs=progress.epoch)
 
     monitor = None
