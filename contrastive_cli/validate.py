@@ -347,7 +347,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={_show(value)}{source} is not allowed; allowed: {rule.allowed}")
     for key in REQUIRED:
         if not _has(cfg, key):
-            raise ConfigError(f"{key} is missing; it is needed (was it deleted with ~{key}?)")
+            rule = rule_for(key)
+            allowed = rule.allowed if rule is not None and rule is not NODE else "the key, with a value"
+            raise ConfigError(f"{key} is missing (deleted with ~{key}?); allowed: {allowed}")
     for combination in COMBINATIONS:
         problem = combination(cfg)
         if problem:
@@ -440,13 +442,13 @@ def _check_objects(cfg: DictConfig) -> None:
     from contrastive_cli.config import build
     from contrastive_cli.models.encoders import output_shape
 
-    def built(what: str, make: Callable[[], Any]) -> Any:
+    def built(what: str, make: Callable[[], Any], problem: str = "cannot be built from this config") -> Any:
         try:
             return make()
         except UserError:
             raise
         except (InstantiationException, TypeError, ValueError, RuntimeError, AttributeError, ImportError) as e:
-            raise ConfigError(f"{what} cannot be built from this config: {_reason(e)}") from None
+            raise ConfigError(f"{what} {problem}: {_reason(e)}") from None
 
     for key, value, _ in _leaves(cfg):
         if key.endswith("_target_") and _locate(value) is None:
@@ -457,8 +459,8 @@ def _check_objects(cfg: DictConfig) -> None:
     with torch.device("meta"):
         encoder = built(f"encoder ({cfg.encoder._target_})",
                         lambda: build(cfg.encoder, in_channels=c, image_size=size))
-        shape = built(f"encoder ({cfg.encoder._target_}) on {c}x{size}x{size} images (data.channels, data.image_size)",
-                      lambda: tuple(output_shape(encoder, c, size)))
+        shape = built(f"encoder ({cfg.encoder._target_})", lambda: tuple(output_shape(encoder, c, size)),
+                      f"cannot take {c}x{size}x{size} images (data.channels={c}, data.image_size={size})")
         if shape != (2, getattr(encoder, "out_dim", None)):
             raise ConfigError(f"encoder ({cfg.encoder._target_}) gives features of shape {shape[1:]} on "
                               f"{c}x{size}x{size} images, not ({getattr(encoder, 'out_dim', '?')},)")
@@ -519,8 +521,8 @@ def check_command_line(args: Sequence[str]) -> None:
             raise ConfigError(f"{sweeps[0]} is a sweep; add -m to run one job per value "
                               "(or quote it, key='a,b', to pass it as a string)")
         cfg = _compose(overrides)
-        validate(cfg)
         check_output_dir(cfg, "hydra.run.dir")
+        validate(cfg)
         return
     jobs = _sweep_jobs(parsed)
     for job in jobs or []:
