@@ -49,18 +49,30 @@ def previous_path(path: Path) -> Path:
 
 
 class _HashingWriter:
-    """A write-only stream that hashes and counts what passes through it to ``file``."""
+    """A write-only stream that hashes and counts what passes through it to ``file``.
+
+    torch.save's C++ writer turns an exception raised here into a RuntimeError without the
+    cause ("unexpected pos ..."), so the original one is kept in ``error`` to re-raise.
+    """
 
     def __init__(self, file: BinaryIO):
         self.file = file
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.error: BaseException | None = None
 
     def write(self, data: bytes) -> int:
-        self.file.write(data)
+        try:
+            self._emit(data)
+        except BaseException as e:
+            self.error = e
+            raise
         self.sha256.update(data)
         self.size += len(data)
         return len(data)
+
+    def _emit(self, data: bytes) -> None:
+        self.file.write(data)
 
     def flush(self) -> None:
         self.file.flush()
@@ -80,7 +92,12 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         tmp = Path(name)
         with os.fdopen(fd, "wb") as f:
             writer = _HashingWriter(f)
-            torch.save({"format": FORMAT, **state}, writer)
+            try:
+                torch.save({"format": FORMAT, **state}, writer)
+            except BaseException as e:
+                if writer.error is None or e is writer.error:
+                    raise
+                raise writer.error from None
             writer.write(_TRAILER.pack(MAGIC, writer.sha256.digest(), writer.size))
             f.flush()
             os.fsync(f.fileno())
