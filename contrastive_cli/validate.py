@@ -338,6 +338,9 @@ COMBINATIONS: list[Callable[[DictConfig], str | None]] = [
 # --------------------------------------------------------------------------- validate
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line: key, value, what is allowed) for the first bad setting."""
+    for key in REQUIRED:
+        if "." not in key and not _has(cfg, key):
+            _missing(key)
     for key, value, raw in _leaves(cfg):
         rule = rule_for(key)
         if rule is None:
@@ -347,14 +350,23 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={_show(value)}{source} is not allowed; allowed: {rule.allowed}")
     for key in REQUIRED:
         if not _has(cfg, key):
-            rule = rule_for(key)
-            allowed = rule.allowed if rule is not None and rule is not NODE else "the key, with a value"
-            raise ConfigError(f"{key} is missing (deleted with ~{key}?); allowed: {allowed}")
+            _missing(key)
     for combination in COMBINATIONS:
         problem = combination(cfg)
         if problem:
             raise ConfigError(problem)
     _check_objects(cfg)
+
+
+def _missing(key: str) -> None:
+    from contrastive_cli.config import config_groups
+
+    rule, options = rule_for(key), config_groups().get(key)
+    if options:
+        allowed = f"{key}=<option>, one of {', '.join(options)}"
+    else:
+        allowed = rule.allowed if rule is not None and rule is not NODE else "the key, with a value"
+    raise ConfigError(f"{key} is missing (deleted with ~{key}?); allowed: {allowed}")
 
 
 def check_data(cfg: DictConfig, data: ImageData) -> None:
@@ -587,10 +599,12 @@ def _compose(overrides: list[str]) -> DictConfig:
             near = _suggest(base, key) if base is not None else ""
             return _raise(f"{key} is not allowed: no such setting{near}; add it with +{key}=... only if "
                           f"its _target_ takes it (see `contrast train --cfg job`)")
-        culprit = next((o for o in overrides if _compose_quietly([o]) is None), None)
-        group, _, option = (culprit or "").partition("=")
+        # the override without which the rest composes (none if several interact)
+        culprit = next((o for i, o in enumerate(overrides)
+                        if len(overrides) == 1 or _compose_quietly(overrides[:i] + overrides[i + 1 :]) is not None), None)
+        group = (culprit or "").partition("=")[0]
         options = config_groups().get(group)
-        if options and option in ("null", ""):
+        if options:  # a group set to something that is not an option name (null, 3, [..], ${..})
             return _raise(f"{culprit} is not allowed; allowed: {group}=<option>, one of {', '.join(options)}")
         return _raise(f"{culprit or ' '.join(overrides)!r} cannot be applied: {_flatten(e)}")
 
