@@ -221,3 +221,19 @@ def test_a_real_run_checkpoints_plain_data_and_resumes_from_prev(tmp_path, compo
     assert results["status"] == "completed"
     assert f"checkpoint {last}" in caplog.text and f"resuming from {prev}" in caplog.text
     assert _epoch(last) == 2
+
+
+def test_malicious_last_pt_is_refused_by_contrast_train_resume(tmp_path):
+    """The real command, resuming a run whose last.pt was replaced (with a forged checksum)."""
+    from tests.conftest import run_cli
+
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    last = run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(_malicious("torch_zip_with_trailer", marker, tmp_path / "evil.pt"))
+    proc = run_cli(["train", "trainer.resume=true", f"hydra.run.dir={run_dir}", "trainer.epochs=1"],
+                   cwd=tmp_path, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: checkpoint {last} was refused") and ".system" in lines[0]
+    assert not marker.exists() and "Traceback" not in proc.stderr
