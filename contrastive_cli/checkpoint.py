@@ -37,9 +37,20 @@ from contrastive_cli.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 FORMAT = "contrast-checkpoint-v1"
-MAGIC = b"contrast-ckpt-v1"                  # 16 bytes
-_TRAILER = struct.Struct("<16s32sQ")         # magic, sha256(archive), len(archive)
-PLAIN = (str, int, float, bool, bytes, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)
+MAGIC = b"contrast-ckpt-v1"  # 16 bytes
+_TRAILER = struct.Struct("<16s32sQ")  # magic, sha256(archive), len(archive)
+PLAIN = (
+    str,
+    int,
+    float,
+    bool,
+    bytes,
+    type(None),
+    torch.Tensor,
+    torch.Size,
+    torch.dtype,
+    torch.device,
+)
 
 
 def previous_path(path: Path) -> Path:
@@ -157,7 +168,10 @@ def latest_valid_checkpoint(directory: Path, name: str = "last.pt") -> Path | No
             verify_checkpoint(path)
         except CheckpointError as e:
             problems.append(str(e))
-            log.warning(f"warning: {e}; " + ("trying an older one" if path != candidates[-1] else "no older one"))
+            log.warning(
+                f"warning: {e}; "
+                + ("trying an older one" if path != candidates[-1] else "no older one")
+            )
             continue
         return path
     if problems:
@@ -171,9 +185,13 @@ def _verified_archive(path: Path) -> bytes:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except OSError as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({os.strerror(e.errno) if e.errno else e})") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({os.strerror(e.errno) if e.errno else e})"
+        ) from None
     if len(data) < _TRAILER.size:
-        raise CheckpointError(f"checkpoint {path} is incomplete ({len(data)} bytes; truncated or not written by contrast)")
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete ({len(data)} bytes; truncated or not written by contrast)"
+        )
     magic, digest, size = _TRAILER.unpack(data[-_TRAILER.size :])
     if magic != MAGIC:
         raise CheckpointError(
@@ -181,7 +199,9 @@ def _verified_archive(path: Path) -> bytes:
         )
     archive = data[: -_TRAILER.size]
     if size != len(archive) or hashlib.sha256(archive).digest() != digest:
-        raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch); it was not loaded")
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt (checksum mismatch); it was not loaded"
+        )
     return archive
 
 
@@ -190,7 +210,9 @@ def _check_plain(value: object, where: str) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, (str, int)):
-                raise TypeError(f"checkpoint {where} has a key of type {type(k).__name__}: only str and int keys")
+                raise TypeError(
+                    f"checkpoint {where} has a key of type {type(k).__name__}: only str and int keys"
+                )
             _check_plain(v, f"{where}[{k!r}]")
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
@@ -211,7 +233,13 @@ def _remove_stale_temp_files(path: Path) -> None:
 
 def _refusal_reason(e: BaseException) -> str:
     """The line of torch's long weights_only message that says what was refused."""
-    boilerplate = ("Weights only load failed", "Check the documentation", "(1)", "(2)", "Please file")
+    boilerplate = (
+        "Weights only load failed",
+        "Check the documentation",
+        "(1)",
+        "(2)",
+        "Please file",
+    )
     for line in str(e).splitlines():
         line = line.strip().removeprefix("WeightsUnpickler error:").strip()
         if line and not line.startswith(boilerplate):

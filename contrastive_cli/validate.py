@@ -73,12 +73,19 @@ def _range_words(lo: float | None, hi: float | None, lo_open: bool, hi_open: boo
 
 def integer(lo: int | None = None, hi: int | None = None) -> Rule:
     words = _range_words(lo, hi, False, False)
-    return Rule(lambda v: _is_int(v) and _in_range(v, lo, hi, False, False), f"an integer {words}".strip())
+    return Rule(
+        lambda v: _is_int(v) and _in_range(v, lo, hi, False, False), f"an integer {words}".strip()
+    )
 
 
-def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Rule:
+def number(
+    lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+) -> Rule:
     words = _range_words(lo, hi, lo_open, hi_open)
-    return Rule(lambda v: _is_number(v) and _in_range(v, lo, hi, lo_open, hi_open), f"a number {words}".strip())
+    return Rule(
+        lambda v: _is_number(v) and _in_range(v, lo, hi, lo_open, hi_open),
+        f"a number {words}".strip(),
+    )
 
 
 def choice(*options: str) -> Rule:
@@ -91,8 +98,16 @@ def list_of(item: Rule, min_len: int = 1, length: int | None = None) -> Rule:
             return False
         return all(item.check(x) for x in v)
 
-    items = re.sub(r"\b(integer|number|string)\b", r"\1s", re.sub(r"^an? ", "", item.allowed), count=1)
-    size = f"a list of {length}" if length is not None else "a list of" if min_len == 0 else "a non-empty list of"
+    items = re.sub(
+        r"\b(integer|number|string)\b", r"\1s", re.sub(r"^an? ", "", item.allowed), count=1
+    )
+    size = (
+        f"a list of {length}"
+        if length is not None
+        else "a list of"
+        if min_len == 0
+        else "a non-empty list of"
+    )
     return Rule(check, f"{size} {items}")
 
 
@@ -101,7 +116,9 @@ def interval(lo: float, hi: float | None, lo_open: bool = False) -> Rule:
     bound = number(lo, hi, lo_open=lo_open)
 
     def check(v: object) -> bool:
-        return isinstance(v, list) and len(v) == 2 and all(bound.check(x) for x in v) and v[0] <= v[1]
+        return (
+            isinstance(v, list) and len(v) == 2 and all(bound.check(x) for x in v) and v[0] <= v[1]
+        )
 
     return Rule(check, f"[low, high] with low <= high, both {_range_words(lo, hi, lo_open, False)}")
 
@@ -143,7 +160,10 @@ TARGET = Rule(_is_dotted_path, "a dotted path to a Python callable (module.name)
 # parameter of the `_target_` it goes to.
 RULES: list[tuple[str, Rule]] = [
     # nodes: only reached when something other than a node was put there (trainer=3)
-    *[(key, NODE) for key in ("trainer", "eval", "eval.probe", "data", "encoder", "loss", "optim", "device")],
+    *[
+        (key, NODE)
+        for key in ("trainer", "eval", "eval.probe", "data", "encoder", "loss", "optim", "device")
+    ],
     # trainer
     ("trainer.epochs", integer(1)),
     ("trainer.batch_size", integer(2)),  # contrastive losses need >= 2 samples per batch
@@ -254,9 +274,24 @@ RULES: list[tuple[str, Rule]] = [
 ]
 
 # The config groups and the top-level keys the code reads directly: these must be present.
-REQUIRED = ["data", "encoder", "loss", "optim", "device", "trainer", "eval", "debug",
-            "data.name", "data.channels", "data.image_size", "data.num_classes", "data.source",
-            "data.augment", "optim.optimizer", "optim.scheduler"]
+REQUIRED = [
+    "data",
+    "encoder",
+    "loss",
+    "optim",
+    "device",
+    "trainer",
+    "eval",
+    "debug",
+    "data.name",
+    "data.channels",
+    "data.image_size",
+    "data.num_classes",
+    "data.source",
+    "data.augment",
+    "optim.optimizer",
+    "optim.scheduler",
+]
 REQUIRED += [key for key, _ in RULES if key.startswith(("trainer.", "eval."))]
 
 
@@ -275,7 +310,9 @@ def _queue_holds_a_step(cfg: DictConfig) -> str | None:
         return None
     keys = batch * (2 if _get(cfg, "loss.symmetric") else 1)
     if queue < keys:
-        why = f"trainer.batch_size={batch}" + (" x 2 with loss.symmetric=true" if keys > batch else "")
+        why = f"trainer.batch_size={batch}" + (
+            " x 2 with loss.symmetric=true" if keys > batch else ""
+        )
         return f"loss.queue_size={queue} is not allowed; allowed: >= {keys}, the keys of one step ({why})"
     return None
 
@@ -287,8 +324,10 @@ def _labels_as_positives(cfg: DictConfig) -> str | None:
         return None
     batch, classes = cfg.trainer.batch_size, cfg.data.num_classes
     if batch < 2 * classes:
-        return (f"trainer.batch_size={batch} is not allowed with loss.positives=labels; allowed: "
-                f">= {2 * classes} (2 x data.num_classes={classes}, several samples per class in a batch)")
+        return (
+            f"trainer.batch_size={batch} is not allowed with loss.positives=labels; allowed: "
+            f">= {2 * classes} (2 x data.num_classes={classes}, several samples per class in a batch)"
+        )
     return None
 
 
@@ -302,8 +341,10 @@ def _warmup_within_training(cfg: DictConfig) -> str | None:
 def _nesterov_needs_momentum(cfg: DictConfig) -> str | None:
     opt = cfg.optim.optimizer
     if opt.get("nesterov") and (opt.get("momentum", 0) <= 0 or opt.get("dampening", 0) != 0):
-        return ("optim.optimizer.nesterov=true is not allowed with momentum "
-                f"{opt.get('momentum', 0)} and dampening {opt.get('dampening', 0)}; allowed: momentum > 0, dampening 0")
+        return (
+            "optim.optimizer.nesterov=true is not allowed with momentum "
+            f"{opt.get('momentum', 0)} and dampening {opt.get('dampening', 0)}; allowed: momentum > 0, dampening 0"
+        )
     return None
 
 
@@ -312,16 +353,20 @@ def _one_value_per_channel(cfg: DictConfig) -> str | None:
     for key in ("data.mean", "data.std", "data.augment.mean", "data.augment.std"):
         values = _get(cfg, key)
         if values is not None and len(values) != channels:
-            return (f"{key}={_show(_plain(values))} is not allowed; allowed: {channels} value(s), "
-                    f"one per channel (data.channels={channels})")
+            return (
+                f"{key}={_show(_plain(values))} is not allowed; allowed: {channels} value(s), "
+                f"one per channel (data.channels={channels})"
+            )
     return None
 
 
 def _widths_match_strides(cfg: DictConfig) -> str | None:
     widths, strides = _get(cfg, "encoder.widths"), _get(cfg, "encoder.strides")
     if widths is not None and strides is not None and len(widths) != len(strides):
-        return (f"encoder.strides={_show(_plain(strides))} is not allowed; allowed: one stride per width "
-                f"({len(widths)}, encoder.widths={_show(_plain(widths))})")
+        return (
+            f"encoder.strides={_show(_plain(strides))} is not allowed; allowed: one stride per width "
+            f"({len(widths)}, encoder.widths={_show(_plain(widths))})"
+        )
     return None
 
 
@@ -347,7 +392,9 @@ def validate(cfg: DictConfig) -> None:
             _check_unknown_key(cfg, key, value)
         elif not rule.check(value):
             source = f" (from {raw})" if raw else ""
-            raise ConfigError(f"{key}={_show(value)}{source} is not allowed; allowed: {rule.allowed}")
+            raise ConfigError(
+                f"{key}={_show(value)}{source} is not allowed; allowed: {rule.allowed}"
+            )
     for key in REQUIRED:
         if not _has(cfg, key):
             _missing(key)
@@ -373,14 +420,20 @@ def check_data(cfg: DictConfig, data: ImageData) -> None:
     """What can only be checked once the data is loaded (called right after loading)."""
     n, batch = len(data.pretrain), cfg.trainer.batch_size
     if batch > n:
-        raise ConfigError(f"trainer.batch_size={batch} is not allowed; allowed: at most {n}, "
-                          f"the number of training images of data={cfg.data.name}")
+        raise ConfigError(
+            f"trainer.batch_size={batch} is not allowed; allowed: at most {n}, "
+            f"the number of training images of data={cfg.data.name}"
+        )
     if _get(cfg, "loss.positives") == "labels":
         if data.pretrain.labels is None:
-            raise ConfigError(f"loss.positives=labels is not allowed: data={cfg.data.name} has no labels; allowed: views")
+            raise ConfigError(
+                f"loss.positives=labels is not allowed: data={cfg.data.name} has no labels; allowed: views"
+            )
         if batch < 2 * data.num_classes:
-            raise ConfigError(f"trainer.batch_size={batch} is not allowed with loss.positives=labels; allowed: "
-                              f">= {2 * data.num_classes} (2 x the {data.num_classes} classes of data={cfg.data.name})")
+            raise ConfigError(
+                f"trainer.batch_size={batch} is not allowed with loss.positives=labels; allowed: "
+                f">= {2 * data.num_classes} (2 x the {data.num_classes} classes of data={cfg.data.name})"
+            )
 
 
 def _has(cfg: DictConfig, key: str) -> bool:
@@ -406,7 +459,9 @@ def _leaves(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any, str]
         except OmegaConfBaseException as e:
             what = f"{full}={raw}" if raw else full
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"{what} cannot be resolved ({reason}); allowed: a value, or ${{key}} of an existing key") from None
+            raise ConfigError(
+                f"{what} cannot be resolved ({reason}); allowed: a value, or ${{key}} of an existing key"
+            ) from None
         if isinstance(value, DictConfig):
             yield from _leaves(value, f"{full}.")
         else:
@@ -427,9 +482,13 @@ def _check_unknown_key(cfg: DictConfig, key: str, value: Any) -> None:
         if name in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
             return
         names = ", ".join(p for p in params if p not in ("self", "args", "kwargs"))
-        raise ConfigError(f"{key}={_show(value)} is not allowed: {target} takes no '{name}'; allowed keys: {names}")
-    raise ConfigError(f"{key}={_show(value)} is not allowed: contrast has no setting {key}"
-                      f"{_suggest(cfg, key)}; see `contrast train --cfg job` for the settings")
+        raise ConfigError(
+            f"{key}={_show(value)} is not allowed: {target} takes no '{name}'; allowed keys: {names}"
+        )
+    raise ConfigError(
+        f"{key}={_show(value)} is not allowed: contrast has no setting {key}"
+        f"{_suggest(cfg, key)}; see `contrast train --cfg job` for the settings"
+    )
 
 
 def _suggest(cfg: DictConfig, key: str) -> str:
@@ -454,33 +513,55 @@ def _check_objects(cfg: DictConfig) -> None:
     from contrastive_cli.config import build
     from contrastive_cli.models.encoders import output_shape
 
-    def built(what: str, make: Callable[[], Any], problem: str = "cannot be built from this config") -> Any:
+    def built(
+        what: str, make: Callable[[], Any], problem: str = "cannot be built from this config"
+    ) -> Any:
         try:
             return make()
         except UserError:
             raise
-        except (InstantiationException, TypeError, ValueError, RuntimeError, AttributeError, ImportError) as e:
+        except (
+            InstantiationException,
+            TypeError,
+            ValueError,
+            RuntimeError,
+            AttributeError,
+            ImportError,
+        ) as e:
             raise ConfigError(f"{what} {problem}: {_reason(e)}") from None
 
     for key, value, _ in _leaves(cfg):
         if key.endswith("_target_") and _locate(value) is None:
-            raise ConfigError(f"{key}={_show(value)} is not allowed; allowed: an importable Python callable")
+            raise ConfigError(
+                f"{key}={_show(value)} is not allowed; allowed: an importable Python callable"
+            )
     c, size = cfg.data.channels, cfg.data.image_size
     built("device", lambda: build(cfg.device))
     built("data.augment", lambda: build(cfg.data.augment))
     with torch.device("meta"):
-        encoder = built(f"encoder ({cfg.encoder._target_})",
-                        lambda: build(cfg.encoder, in_channels=c, image_size=size))
-        shape = built(f"encoder ({cfg.encoder._target_})", lambda: tuple(output_shape(encoder, c, size)),
-                      f"cannot take {c}x{size}x{size} images (data.channels={c}, data.image_size={size})")
+        encoder = built(
+            f"encoder ({cfg.encoder._target_})",
+            lambda: build(cfg.encoder, in_channels=c, image_size=size),
+        )
+        shape = built(
+            f"encoder ({cfg.encoder._target_})",
+            lambda: tuple(output_shape(encoder, c, size)),
+            f"cannot take {c}x{size}x{size} images (data.channels={c}, data.image_size={size})",
+        )
         if shape != (2, getattr(encoder, "out_dim", None)):
-            raise ConfigError(f"encoder ({cfg.encoder._target_}) gives features of shape {shape[1:]} on "
-                              f"{c}x{size}x{size} images, not ({getattr(encoder, 'out_dim', '?')},)")
+            raise ConfigError(
+                f"encoder ({cfg.encoder._target_}) gives features of shape {shape[1:]} on "
+                f"{c}x{size}x{size} images, not ({getattr(encoder, 'out_dim', '?')},)"
+            )
         method = built(f"loss ({cfg.loss._target_})", lambda: build(cfg.loss, encoder=encoder))
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = built("optim.optimizer", lambda: build(cfg.optim.optimizer)(params))
-        built("optim.scheduler",
-              lambda: build(cfg.optim.scheduler)(optimizer, steps_per_epoch=1, epochs=cfg.trainer.epochs))
+        built(
+            "optim.scheduler",
+            lambda: build(cfg.optim.scheduler)(
+                optimizer, steps_per_epoch=1, epochs=cfg.trainer.epochs
+            ),
+        )
 
 
 def _reason(e: BaseException) -> str:
@@ -491,7 +572,11 @@ def _reason(e: BaseException) -> str:
 
 
 def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+    return (
+        OmegaConf.to_container(value, resolve=True)
+        if isinstance(value, (DictConfig, ListConfig))
+        else value
+    )
 
 
 def _show(value: Any) -> str:
@@ -525,13 +610,19 @@ def check_command_line(args: Sequence[str]) -> None:
     multirun = any(a in _HYDRA_FLAGS for a in args)
     overrides = [a for a in args if a not in _HYDRA_FLAGS]
     parsed = _parse(overrides)
-    if any(o.key_or_group == "debug" and str(o.value()).lower() == "true" for o in parsed if not o.is_sweep_override()):
+    if any(
+        o.key_or_group == "debug" and str(o.value()).lower() == "true"
+        for o in parsed
+        if not o.is_sweep_override()
+    ):
         return
     if not multirun:
         sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
         if sweeps:
-            raise ConfigError(f"{sweeps[0]} is a sweep; add -m to run one job per value "
-                              "(or quote it, key='a,b', to pass it as a string)")
+            raise ConfigError(
+                f"{sweeps[0]} is a sweep; add -m to run one job per value "
+                "(or quote it, key='a,b', to pass it as a string)"
+            )
         cfg = _compose(overrides)
         check_output_dir(cfg, "hydra.run.dir")
         validate(cfg)
@@ -556,10 +647,16 @@ def _parse(overrides: list[str]) -> list:  # list[Override]
         try:
             parsed += parser.parse_overrides([text])
         except OverrideParseException as e:
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(("See https", "^"))]
+            lines = [
+                ln.strip()
+                for ln in str(e).splitlines()
+                if ln.strip() and not ln.strip().startswith(("See https", "^"))
+            ]
             detail = lines[-1] if lines else "cannot parse it"
-            raise ConfigError(f"{text!r} is not a valid override ({detail}); allowed: key=value, "
-                              "e.g. trainer.epochs=20 or eval.knn_k=[200,20]") from None
+            raise ConfigError(
+                f"{text!r} is not a valid override ({detail}); allowed: key=value, "
+                "e.g. trainer.epochs=20 or eval.knn_k=[200,20]"
+            ) from None
     return parsed
 
 
@@ -587,26 +684,45 @@ def _compose(overrides: list[str]) -> DictConfig:
     except MissingConfigException as e:
         missing = (e.missing_cfg_file or "").rsplit("/", 1)
         if e.options is not None and len(missing) == 2:
-            return _raise(f"{missing[0]}={missing[1]} is not allowed: no such option; allowed: {', '.join(e.options)}")
-        return _raise(_flatten(e))
+            raise ConfigError(
+                f"{missing[0]}={missing[1]} is not allowed: no such option; allowed: {', '.join(e.options)}"
+            ) from None
+        raise ConfigError(_flatten(e)) from None
     except OverrideParseException as e:
-        return _raise(f"{e.override!r} is not a valid override ({_flatten(e)})")
-    except Exception as e:  # ConfigCompositionException, OmegaConf errors, odd overrides Hydra trips on
+        raise ConfigError(f"{e.override!r} is not a valid override ({_flatten(e)})") from None
+    except (
+        Exception
+    ) as e:  # ConfigCompositionException, OmegaConf errors, odd overrides Hydra trips on
         match = re.match(r"Could not override '([^']+)'", str(e))
         if match:
             key = match.group(1)
-            base = _compose_quietly([o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")])
+            base = _compose_quietly(
+                [o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")]
+            )
             near = _suggest(base, key) if base is not None else ""
-            return _raise(f"{key} is not allowed: no such setting{near}; add it with +{key}=... only if "
-                          f"its _target_ takes it (see `contrast train --cfg job`)")
+            raise ConfigError(
+                f"{key} is not allowed: no such setting{near}; add it with +{key}=... only "
+                "if its _target_ takes it (see `contrast train --cfg job`)"
+            ) from None
         # the override without which the rest composes (none if several interact)
-        culprit = next((o for i, o in enumerate(overrides)
-                        if len(overrides) == 1 or _compose_quietly(overrides[:i] + overrides[i + 1 :]) is not None), None)
+        culprit = next(
+            (
+                o
+                for i, o in enumerate(overrides)
+                if len(overrides) == 1
+                or _compose_quietly(overrides[:i] + overrides[i + 1 :]) is not None
+            ),
+            None,
+        )
         group = (culprit or "").partition("=")[0]
         options = config_groups().get(group)
         if options:  # a group set to something that is not an option name (null, 3, [..], ${..})
-            return _raise(f"{culprit} is not allowed; allowed: {group}=<option>, one of {', '.join(options)}")
-        return _raise(f"{culprit or ' '.join(overrides)!r} cannot be applied: {_flatten(e)}")
+            raise ConfigError(
+                f"{culprit} is not allowed; allowed: {group}=<option>, one of {', '.join(options)}"
+            ) from None
+        raise ConfigError(
+            f"{culprit or ' '.join(overrides)!r} cannot be applied: {_flatten(e)}"
+        ) from None
 
 
 def _compose_quietly(overrides: list[str]) -> DictConfig | None:
@@ -618,12 +734,15 @@ def _compose_quietly(overrides: list[str]) -> DictConfig | None:
         return None
 
 
-def _raise(message: str) -> DictConfig:
-    raise ConfigError(message)
-
-
 def _flatten(e: BaseException) -> str:
-    skip = ("Set the environment variable", "See https", "Config search path", "provider=", "full_key:", "object_type=")
+    skip = (
+        "Set the environment variable",
+        "See https",
+        "Config search path",
+        "provider=",
+        "full_key:",
+        "object_type=",
+    )
     lines = [ln.strip() for ln in str(e).splitlines()]
     text = " ".join(ln for ln in lines if ln and not ln.startswith(skip))
     return text or type(e).__name__

@@ -24,8 +24,11 @@ from contrastive_cli.errors import CheckpointError
 
 
 def _state(value: int) -> dict:
-    return {"method": {"w": torch.full((64, 64), float(value)), "step": torch.tensor(value)},
-            "progress": {"epoch": value, "step_losses": [0.5, 0.25]}, "config": {"trainer": {"epochs": 3}}}
+    return {
+        "method": {"w": torch.full((64, 64), float(value)), "step": torch.tensor(value)},
+        "progress": {"epoch": value, "step_losses": [0.5, 0.25]},
+        "config": {"trainer": {"epochs": 3}},
+    }
 
 
 def _saved(directory: Path, *values: int) -> Path:
@@ -51,11 +54,16 @@ def _with_trailer(archive: bytes) -> bytes:
 def test_round_trip_and_previous_kept(tmp_path):
     path = _saved(tmp_path, 1)
     state = load_checkpoint(path)
-    assert state["format"] == ckpt.FORMAT and state["progress"] == {"epoch": 1, "step_losses": [0.5, 0.25]}
+    assert state["format"] == ckpt.FORMAT and state["progress"] == {
+        "epoch": 1,
+        "step_losses": [0.5, 0.25],
+    }
     assert torch.equal(state["method"]["w"], torch.ones(64, 64))
     save_checkpoint(path, _state(2))
     assert _epoch(path) == 2 and _epoch(path.with_name("prev.pt")) == 1
-    assert torch.load(path, weights_only=True)["progress"]["epoch"] == 2  # plain torch.load reads it too
+    assert (
+        torch.load(path, weights_only=True)["progress"]["epoch"] == 2
+    )  # plain torch.load reads it too
     assert _stray_files(path.parent) == []
 
 
@@ -72,10 +80,13 @@ def _failing_writer(monkeypatch, after_bytes: int, error: BaseException) -> None
     monkeypatch.setattr(ckpt._HashingWriter, "_emit", emit)
 
 
-@pytest.mark.parametrize("error,words", [
-    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"),
-    (OSError(errno.EIO, os.strerror(errno.EIO)), "Input/output error"),
-])
+@pytest.mark.parametrize(
+    "error,words",
+    [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"),
+        (OSError(errno.EIO, os.strerror(errno.EIO)), "Input/output error"),
+    ],
+)
 def test_save_failing_halfway_keeps_the_previous_checkpoint(tmp_path, monkeypatch, error, words):
     path = _saved(tmp_path, 1, 2)
     before = path.read_bytes(), path.with_name("prev.pt").read_bytes()
@@ -83,7 +94,9 @@ def test_save_failing_halfway_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     with pytest.raises(CheckpointError) as info:
         save_checkpoint(path, _state(3))
     message = str(info.value)
-    assert words in message and str(path) in message and "unchanged" in message and "\n" not in message
+    assert (
+        words in message and str(path) in message and "unchanged" in message and "\n" not in message
+    )
     assert (path.read_bytes(), path.with_name("prev.pt").read_bytes()) == before
     assert _epoch(path) == 2 and latest_valid_checkpoint(path.parent) == path
     assert _stray_files(path.parent) == []
@@ -98,7 +111,9 @@ def test_interrupt_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
 
 
 def test_first_save_failing_leaves_nothing(tmp_path, monkeypatch):
-    _failing_writer(monkeypatch, after_bytes=100, error=OSError(errno.ENOSPC, "No space left on device"))
+    _failing_writer(
+        monkeypatch, after_bytes=100, error=OSError(errno.ENOSPC, "No space left on device")
+    )
     with pytest.raises(CheckpointError, match="No space left on device"):
         _saved(tmp_path, 1)
     assert _stray_files(tmp_path / "checkpoints") == []
@@ -112,7 +127,9 @@ def test_stale_temp_file_from_a_killed_save_is_removed(tmp_path):
     assert _stray_files(path.parent) == []
 
 
-@pytest.mark.parametrize("damage", ["empty", "half", "last_byte_missing", "trailer_only_missing", "bit_flip"])
+@pytest.mark.parametrize(
+    "damage", ["empty", "half", "last_byte_missing", "trailer_only_missing", "bit_flip"]
+)
 def test_damaged_last_is_refused_and_resume_falls_back_to_prev(tmp_path, caplog, damage):
     path = _saved(tmp_path, 1, 2)
     data = path.read_bytes()
@@ -135,7 +152,7 @@ def test_damaged_last_is_refused_and_resume_falls_back_to_prev(tmp_path, caplog,
 
 def test_a_crash_between_the_two_renames_still_resumes(tmp_path):
     path = _saved(tmp_path, 1, 2)
-    path.unlink()                                  # last.pt moved to prev.pt, new one not yet in place
+    path.unlink()  # last.pt moved to prev.pt, new one not yet in place
     assert latest_valid_checkpoint(path.parent) == path.with_name("prev.pt")
 
 
@@ -160,7 +177,7 @@ class _Payload:
 
 
 def _malicious(kind: str, marker: Path, where: Path) -> bytes:
-    if kind == "torch_zip":       # torch.save of an object whose unpickling runs code
+    if kind == "torch_zip":  # torch.save of an object whose unpickling runs code
         torch.save({"format": ckpt.FORMAT, "method": _Payload(marker)}, where)
         return where.read_bytes()
     if kind == "torch_zip_with_trailer":
@@ -169,7 +186,9 @@ def _malicious(kind: str, marker: Path, where: Path) -> bytes:
     return _with_trailer(pickle.dumps(_Payload(marker), protocol=2))  # legacy, not a zip
 
 
-@pytest.mark.parametrize("kind", ["torch_zip", "torch_zip_with_trailer", "plain_pickle_with_trailer"])
+@pytest.mark.parametrize(
+    "kind", ["torch_zip", "torch_zip_with_trailer", "plain_pickle_with_trailer"]
+)
 def test_malicious_pickle_is_refused_and_does_not_run(tmp_path, kind):
     marker = tmp_path / "pwned"
     path = _saved(tmp_path, 1)
@@ -178,7 +197,7 @@ def test_malicious_pickle_is_refused_and_does_not_run(tmp_path, kind):
         load_checkpoint(path)
     message = str(info.value)
     assert "\n" not in message and str(path) in message
-    assert ("refused" in message or "not loaded" in message), message
+    assert "refused" in message or "not loaded" in message, message
     assert not marker.exists(), "the pickled payload ran"
     # sanity: the same file does run its payload under an unsafe load
     if kind == "torch_zip":
@@ -206,12 +225,20 @@ def test_a_real_run_checkpoints_plain_data_and_resumes_from_prev(tmp_path, compo
     """Two epochs on digits; then last.pt is damaged and the run resumes from prev.pt."""
     from contrastive_cli.run import run_training
 
-    overrides = ["trainer.epochs=2", "trainer.batch_size=256", "eval.every=0", "eval.baselines=false",
-                 "eval.probe.max_iter=5", "eval.probe.weight_decays=[1e-3]", "device=cpu"]
+    overrides = [
+        "trainer.epochs=2",
+        "trainer.batch_size=512",
+        "eval.every=0",
+        "eval.baselines=false",
+        "eval.probe.max_iter=5",
+        "eval.probe.weight_decays=[1e-3]",
+        "eval.knn_k=[20]",
+        "device=cpu",
+    ]
     run_training(compose_cfg(*overrides), tmp_path)
     last, prev = tmp_path / "checkpoints" / "last.pt", tmp_path / "checkpoints" / "prev.pt"
     for path, epoch in ((last, 2), (prev, 1)):
-        state = load_checkpoint(path)          # weights_only=True: plain data by construction
+        state = load_checkpoint(path)  # weights_only=True: plain data by construction
         assert state["progress"]["epoch"] == epoch
         assert type(state["config"]) is dict and state["config"]["trainer"]["epochs"] == 2
         ckpt._check_plain(state, "state")
@@ -231,8 +258,11 @@ def test_malicious_last_pt_is_refused_by_contrast_train_resume(tmp_path):
     (run_dir / "checkpoints").mkdir(parents=True)
     last = run_dir / "checkpoints" / "last.pt"
     last.write_bytes(_malicious("torch_zip_with_trailer", marker, tmp_path / "evil.pt"))
-    proc = run_cli(["train", "trainer.resume=true", f"hydra.run.dir={run_dir}", "trainer.epochs=1"],
-                   cwd=tmp_path, timeout=300)
+    proc = run_cli(
+        ["train", "trainer.resume=true", f"hydra.run.dir={run_dir}", "trainer.epochs=1"],
+        cwd=tmp_path,
+        timeout=300,
+    )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: checkpoint {last} was refused") and ".system" in lines[0]

@@ -13,7 +13,12 @@ from contrastive_cli.run import load_data
 from tests.conftest import run_cli
 from tests.faults import offline_downloader
 
-IDX = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+IDX = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+]
 
 
 def _fake_mnist(root: Path) -> Path:
@@ -26,9 +31,20 @@ def _fake_mnist(root: Path) -> Path:
 
 def test_failed_download_is_one_line():
     for load in (
-        lambda: load_idx_dataset("/nonexistent/contrast-test", True, "MNIST", "mnist", offline_downloader),
-        lambda: load_cifar("/nonexistent/contrast-test", True, "cifar-10-batches-py", "cifar10", ["data_batch_1"],
-                           ["test_batch"], "labels", 10, offline_downloader),
+        lambda: load_idx_dataset(
+            "/nonexistent/contrast-test", True, "MNIST", "mnist", offline_downloader
+        ),
+        lambda: load_cifar(
+            "/nonexistent/contrast-test",
+            True,
+            "cifar-10-batches-py",
+            "cifar10",
+            ["data_batch_1"],
+            ["test_batch"],
+            "labels",
+            10,
+            offline_downloader,
+        ),
     ):
         with pytest.raises(DataError) as info:
             load()
@@ -37,11 +53,22 @@ def test_failed_download_is_one_line():
 
 
 def test_failed_download_through_the_cli(tmp_path):
-    proc = run_cli(["train", "data=mnist", f"data.root={tmp_path / 'data'}", "data.download=true",
-                    "data.source.downloader._target_=tests.faults.offline_downloader"], cwd=tmp_path, timeout=300)
+    proc = run_cli(
+        [
+            "train",
+            "data=mnist",
+            f"data.root={tmp_path / 'data'}",
+            "data.download=true",
+            "data.source.downloader._target_=tests.faults.offline_downloader",
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: data=mnist: download into") and "Traceback" not in proc.stderr
+    assert (
+        lines[0].startswith("error: data=mnist: download into") and "Traceback" not in proc.stderr
+    )
 
 
 def test_unreadable_data_file_is_one_line(tmp_path, monkeypatch, compose_cfg):
@@ -65,7 +92,10 @@ def test_unreadable_data_file_is_one_line(tmp_path, monkeypatch, compose_cfg):
 def test_unreadable_data_file_through_the_cli(tmp_path):
     raw = _fake_mnist(tmp_path / "data")
     (raw / IDX[0]).chmod(0)
-    proc = run_cli(["train", "data=mnist", f"data.root={tmp_path / 'data'}", "data.download=false"],
-                   cwd=tmp_path, timeout=300)
+    proc = run_cli(
+        ["train", "data=mnist", f"data.root={tmp_path / 'data'}", "data.download=false"],
+        cwd=tmp_path,
+        timeout=300,
+    )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 1 and len(lines) == 1 and "Permission denied" in lines[0], proc.stderr

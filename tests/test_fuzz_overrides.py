@@ -40,7 +40,11 @@ def render(value: object) -> str:
     if isinstance(value, list):
         return "[" + ",".join(render(v) for v in value) + "]"
     if isinstance(value, str):
-        return value if value.replace("_", "").replace(".", "").isalnum() else "'" + value.replace("'", "") + "'"
+        return (
+            value
+            if value.replace("_", "").replace(".", "").isalnum()
+            else "'" + value.replace("'", "") + "'"
+        )
     return repr(value)
 
 
@@ -57,10 +61,13 @@ def plausible(key: str) -> st.SearchStrategy[str]:
         values = st.just(default)
     return values.map(render)
 
+
 garbage_key = st.from_regex(r"[a-z_]{1,8}(\.[a-z_]{1,8}){0,2}", fullmatch=True)
 number_text = st.one_of(
     st.integers(-1000, 100_000).map(str),
-    st.floats(allow_nan=True, allow_infinity=True, width=32).map(lambda f: repr(float(f)).replace("e+", "e")),
+    st.floats(allow_nan=True, allow_infinity=True, width=32).map(
+        lambda f: repr(float(f)).replace("e+", "e")
+    ),
 )
 value_text = st.one_of(
     number_text,

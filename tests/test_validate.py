@@ -33,8 +33,14 @@ BAD_CLI = [
     (["loss=triplet", "loss.positives=classes"], "loss.positives='classes'"),
     (["loss=triplet", "loss.positives=labels", "trainer.batch_size=16"], "loss.positives=labels"),
     (["optim.optimizer.lr=0"], "optim.optimizer.lr=0"),
-    (["optim.scheduler.warmup_epochs=500", "trainer.epochs=10"], "optim.scheduler.warmup_epochs=500"),
-    (["optim=sgd", "optim.optimizer.momentum=0", "optim.optimizer.nesterov=true"], "optim.optimizer.nesterov"),
+    (
+        ["optim.scheduler.warmup_epochs=500", "trainer.epochs=10"],
+        "optim.scheduler.warmup_epochs=500",
+    ),
+    (
+        ["optim=sgd", "optim.optimizer.momentum=0", "optim.optimizer.nesterov=true"],
+        "optim.optimizer.nesterov",
+    ),
     (["eval.knn_k=[0]"], "eval.knn_k=[0]"),
     (["eval.probe.val_fraction=1.0"], "eval.probe.val_fraction=1.0"),
     (["eval.every=-1"], "eval.every=-1"),
@@ -66,7 +72,10 @@ BAD = [
     (["eval.knn_k=[]"], "eval.knn_k=[]"),
     (["eval.knn_k=20"], "eval.knn_k=20"),
     (["eval.probe.weight_decays=[-1e-4]"], "eval.probe.weight_decays"),
-    (["encoder._target_=tests.faults.UnpaddedConvNet", "~encoder.strides"], "cannot take 1x8x8 images"),
+    (
+        ["encoder._target_=tests.faults.UnpaddedConvNet", "~encoder.strides"],
+        "cannot take 1x8x8 images",
+    ),
     (["encoder._target_=no.such.Encoder"], "encoder._target_='no.such.Encoder'"),
     (["data.augment.crop_scale=[0.9,0.2]"], "data.augment.crop_scale=[0.9,0.2]"),
     (["trainer=3"], "trainer=3"),
@@ -84,6 +93,7 @@ def _id(case: tuple[list[str], str]) -> str:
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory):
     """Every bad config through the real CLI, a few subprocesses at a time."""
+
     def one(case: tuple[list[str], str]):
         cwd = tmp_path_factory.mktemp("bad")
         return cwd, run_cli(["train", *case[0]], cwd=cwd, timeout=300)
@@ -101,7 +111,9 @@ def test_bad_config_is_one_line_exit_2_and_no_run_dir(cli_results, case):
     assert lines[0].startswith("error: ") and case[1] in lines[0], lines[0]
     assert any(words in lines[0] for words in ("allowed", "add -m", "use device="))
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert not (cwd / "outputs").exists(), "validation must run before Hydra creates a run directory"
+    assert not (cwd / "outputs").exists(), (
+        "validation must run before Hydra creates a run directory"
+    )
 
 
 @pytest.mark.parametrize("case", BAD, ids=_id)
@@ -127,7 +139,7 @@ def test_interpolated_value_names_its_source():
 
 
 def test_a_key_added_with_plus_must_be_a_parameter_of_its_target():
-    check_command_line(["+data.augment.blur_sigma=[0.1,1.0]"])          # Augment takes it
+    check_command_line(["+data.augment.blur_sigma=[0.1,1.0]"])  # Augment takes it
     with pytest.raises(ConfigError, match="takes no 'foo'"):
         check_command_line(["+loss.foo=1"])
 
@@ -140,11 +152,15 @@ def _job_config(*overrides: str) -> DictConfig:
 
 
 def _available(device: str) -> bool:
-    return {"cuda": torch.cuda.is_available(),
-            "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}.get(device, True)
+    return {
+        "cuda": torch.cuda.is_available(),
+        "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
+    }.get(device, True)
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g, opts in config_groups().items() for o in opts])
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g, opts in config_groups().items() for o in opts]
+)
 def test_every_shipped_option_validates(group, option):
     cfg = _job_config(f"{group}={option}")
     if group == "device" and not _available(option):
@@ -172,7 +188,11 @@ def test_rule_choices_match_the_code():
     from contrastive_cli.device import DEVICES, PRECISIONS
     from contrastive_cli.losses.triplet import MINING
 
-    for key, expected in (("device.type", DEVICES), ("device.precision", PRECISIONS), ("loss.mining", MINING)):
+    for key, expected in (
+        ("device.type", DEVICES),
+        ("device.precision", PRECISIONS),
+        ("loss.mining", MINING),
+    ):
         rule = rule_for(key)
         assert rule is not None and all(rule.check(v) for v in expected)
         assert rule.allowed == f"one of {', '.join(expected)}"
@@ -196,9 +216,20 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path):
-    proc = run_cli(["train", "-m", "trainer.batch_size=1,128", "trainer.epochs=1", "eval.every=0",
-                    "eval.baselines=false", "eval.probe.max_iter=5", "eval.probe.weight_decays=[1e-3]"],
-                   cwd=tmp_path, timeout=600)
+    proc = run_cli(
+        [
+            "train",
+            "-m",
+            "trainer.batch_size=1,128",
+            "trainer.epochs=1",
+            "eval.every=0",
+            "eval.baselines=false",
+            "eval.probe.max_iter=5",
+            "eval.probe.weight_decays=[1e-3]",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     bad, good = run_dirs(tmp_path / "outputs" / "multirun")
     from tests.conftest import read_results
@@ -214,7 +245,9 @@ def test_output_dir_that_cannot_be_created_is_one_line(tmp_path):
         proc = run_cli(["train", *args], cwd=tmp_path, timeout=300)
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 1 and len(lines) == 1, proc.stderr
-        assert "cannot create the run directory" in lines[0] and "a_file is not a folder" in lines[0]
+        assert (
+            "cannot create the run directory" in lines[0] and "a_file is not a folder" in lines[0]
+        )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
