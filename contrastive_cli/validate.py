@@ -18,8 +18,10 @@ known once the data is loaded.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
+import logging
 import math
 import os
 import re
@@ -36,6 +38,8 @@ from contrastive_cli.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
     from contrastive_cli.data.datasets import ImageData
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- rules
@@ -388,7 +392,11 @@ def validate(cfg: DictConfig) -> None:
             _missing(key)
     for key, value, raw in _leaves(cfg):
         rule = rule_for(key)
-        if rule is None:
+        if rule is None and key in shipped_keys():
+            # A key a shipped YAML has but RULES lacks (a new setting): tests fail on it
+            # (test_every_key_of_every_option_has_a_rule), runs go on unchecked.
+            log.warning(f"warning: {key} has no validation rule; add one to RULES in {__name__}")
+        elif rule is None:
             _check_unknown_key(cfg, key, value)
         elif not rule.check(value):
             source = f" (from {raw})" if raw else ""
@@ -434,6 +442,29 @@ def check_data(cfg: DictConfig, data: ImageData) -> None:
                 f"trainer.batch_size={batch} is not allowed with loss.positives=labels; allowed: "
                 f">= {2 * data.num_classes} (2 x the {data.num_classes} classes of data={cfg.data.name})"
             )
+
+
+@functools.cache
+def shipped_keys() -> frozenset[str]:
+    """Every dotted key that some shipped YAML file sets (``loss.queue_size``, ...)."""
+    from contrastive_cli.config import CONF_DIR, config_groups
+
+    def flat(node: object, prefix: str) -> Iterator[str]:
+        if isinstance(node, DictConfig):
+            for k in node:
+                yield from flat(node._get_node(k), f"{prefix}{k}.")
+        else:
+            yield prefix[:-1]
+
+    keys: set[str] = set()
+    root = OmegaConf.load(CONF_DIR / "config.yaml")
+    for k in root:
+        if k not in ("defaults", "hydra"):
+            keys.update(flat(root._get_node(k), f"{k}."))
+    for group, options in config_groups().items():
+        for option in options:
+            keys.update(flat(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"), f"{group}."))
+    return frozenset(key for key in keys if not key.startswith("defaults"))
 
 
 def _has(cfg: DictConfig, key: str) -> bool:

@@ -184,6 +184,18 @@ def test_every_key_of_every_option_has_a_rule():
             assert not uncovered, f"{group}={option}: no rule for {uncovered}"
 
 
+def test_a_shipped_key_without_a_rule_warns_but_runs(monkeypatch, caplog):
+    """A new YAML setting merged without a rule must not break runs (the test above fails)."""
+    from contrastive_cli import validate as module
+
+    assert all(rule_for(key) is not None for key in module.shipped_keys())
+    monkeypatch.setattr(module, "RULES", [(k, r) for k, r in RULES if k != "trainer.log_every"])
+    validate(_job_config("trainer.log_every=5"))
+    assert "trainer.log_every has no validation rule" in caplog.text
+    with pytest.raises(ConfigError, match=r"contrast has no setting trainer\.log_everyy"):
+        validate(_job_config("+trainer.log_everyy=5"))
+
+
 def test_rule_choices_match_the_code():
     from contrastive_cli.device import DEVICES, PRECISIONS
     from contrastive_cli.losses.triplet import MINING
