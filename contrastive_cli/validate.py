@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from contrastive_cli.errors import ConfigError, UserError
 
@@ -90,6 +90,11 @@ def number(
         lambda v: _is_number(v) and _in_range(v, lo, hi, lo_open, hi_open),
         f"a number {words}".strip(),
     )
+
+
+def optional(rule: Rule) -> Rule:
+    """The rule, or null."""
+    return Rule(lambda v: v is None or rule.check(v), f"null or {rule.allowed}")
 
 
 def choice(*options: str) -> Rule:
@@ -196,6 +201,25 @@ RULES: list[tuple[str, Rule]] = [
     ("data.image_size", integer(1)),
     ("data.num_classes", integer(2)),
     ("data.epochs", integer(1)),
+    # image folders and STL-10 (data=folder, data=stl10)
+    ("data.path", optional(TEXT)),
+    ("data.source.path", optional(TEXT)),
+    ("data.eval_path", optional(TEXT)),
+    ("data.source.eval_path", optional(TEXT)),
+    ("data.test_fraction", FRACTION),
+    ("data.cache", BOOL),
+    ("data.source.cache", BOOL),
+    ("data.cache_dir", optional(TEXT)),
+    ("data.source.cache_dir", optional(TEXT)),
+    ("data.workers", optional(integer(0))),
+    ("data.source.workers", optional(integer(0))),
+    ("data.extensions", list_of(TEXT)),
+    ("data.source.extensions", list_of(TEXT)),
+    ("data.pretrain_split", choice("unlabeled", "train", "train+unlabeled")),
+    ("data.source.pretrain_split", choice("unlabeled", "train", "train+unlabeled")),
+    ("data.source.image_size", integer(1)),
+    ("data.source.channels", integer(1)),
+    ("data.augment.channels", integer(1)),
     ("data.source", NODE),
     ("data.source.root", TEXT),
     ("data.source.download", BOOL),
@@ -290,7 +314,6 @@ REQUIRED = [
     "data.name",
     "data.channels",
     "data.image_size",
-    "data.num_classes",
     "data.source",
     "data.augment",
     "optim.optimizer",
@@ -324,9 +347,11 @@ def _queue_holds_a_step(cfg: DictConfig) -> str | None:
 def _labels_as_positives(cfg: DictConfig) -> str | None:
     # Rule chosen: with positives=labels a batch should hold about two samples of every class,
     # so batch_size >= 2 * data.num_classes (each sample's other view is always a positive too).
-    if _get(cfg, "loss.positives") != "labels":
+    # Without data.num_classes in the config, check_data applies it once the data is loaded.
+    classes = _get(cfg, "data.num_classes")
+    if _get(cfg, "loss.positives") != "labels" or classes is None:
         return None
-    batch, classes = cfg.trainer.batch_size, cfg.data.num_classes
+    batch = cfg.trainer.batch_size
     if batch < 2 * classes:
         return (
             f"trainer.batch_size={batch} is not allowed with loss.positives=labels; allowed: "
@@ -352,18 +377,6 @@ def _nesterov_needs_momentum(cfg: DictConfig) -> str | None:
     return None
 
 
-def _one_value_per_channel(cfg: DictConfig) -> str | None:
-    channels = cfg.data.channels
-    for key in ("data.mean", "data.std", "data.augment.mean", "data.augment.std"):
-        values = _get(cfg, key)
-        if values is not None and len(values) != channels:
-            return (
-                f"{key}={_show(_plain(values))} is not allowed; allowed: {channels} value(s), "
-                f"one per channel (data.channels={channels})"
-            )
-    return None
-
-
 def _widths_match_strides(cfg: DictConfig) -> str | None:
     widths, strides = _get(cfg, "encoder.widths"), _get(cfg, "encoder.strides")
     if widths is not None and strides is not None and len(widths) != len(strides):
@@ -379,7 +392,6 @@ COMBINATIONS: list[Callable[[DictConfig], str | None]] = [
     _labels_as_positives,
     _warmup_within_training,
     _nesterov_needs_momentum,
-    _one_value_per_channel,
     _widths_match_strides,
 ]
 
@@ -487,6 +499,8 @@ def _leaves(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any, str]
             value = node[key]
             if isinstance(value, ListConfig):
                 value = OmegaConf.to_container(value, resolve=True)
+        except MissingMandatoryValue:
+            raise ConfigError(f"{full} has no value (???); allowed: set it, {full}=...") from None
         except OmegaConfBaseException as e:
             what = f"{full}={raw}" if raw else full
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -568,7 +582,14 @@ def _check_objects(cfg: DictConfig) -> None:
             )
     c, size = cfg.data.channels, cfg.data.image_size
     built("device", lambda: build(cfg.device))
-    built("data.augment", lambda: build(cfg.data.augment))
+    augment = built("data.augment", lambda: build(cfg.data.augment))
+    built(
+        "data.augment",
+        lambda: augment(
+            torch.zeros(2, c, 8, 8, dtype=torch.uint8), torch.Generator().manual_seed(0)
+        ),
+        f"cannot take {c}-channel images (data.channels={c}; allowed: data.mean, data.std to match)",
+    )
     with torch.device("meta"):
         encoder = built(
             f"encoder ({cfg.encoder._target_})",

@@ -58,7 +58,7 @@ HELP = "train an encoder with a contrastive loss, then evaluate it (Hydra overri
 def main(args: list[str]) -> int:
     from contrastive_cli.validate import check_command_line
 
-    check_command_line(args)  # one line, exit 2, before Hydra creates a run directory
     sys.argv = ["contrast train", *args]
+    check_command_line(sys.argv[1:])  # one line, exit 2, before Hydra creates a run directory
     _train_task()
     return 0
