@@ -181,6 +181,7 @@ RULES: list[tuple[str, Rule]] = [
     ("trainer.checkpoint", BOOL),
     ("trainer.resume", BOOL),
     ("trainer.log_every", integer(1)),
+    ("trainer.grad_clip", NON_NEGATIVE),
     # evaluation
     ("eval.knn_k", list_of(integer(1))),
     ("eval.knn_temperature", POSITIVE),
@@ -192,6 +193,8 @@ RULES: list[tuple[str, Rule]] = [
     ("eval.monitor_bank", integer(1)),
     ("eval.monitor_queries", integer(1)),
     ("eval.batch_size", integer(1)),
+    ("eval.plots", BOOL),
+    ("eval.embedding_points", integer(0)),
     ("debug", BOOL),
     # data
     ("data.name", TEXT),
@@ -301,7 +304,8 @@ RULES: list[tuple[str, Rule]] = [
     ("*_convert_", choice("none", "partial", "object", "all")),
 ]
 
-# The config groups and the top-level keys the code reads directly: these must be present.
+# The config groups and the nodes the code reads directly must be present; so must every
+# trainer.* and eval.* key a shipped YAML sets (see _required).
 REQUIRED = [
     "data",
     "encoder",
@@ -319,7 +323,10 @@ REQUIRED = [
     "optim.optimizer",
     "optim.scheduler",
 ]
-REQUIRED += [key for key, _ in RULES if key.startswith(("trainer.", "eval."))]
+
+
+def _required() -> list[str]:
+    return REQUIRED + sorted(k for k in shipped_keys() if k.startswith(("trainer.", "eval.")))
 
 
 def rule_for(key: str) -> Rule | None:
@@ -415,7 +422,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"{key}={_show(value)}{source} is not allowed; allowed: {rule.allowed}"
             )
-    for key in REQUIRED:
+    for key in _required():
         if not _has(cfg, key):
             _missing(key)
     for combination in COMBINATIONS:
@@ -725,14 +732,24 @@ def _sweep_jobs(parsed: list) -> list[list[str]] | None:
     return batch if len(batch) <= MAX_PRECHECKED_JOBS else None
 
 
+def compose_with_hydra(overrides: Sequence[str]) -> DictConfig:
+    """The config ``contrast train <overrides>`` runs, with its ``hydra`` node (for the run dir)."""
+    from hydra import compose, initialize_config_dir
+
+    from contrastive_cli.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
 def _compose(overrides: list[str]) -> DictConfig:
-    """``config.compose``, with each Hydra or OmegaConf error as one ConfigError line."""
+    """``compose_with_hydra``, with each Hydra or OmegaConf error as one ConfigError line."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
-    from contrastive_cli.config import compose, config_groups
+    from contrastive_cli.config import config_groups
 
     try:
-        return compose(overrides)
+        return compose_with_hydra(overrides)
     except MissingConfigException as e:
         missing = (e.missing_cfg_file or "").rsplit("/", 1)
         if e.options is not None and len(missing) == 2:
@@ -778,10 +795,8 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def _compose_quietly(overrides: list[str]) -> DictConfig | None:
-    from contrastive_cli.config import compose
-
     try:
-        return compose(overrides)
+        return compose_with_hydra(overrides)
     except Exception:
         return None
 
@@ -801,19 +816,21 @@ def _flatten(e: BaseException) -> str:
 
 
 def check_output_dir(cfg: DictConfig, key: str) -> None:
-    """The run directory Hydra will create must be creatable: one line if it is not."""
-    from hydra.core.hydra_config import HydraConfig
+    """The run directory Hydra will create must be creatable: one line if it is not.
 
+    The path is not resolved (a resolver such as ``unique_dir`` creates directories): its
+    literal part, up to the first interpolation, is checked, which covers the usual case of
+    a run directory under a file or a read-only folder.
+    """
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key, throw_on_resolution_failure=False)
     if not isinstance(parent, DictConfig) or leaf not in parent:
         return
-    try:
-        HydraConfig.instance().set_config(cfg)
-        directory = str(parent[leaf])
-    except Exception:  # a resolver that needs a running job: check the part before it
-        directory = str(parent._get_node(leaf)._value()).split("${")[0] or "."
-    path = Path(directory).expanduser().absolute()
+    raw = str(parent._get_node(leaf)._value())
+    while re.match(r"\$\{[\w.]+:", raw):  # ${resolver:path...}: the path is the argument
+        raw = re.sub(r"^\$\{[\w.]+:", "", raw)
+    literal = raw.split("${")[0]
+    path = Path(literal or ".").expanduser().absolute()
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -823,4 +840,5 @@ def check_output_dir(cfg: DictConfig, key: str) -> None:
     elif not os.access(existing, os.W_OK | os.X_OK):
         problem = f"{existing} is not writable"
     if problem:
-        raise UserError(f"cannot create the run directory {directory} ({key}): {problem}")
+        shown = raw if raw == literal else f"{literal}..."
+        raise UserError(f"cannot create the run directory {shown} ({key}): {problem}")

@@ -21,7 +21,7 @@ def _real_settings() -> dict[str, object]:
         for option in options:
             cfg = compose([f"{group}={option}"])
             with open_dict(cfg):
-                cfg.pop("hydra")
+                cfg.pop("hydra", None)
             found.update((key, value) for key, value, _ in _leaves(cfg))
     return dict(sorted(found.items()))
 
@@ -116,7 +116,7 @@ def test_any_command_line_validates_or_fails_in_one_line(overrides, multirun):
         from contrastive_cli.validate import check_data
 
         with open_dict(cfg):
-            cfg.pop("hydra")
+            cfg.pop("hydra", None)
         try:
             check_data(cfg, load_data(cfg))
         except UserError as e:

@@ -147,7 +147,7 @@ def test_a_key_added_with_plus_must_be_a_parameter_of_its_target():
 def _job_config(*overrides: str) -> DictConfig:
     cfg = compose(list(overrides))
     with open_dict(cfg):
-        cfg.pop("hydra")
+        cfg.pop("hydra", None)
     return cfg
 
 
