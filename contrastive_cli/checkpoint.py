@@ -88,6 +88,9 @@ class _HashingWriter:
     def flush(self) -> None:
         self.file.flush()
 
+    def fileno(self) -> int:
+        return self.file.fileno()
+
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically; the checkpoint it replaces becomes ``prev.pt``.

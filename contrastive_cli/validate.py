@@ -448,8 +448,8 @@ def check_data(cfg: DictConfig, data: ImageData) -> None:
     n, batch = len(data.pretrain), cfg.trainer.batch_size
     if batch > n:
         raise ConfigError(
-            f"trainer.batch_size={batch} is not allowed; allowed: at most {n}, "
-            f"the number of training images of data={cfg.data.name}"
+            f"trainer.batch_size={batch} is larger than the {n} training images of "
+            f"data={cfg.data.name}; allowed: at most {n}"
         )
     if _get(cfg, "loss.positives") == "labels":
         if data.pretrain.labels is None:

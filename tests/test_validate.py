@@ -216,7 +216,7 @@ def test_check_data_uses_the_loaded_sizes(compose_cfg):
     from contrastive_cli.validate import check_data
 
     data = load_digits()
-    with pytest.raises(ConfigError, match=f"at most {len(data.pretrain)}"):
+    with pytest.raises(ConfigError, match=f"larger than the {len(data.pretrain)} training images"):
         check_data(compose_cfg("trainer.batch_size=4096"), data)
     check_data(compose_cfg("loss=triplet", "loss.positives=labels", "trainer.batch_size=20"), data)
 
@@ -242,7 +242,7 @@ def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path):
         cwd=tmp_path,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr  # the exit code says whether all jobs passed
     bad, good = run_dirs(tmp_path / "outputs" / "multirun")
     from tests.conftest import read_results
 
