@@ -2,13 +2,14 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Torch pin for the machines we develop and test on (a CUDA build that also runs on CPU;
-# on aarch64 a CPU build). Elsewhere: `make install TORCH=torch` lets pip choose.
+# Torch pin for the x86-64 machines we develop and test on (a CUDA build that also runs on
+# the CPU). Elsewhere pip chooses within pyproject's floor (torch>=2.10, see its comment);
+# override with e.g. `make install TORCH="torch==2.11.0 torchvision==0.26.0"`.
 ARCH   := $(shell uname -m)
-ifeq ($(ARCH),aarch64)
-TORCH  ?= torch==2.9.1 torchvision==0.24.1
-else
+ifeq ($(ARCH),x86_64)
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
+else
+TORCH  ?= torch>=2.10 torchvision>=0.25
 endif
 PYTEST ?= -q
 
@@ -19,7 +20,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q $(foreach p,$(TORCH),'$(p)')
 	$(BIN)/python -m pip install -q -e '.[dev,sweep,parquet]'
 	touch $@
 

@@ -37,3 +37,9 @@ class Diverged(UserError):
 
 class RunExists(ConfigError):
     """The chosen run directory already holds a run (it is left untouched)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written, or is missing, damaged or unsafe to load."""
+
+    exit_code = 1

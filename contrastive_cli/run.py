@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from contrastive_cli.checkpoint import load_checkpoint, save_checkpoint
+from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from contrastive_cli.config import build
 from contrastive_cli.data.batches import derive_seed
 from contrastive_cli.data.datasets import ImageData
@@ -29,6 +30,7 @@ from contrastive_cli.report import MetricsLog, results_table, versions, write_js
 from contrastive_cli.rundirs import Run
 from contrastive_cli.signals import GracefulStop, Interrupted
 from contrastive_cli.train import Hooks, Progress, train
+from contrastive_cli.validate import check_data, validate
 
 log = logging.getLogger(__name__)
 CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -51,7 +53,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def load_data(cfg: DictConfig) -> ImageData:
     """The data source of ``cfg.data``, checked against the shape the config declares."""
-    data: ImageData = build(cfg.data.source)
+    try:
+        data: ImageData = build(cfg.data.source)
+    except InstantiationException as e:  # unreadable files or folders: permissions, I/O errors
+        if not isinstance(e.__cause__, OSError):
+            raise
+        err = e.__cause__
+        raise DataError(f"data={cfg.data.name}: cannot read {err.filename or cfg.data.root} "
+                        f"({err.strerror or err})") from None
     _, c, h, w = data.pretrain.images.shape
     if c != cfg.data.channels or h != cfg.data.image_size or w != cfg.data.image_size:
         raise DataError(
@@ -126,8 +135,9 @@ def embedding_map(run: Run, out: Path) -> Path | None:
 def run_training(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
     """Train and evaluate the run that ``cfg`` describes, in ``run_dir``. Returns results.json."""
     started = time.time()
+    validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.trainer.resume and any((run_dir / f).exists() for f in ("results.json", str(CHECKPOINT))):
+    if not cfg.trainer.resume and any((run_dir / f).exists() for f in ("results.json", str(CHECKPOINT.parent))):
         raise RunExists(
             f"run directory {run_dir} already holds a run; resume it with `contrast resume {run_dir}` "
             "or choose a new directory"
@@ -152,6 +162,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
     seed_everything(t.seed, t.deterministic)
     runtime: Runtime = build(cfg.device)
     data = load_data(cfg)
+    check_data(cfg, data)
     augment = build(cfg.data.augment)
     encoder = build_encoder(cfg, t.seed)
     method = build(cfg.loss, encoder=encoder).to(runtime.device)
@@ -167,13 +178,14 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
 
     progress = Progress()
     checkpoint = run_dir / CHECKPOINT
-    if t.resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint, map_location=runtime.device)
+    resume_from = latest_valid_checkpoint(checkpoint.parent) if t.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, map_location=runtime.device)
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         progress = Progress(**state["progress"])
-        log.info(f"resuming from {checkpoint}: epoch {progress.epoch}, step {progress.step}")
+        log.info(f"resuming from {resume_from}: epoch {progress.epoch}, step {progress.step}")
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", keep_epochs=progress.epoch)
 
     monitor = None

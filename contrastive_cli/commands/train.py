@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from contrastive_cli.config import CONF_DIR, expand_home
 from contrastive_cli.errors import RunExists, UserError
 from contrastive_cli.signals import Interrupted
+from contrastive_cli.validate import check_command_line
 
 log = logging.getLogger(__name__)
 HELP = "train an encoder with a contrastive loss, then evaluate it (Hydra overrides)"
@@ -29,7 +31,6 @@ def objective(results: dict) -> float:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _train_task(cfg: DictConfig) -> float:
-    from contrastive_cli.report import write_json
     from contrastive_cli.run import run_training
 
     hc = HydraConfig.get()
@@ -43,7 +44,7 @@ def _train_task(cfg: DictConfig) -> float:
         return objective(run_training(cfg, run_dir, dict(hc.runtime.choices)))
     except UserError as e:
         if not isinstance(e, RunExists) and not (run_dir / "results.json").exists():
-            write_json(run_dir / "results.json", {"status": "failed", "error": str(e), "run_dir": str(run_dir)})
+            _record_failure(run_dir, str(e))
         if cfg.get("debug"):
             raise
         if multirun:
@@ -52,12 +53,20 @@ def _train_task(cfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:  # a bug: keep the traceback, but let a sweep's other jobs run
-        write_json(run_dir / "results.json",
-                   {"status": "failed", "error": f"{type(e).__name__}: {e}", "run_dir": str(run_dir)})
+        _record_failure(run_dir, f"{type(e).__name__}: {e}")
         if multirun and not cfg.get("debug"):
             log.exception("job failed")
             return math.nan
         raise
+
+
+def _record_failure(run_dir: Path, error: str) -> None:
+    """results.json with status failed, for `contrast runs` and sweep tables. Best effort: on a
+    full or read-only disk the error itself is what the user must see, not a second one."""
+    from contrastive_cli.report import write_json
+
+    with contextlib.suppress(OSError):
+        write_json(run_dir / "results.json", {"status": "failed", "error": error, "run_dir": str(run_dir)})
 
 
 def _explicit_run_dir(args: list[str]) -> Path | None:
@@ -83,6 +92,7 @@ def main(args: list[str]) -> int:
     if "hydra/sweeper=optuna" in args and not any(a.startswith("hydra.sweeper.direction") for a in args):
         args = [*args, "hydra.sweeper.direction=maximize"]
     sys.argv = ["contrast train", *args]
+    check_command_line(sys.argv[1:])  # one line, exit 2, before Hydra creates a run directory
     try:
         _train_task()
     except Interrupted as e:  # run.py has logged how to continue

@@ -1,0 +1,270 @@
+"""Config validation: bad configs give one line naming the key, exit code 2, no traceback,
+and no run directory; every shipped config option validates cleanly."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from omegaconf import DictConfig, open_dict
+
+from contrastive_cli import cli
+from contrastive_cli.config import compose, config_groups
+from contrastive_cli.errors import ConfigError, UserError
+from contrastive_cli.validate import RULES, _leaves, check_command_line, rule_for, validate
+from tests.conftest import run_cli, run_dirs
+
+# (overrides, text the one error line must contain: the key, or key=value). BAD_CLI runs
+# through the real CLI in a subprocess each; all of BAD also through cli.main in-process.
+BAD_CLI = [
+    (["trainer.epochs=0"], "trainer.epochs=0"),
+    (["trainer.epochs=abc"], "trainer.epochs='abc'"),
+    (["trainer.batch_size=1"], "trainer.batch_size=1"),
+    (["trainer.resume=maybe"], "trainer.resume='maybe'"),
+    (["loss.temperature=0"], "loss.temperature=0"),
+    (["loss=moco", "loss.queue_size=100"], "loss.queue_size=100"),
+    (["loss=moco", "loss.symmetric=true", "loss.queue_size=300"], "loss.queue_size=300"),
+    (["loss=moco", "loss.momentum=1.0"], "loss.momentum=1.0"),
+    (["loss=byol", "loss.base_momentum=1.5"], "loss.base_momentum=1.5"),
+    (["loss=triplet", "loss.margin=-0.1"], "loss.margin=-0.1"),
+    (["loss=triplet", "loss.mining=hardest"], "loss.mining='hardest'"),
+    (["loss=triplet", "loss.positives=classes"], "loss.positives='classes'"),
+    (["loss=triplet", "loss.positives=labels", "trainer.batch_size=16"], "loss.positives=labels"),
+    (["optim.optimizer.lr=0"], "optim.optimizer.lr=0"),
+    (
+        ["optim.scheduler.warmup_epochs=500", "trainer.epochs=10"],
+        "optim.scheduler.warmup_epochs=500",
+    ),
+    (
+        ["optim=sgd", "optim.optimizer.momentum=0", "optim.optimizer.nesterov=true"],
+        "optim.optimizer.nesterov",
+    ),
+    (["eval.knn_k=[0]"], "eval.knn_k=[0]"),
+    (["eval.probe.val_fraction=1.0"], "eval.probe.val_fraction=1.0"),
+    (["eval.every=-1"], "eval.every=-1"),
+    (["device=cpu", "device.precision=fp16"], "device.precision='fp16'"),
+    (["encoder=mlp", "data.channels=3"], "data.channels=3"),
+    (["encoder.widths=[32,64]", "encoder.strides=[2]"], "encoder.strides=[2]"),
+    (["encoder=resnet18", "encoder.stem=tiny"], "encoder.stem='tiny'"),
+    (["~trainer.batch_size"], "trainer.batch_size is missing"),
+    (["trainer.epoch=3"], "trainer.epoch"),
+    (["loss=foo"], "loss=foo"),
+    (["trainer.epochs=["], "trainer.epochs=["),
+    (["loss.queue_size=10"], "loss.queue_size"),  # a MoCo key with loss=ntxent
+]
+if not torch.cuda.is_available():
+    BAD_CLI.append((["device=cuda"], "device=cuda"))
+BAD = [
+    *BAD_CLI,
+    (["trainer.log_every=0"], "trainer.log_every=0"),
+    (["eval.knn_temperature=0"], "eval.knn_temperature=0"),
+    (["optim.optimizer.weight_decay=-1"], "optim.optimizer.weight_decay=-1"),
+    (["data.augment.hflip=1.5"], "data.augment.hflip=1.5"),
+    (["debug=yes"], "debug='yes'"),
+    (["trainer.epochs=2.5"], "trainer.epochs=2.5"),
+    (["trainer.batch_size=-8"], "trainer.batch_size=-8"),
+    (["trainer.seed=-1"], "trainer.seed=-1"),
+    (["loss.temperature=inf"], "loss.temperature=inf"),
+    (["loss=moco", "loss.temperature=-0.5"], "loss.temperature=-0.5"),
+    (["optim.optimizer.lr=-1e-3"], "optim.optimizer.lr=-0.001"),
+    (["eval.knn_k=[]"], "eval.knn_k=[]"),
+    (["eval.knn_k=20"], "eval.knn_k=20"),
+    (["eval.probe.weight_decays=[-1e-4]"], "eval.probe.weight_decays"),
+    (
+        ["encoder._target_=tests.faults.UnpaddedConvNet", "~encoder.strides"],
+        "cannot take 1x8x8 images",
+    ),
+    (["encoder._target_=no.such.Encoder"], "encoder._target_='no.such.Encoder'"),
+    (["data.augment.crop_scale=[0.9,0.2]"], "data.augment.crop_scale=[0.9,0.2]"),
+    (["trainer=3"], "trainer=3"),
+    (["trainer.epochs=${nope}"], "trainer.epochs=${nope}"),
+    (["+trainer.foo=1"], "trainer.foo"),
+    (["loss=ntxent,moco"], "add -m"),
+    (["data=null"], "data=null"),
+]
+
+
+def _id(case: tuple[list[str], str]) -> str:
+    return " ".join(case[0])
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory):
+    """Every bad config through the real CLI, a few subprocesses at a time."""
+
+    def one(case: tuple[list[str], str]):
+        cwd = tmp_path_factory.mktemp("bad")
+        return cwd, run_cli(["train", *case[0]], cwd=cwd, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip(map(_id, BAD_CLI), pool.map(one, BAD_CLI), strict=True))
+
+
+@pytest.mark.parametrize("case", BAD_CLI, ids=_id)
+def test_bad_config_is_one_line_exit_2_and_no_run_dir(cli_results, case):
+    cwd, proc = cli_results[_id(case)]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and case[1] in lines[0], lines[0]
+    assert any(words in lines[0] for words in ("allowed", "add -m", "use device="))
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (cwd / "outputs").exists(), (
+        "validation must run before Hydra creates a run directory"
+    )
+
+
+@pytest.mark.parametrize("case", BAD, ids=_id)
+def test_bad_config_in_process(case, capsys):
+    assert cli.main(["train", *case[0]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and case[1] in err, err
+
+
+def test_unknown_option_lists_the_valid_options():
+    with pytest.raises(ConfigError, match="byol, moco, ntxent, triplet"):
+        check_command_line(["loss=simsiam"])
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match=r"did you mean trainer\.epochs\?"):
+        check_command_line(["trainer.epoch=3"])
+
+
+def test_interpolated_value_names_its_source():
+    with pytest.raises(ConfigError, match=r"trainer\.epochs=0 \(from \$\{trainer\.seed\}\)"):
+        check_command_line(["trainer.epochs=${trainer.seed}"])
+
+
+def test_a_key_added_with_plus_must_be_a_parameter_of_its_target():
+    check_command_line(["+data.augment.blur_sigma=[0.1,1.0]"])  # Augment takes it
+    with pytest.raises(ConfigError, match="takes no 'foo'"):
+        check_command_line(["+loss.foo=1"])
+
+
+def _job_config(*overrides: str) -> DictConfig:
+    cfg = compose(list(overrides))
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def _available(device: str) -> bool:
+    return {
+        "cuda": torch.cuda.is_available(),
+        "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
+    }.get(device, True)
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g, opts in config_groups().items() for o in opts]
+)
+def test_every_shipped_option_validates(group, option):
+    cfg = _job_config(f"{group}={option}")
+    if group == "device" and not _available(option):
+        with pytest.raises(ConfigError, match=f"device={option}"):
+            validate(cfg)
+    else:
+        validate(cfg)
+
+
+@pytest.mark.parametrize("loss", config_groups()["loss"])
+@pytest.mark.parametrize("encoder", config_groups()["encoder"])
+def test_every_loss_and_encoder_pair_validates(loss, encoder):
+    validate(_job_config(f"loss={loss}", f"encoder={encoder}", "device=cpu"))
+
+
+def test_every_key_of_every_option_has_a_rule():
+    for group, options in config_groups().items():
+        for option in options:
+            cfg = _job_config(f"{group}={option}")
+            uncovered = [key for key, _, _ in _leaves(cfg) if rule_for(key) is None]
+            assert not uncovered, f"{group}={option}: no rule for {uncovered}"
+
+
+def test_a_shipped_key_without_a_rule_warns_but_runs(monkeypatch, caplog):
+    """A new YAML setting merged without a rule must not break runs (the test above fails)."""
+    from contrastive_cli import validate as module
+
+    assert all(rule_for(key) is not None for key in module.shipped_keys())
+    monkeypatch.setattr(module, "RULES", [(k, r) for k, r in RULES if k != "trainer.log_every"])
+    validate(_job_config("trainer.log_every=5"))
+    assert "trainer.log_every has no validation rule" in caplog.text
+    with pytest.raises(ConfigError, match=r"contrast has no setting trainer\.log_everyy"):
+        validate(_job_config("+trainer.log_everyy=5"))
+
+
+def test_rule_choices_match_the_code():
+    from contrastive_cli.device import DEVICES, PRECISIONS
+    from contrastive_cli.losses.triplet import MINING
+
+    for key, expected in (
+        ("device.type", DEVICES),
+        ("device.precision", PRECISIONS),
+        ("loss.mining", MINING),
+    ):
+        rule = rule_for(key)
+        assert rule is not None and all(rule.check(v) for v in expected)
+        assert rule.allowed == f"one of {', '.join(expected)}"
+    assert len({pattern for pattern, _ in RULES}) == len(RULES), "a pattern is listed twice"
+
+
+def test_check_data_uses_the_loaded_sizes(compose_cfg):
+    from contrastive_cli.data.sources import load_digits
+    from contrastive_cli.validate import check_data
+
+    data = load_digits()
+    with pytest.raises(ConfigError, match=f"larger than the {len(data.pretrain)} training images"):
+        check_data(compose_cfg("trainer.batch_size=4096"), data)
+    check_data(compose_cfg("loss=triplet", "loss.positives=labels", "trainer.batch_size=20"), data)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run_cli(["train", "loss.temperature=0", "debug=true"], cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "loss.temperature" in proc.stderr
+
+
+def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path):
+    proc = run_cli(
+        [
+            "train",
+            "-m",
+            "trainer.batch_size=1,128",
+            "trainer.epochs=1",
+            "eval.every=0",
+            "eval.baselines=false",
+            "eval.probe.max_iter=5",
+            "eval.probe.weight_decays=[1e-3]",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr  # the exit code says whether all jobs passed
+    bad, good = run_dirs(tmp_path / "outputs" / "multirun")
+    from tests.conftest import read_results
+
+    assert read_results(bad)["status"] == "failed"
+    assert "trainer.batch_size=1 is not allowed" in read_results(bad)["error"]
+    assert read_results(good)["status"] == "completed"
+
+
+def test_output_dir_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for args in (["hydra.run.dir=a_file/run"], ["-m", "hydra.sweep.dir=a_file/sweep"]):
+        proc = run_cli(["train", *args], cwd=tmp_path, timeout=300)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert (
+            "cannot create the run directory" in lines[0] and "a_file is not a folder" in lines[0]
+        )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_read_only_output_dir_is_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(UserError, match="is not writable"):
+        check_command_line([f"hydra.run.dir={locked}/run"])
