@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from contrastive_cli.data.augment import Augment, _hue_matrices
+from contrastive_cli.errors import ConfigError
 
 LUMA = torch.tensor([0.299, 0.587, 0.114])
 CIFAR = dict(mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616])  # conf/data/cifar10
@@ -93,7 +94,7 @@ def test_normalize_is_x_over_255_minus_mean_over_std():
 def test_channel_mismatches_are_errors():
     with pytest.raises(ValueError, match="channels"):
         Augment(**CIFAR)(images(2, 1, 8), gen())
-    with pytest.raises(ValueError, match="differ in length"):
+    with pytest.raises(ConfigError, match="differ in length"):
         Augment(mean=[0.5, 0.5], std=[0.2])
 
 
