@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from contrastive_cli.config import CONF_DIR
 from contrastive_cli.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -394,7 +395,26 @@ def _widths_match_strides(cfg: DictConfig) -> str | None:
     return None
 
 
+def _shape_is_the_datasets(cfg: DictConfig) -> str | None:
+    """A built-in dataset's channels and image size are facts about its files; only a loader
+    that converts images (one taking ``channels``/``image_size``, like data=folder) lets a
+    user choose them. The shipped YAML of that dataset says what they are."""
+    loader = _locate(str(_get(cfg, "data.source._target_") or ""))
+    shipped = CONF_DIR / "data" / f"{_get(cfg, 'data.name')}.yaml"
+    if loader is None or not shipped.is_file():
+        return None
+    params = inspect.signature(loader).parameters
+    default = OmegaConf.load(shipped)
+    for key in ("channels", "image_size"):
+        value, fixed = _get(cfg, f"data.{key}"), default.get(key)
+        if key not in params and fixed is not None and value != fixed:
+            return (f"data.{key}={value} is not allowed with data={cfg.data.name}; allowed: {fixed} "
+                    f"(its images are {default.channels}x{default.image_size}x{default.image_size})")
+    return None
+
+
 COMBINATIONS: list[Callable[[DictConfig], str | None]] = [
+    _shape_is_the_datasets,
     _queue_holds_a_step,
     _labels_as_positives,
     _warmup_within_training,

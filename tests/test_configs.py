@@ -14,7 +14,7 @@ from contrastive_cli.errors import ConfigError
 from tests.fakes import write_cifar, write_mnist
 
 GROUPS = {
-    "data": ["cifar10", "cifar100", "digits", "fashion_mnist", "mnist"],
+    "data": ["cifar10", "cifar100", "digits", "fashion_mnist", "folder", "mnist", "stl10"],
     "device": ["auto", "cpu", "cuda", "mps"],
     "encoder": ["cnn", "mlp", "resnet18"],
     "loss": ["byol", "moco", "ntxent", "triplet"],
@@ -67,7 +67,7 @@ def test_a_misspelt_key_is_an_error_not_a_new_key(compose_cfg):
 
 
 # --------------------------------------------------------------------------- data
-@pytest.mark.parametrize("data", GROUPS["data"])
+@pytest.mark.parametrize("data", list(SHAPES))  # built-in sets; folder/stl10: tests/test_folder.py, test_stl10.py
 def test_data_options_declare_their_shape_and_build_their_augmentation(compose_cfg, data):
     cfg = compose_cfg(f"data={data}").data
     c, size = SHAPES[data]
@@ -87,7 +87,7 @@ def test_data_options_declare_their_shape_and_build_their_augmentation(compose_c
         assert cfg.augment.hflip == 0
 
 
-@pytest.mark.parametrize("data", GROUPS["data"])
+@pytest.mark.parametrize("data", list(SHAPES))  # folder/stl10: tests/test_folder.py, test_stl10.py
 def test_data_sources_load_tiny_files_offline(compose_cfg, tmp_path, data):
     """Each source, as configured, reads files in the original layout from data.root."""
     c, size = SHAPES[data]
