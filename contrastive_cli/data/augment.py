@@ -1,0 +1,196 @@
+"""Batched augmentation: one call augments a whole uint8 batch on its own device.
+
+Every sample draws its own parameters (crop box, flip, rotation, colour factors, blur
+sigma, ...) from the generator passed in, so the same generator state gives the same
+views and no per-sample Python runs. Geometry is a single ``affine_grid`` +
+``grid_sample``; colour operations are broadcasts and one batched 3x3 matrix for hue.
+Order: crop/flip/rotate -> colour jitter (brightness, contrast, saturation, hue) ->
+grayscale -> blur -> solarize -> normalise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) plane.
+_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+class Augment:
+    """The augmentation recipe of a dataset (its ``data.augment`` config).
+
+    Args:
+        mean, std: per-channel normalisation applied last (and by ``normalize``).
+        crop_scale: range of the crop's area as a fraction of the image.
+        crop_ratio: range of the crop's aspect ratio (sampled log-uniformly).
+        hflip: probability of a horizontal flip.
+        rotate: maximum rotation in degrees (uniform in [-rotate, rotate]).
+        translate: maximum shift as a fraction of the image size.
+        jitter_p: probability of colour jitter; brightness, contrast, saturation are the
+            maximum relative changes and hue the maximum shift in turns (<= 0.5).
+        grayscale_p: probability of converting to grayscale (3-channel data only).
+        blur_p, blur_sigma: probability and sigma range (pixels) of a Gaussian blur whose
+            kernel spans about 10% of the image.
+        solarize_p: probability of inverting pixels above 0.5.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_scale: Sequence[float] = (0.2, 1.0),
+        crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        rotate: float = 0.0,
+        translate: float = 0.0,
+        jitter_p: float = 0.8,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.4,
+        hue: float = 0.1,
+        grayscale_p: float = 0.2,
+        blur_p: float = 0.0,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        solarize_p: float = 0.0,
+    ):
+        if len(mean) != len(std):
+            raise ValueError(f"data.mean and data.std differ in length: {list(mean)} vs {list(std)}")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
+        self.hflip = hflip
+        self.rotate = rotate
+        self.translate = translate
+        self.jitter_p = jitter_p
+        self.brightness = brightness
+        self.contrast = contrast
+        self.saturation = saturation
+        self.hue = hue
+        self.grayscale_p = grayscale_p
+        self.blur_p = blur_p
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.solarize_p = solarize_p
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """uint8 or [0, 1] float (B, C, H, W) -> normalised float32, no augmentation."""
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        mean = x.new_tensor(self.mean).view(1, -1, 1, 1)
+        std = x.new_tensor(self.std).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """x: uint8 (B, C, H, W) -> one augmented view, float32 (B, C, H, W), normalised."""
+        b, c = x.shape[:2]
+        if c != len(self.mean):
+            raise ValueError(f"images have {c} channels but data.mean has {len(self.mean)}")
+        x = x.float().div_(255)
+
+        def uniform(lo: float, hi: float) -> Tensor:
+            return torch.rand(b, generator=generator, device=x.device).mul_(hi - lo).add_(lo)
+
+        def coin(p: float) -> Tensor:
+            return torch.rand(b, generator=generator, device=x.device) < p
+
+        x = self._geometry(x, uniform, coin)
+        if self.jitter_p > 0:
+            x = self._jitter(x, coin(self.jitter_p), uniform)
+        if self.grayscale_p > 0 and c == 3:
+            x = torch.where(coin(self.grayscale_p).view(b, 1, 1, 1), _gray(x).expand_as(x), x)
+        if self.blur_p > 0:
+            x = self._blur(x, coin(self.blur_p), uniform(*self.blur_sigma))
+        if self.solarize_p > 0:
+            flip = coin(self.solarize_p).view(b, 1, 1, 1) & (x >= 0.5)
+            x = torch.where(flip, 1 - x, x)
+        return self.normalize(x)
+
+    def _geometry(self, x: Tensor, uniform, coin) -> Tensor:
+        """Random resized crop, flip, rotation and shift as one affine resampling."""
+        b = x.shape[0]
+        area = uniform(*self.crop_scale)
+        log_ratio = uniform(math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
+        ratio = log_ratio.exp()
+        w = (area * ratio).sqrt().clamp(max=1.0)             # crop width / image width
+        h = (area / ratio).sqrt().clamp(max=1.0)
+        cx = uniform(-1, 1) * (1 - w)                        # crop centre, normalised coords
+        cy = uniform(-1, 1) * (1 - h)
+        if self.translate > 0:
+            cx = cx + uniform(-1, 1) * 2 * self.translate
+            cy = cy + uniform(-1, 1) * 2 * self.translate
+        sign = torch.ones(b, device=x.device)
+        if self.hflip > 0:
+            sign = torch.where(coin(self.hflip), -sign, sign)
+        angle = uniform(-1, 1) * math.radians(self.rotate) if self.rotate > 0 else torch.zeros(b, device=x.device)
+        cos, sin = angle.cos(), angle.sin()
+        theta = torch.stack(
+            [
+                torch.stack([w * cos * sign, -w * sin, cx], dim=1),
+                torch.stack([h * sin * sign, h * cos, cy], dim=1),
+            ],
+            dim=1,
+        )                                                    # (B, 2, 3): output -> input coords
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def _jitter(self, x: Tensor, apply: Tensor, uniform) -> Tensor:
+        b, c = x.shape[:2]
+
+        def factor(strength: float) -> Tensor:
+            f = uniform(max(0.0, 1 - strength), 1 + strength)
+            return torch.where(apply, f, torch.ones_like(f)).view(b, 1, 1, 1)
+
+        if self.brightness > 0:
+            x = (x * factor(self.brightness)).clamp_(0, 1)
+        if self.contrast > 0:
+            mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+            x = torch.lerp(mean, x, factor(self.contrast)).clamp_(0, 1)
+        if c == 3 and self.saturation > 0:
+            x = torch.lerp(_gray(x), x, factor(self.saturation)).clamp_(0, 1)
+        if c == 3 and self.hue > 0:
+            turns = torch.where(apply, uniform(-self.hue, self.hue), torch.zeros(b, device=x.device))
+            x = torch.einsum("bij,bjhw->bihw", _hue_matrices(turns), x).clamp_(0, 1)
+        return x
+
+    def _blur(self, x: Tensor, apply: Tensor, sigma: Tensor) -> Tensor:
+        """Separable Gaussian blur with a per-sample sigma (grouped convolution)."""
+        b, c, h, w = x.shape
+        size = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
+        offsets = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
+        kernel = torch.exp(-(offsets[None, :] ** 2) / (2 * sigma[:, None] ** 2))   # (B, size)
+        identity = (offsets == 0).to(x.dtype).expand(b, size)
+        kernel = torch.where(apply[:, None], kernel / kernel.sum(1, keepdim=True), identity)
+        kernel = kernel.repeat_interleave(c, dim=0)                                # (B*C, size)
+        pad = size // 2
+        y = F.pad(x.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
+        y = F.conv2d(y, kernel.view(b * c, 1, size, 1), groups=b * c)
+        y = F.conv2d(y, kernel.view(b * c, 1, 1, size), groups=b * c)
+        return y.view(b, c, h, w)
+
+
+def _gray(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, 1, H, W) luma (a 1-channel image is its own luma)."""
+    if x.shape[1] == 1:
+        return x
+    weights = x.new_tensor(_LUMA).view(1, 3, 1, 1)
+    return (x * weights).sum(dim=1, keepdim=True)
+
+
+def _hue_matrices(turns: Tensor) -> Tensor:
+    """(B,) hue shifts in turns -> (B, 3, 3) RGB matrices rotating the YIQ chroma plane."""
+    to_yiq = turns.new_tensor(_RGB_TO_YIQ)
+    from_yiq = torch.linalg.inv(to_yiq)
+    angle = turns * 2 * math.pi
+    cos, sin = angle.cos(), angle.sin()
+    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
+    rotation = torch.stack(
+        [torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1), torch.stack([zero, sin, cos], 1)], 1
+    )
+    return from_yiq @ rotation @ to_yiq

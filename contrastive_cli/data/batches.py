@@ -1,0 +1,58 @@
+"""The seeded batch stream: which images each training step sees."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from contrastive_cli.data.datasets import Split
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from the run seed and a purpose, e.g. (seed, "augment", step).
+
+    Everything random in a step is seeded from (seed, step), so a resumed run needs no
+    saved generator state to continue exactly where it stopped.
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class InMemoryBatches:
+    """Batches of an in-memory split, a fresh seeded permutation each epoch.
+
+    The images move to ``device`` once (``on_device``), so a step is an index into a
+    tensor there; otherwise batches are gathered on the CPU, pinned and copied
+    asynchronously. The last incomplete batch is dropped (constant batch size for
+    BatchNorm and the losses).
+    """
+
+    def __init__(self, split: Split, batch_size: int, seed: int, device: torch.device, on_device: bool = True):
+        if batch_size > len(split):
+            raise ValueError(f"trainer.batch_size={batch_size} is larger than the {len(split)} training images")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self.pin = device.type == "cuda" and not on_device
+        target = device if on_device else torch.device("cpu")
+        self.images = split.images.to(target)
+        self.labels = split.labels.to(target) if split.labels is not None else None
+
+    def __len__(self) -> int:
+        return len(self.images) // self.batch_size
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Batches ``start, start+1, ...`` of ``epoch``: uint8 images and labels on device."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
+        order = torch.randperm(len(self.images), generator=g).to(self.images.device)
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            images = self.images[idx]
+            labels = self.labels[idx] if self.labels is not None else None
+            if self.images.device != self.device:
+                images = images.pin_memory().to(self.device, non_blocking=True) if self.pin else images.to(self.device)
+                labels = labels.to(self.device) if labels is not None else None
+            yield images, labels
