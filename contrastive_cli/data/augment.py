@@ -10,6 +10,7 @@ grayscale -> blur -> solarize -> normalise.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -21,6 +22,14 @@ from torch import Tensor
 _LUMA = (0.299, 0.587, 0.114)
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) plane.
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).tolist()))
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A small constant on ``device``, made once: a fresh host-to-device copy on every batch
+    would make the host wait for the CUDA stream (a sync per augmented view)."""
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 class Augment:
@@ -83,8 +92,8 @@ class Augment:
         """uint8 or [0, 1] float (B, C, H, W) -> normalised float32, no augmentation."""
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
-        mean = x.new_tensor(self.mean).view(1, -1, 1, 1)
-        std = x.new_tensor(self.std).view(1, -1, 1, 1)
+        mean = _constant(self.mean, x.device, x.dtype).view(1, -1, 1, 1)
+        std = _constant(self.std, x.device, x.dtype).view(1, -1, 1, 1)
         return (x - mean) / std
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -179,14 +188,14 @@ def _gray(x: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, 1, H, W) luma (a 1-channel image is its own luma)."""
     if x.shape[1] == 1:
         return x
-    weights = x.new_tensor(_LUMA).view(1, 3, 1, 1)
+    weights = _constant(_LUMA, x.device, x.dtype).view(1, 3, 1, 1)
     return (x * weights).sum(dim=1, keepdim=True)
 
 
 def _hue_matrices(turns: Tensor) -> Tensor:
     """(B,) hue shifts in turns -> (B, 3, 3) RGB matrices rotating the YIQ chroma plane."""
-    to_yiq = turns.new_tensor(_RGB_TO_YIQ)
-    from_yiq = torch.linalg.inv(to_yiq)
+    to_yiq = _constant(_RGB_TO_YIQ, turns.device, turns.dtype)
+    from_yiq = _constant(_YIQ_TO_RGB, turns.device, turns.dtype)     # no linalg.inv: it syncs on CUDA
     angle = turns * 2 * math.pi
     cos, sin = angle.cos(), angle.sin()
     one, zero = torch.ones_like(cos), torch.zeros_like(cos)
