@@ -2,7 +2,7 @@
 
 Every sample draws its own parameters (crop box, flip, rotation, colour factors, blur
 sigma, ...) from the generator passed in, so the same generator state gives the same
-views and no per-sample Python runs. Geometry is a single ``affine_grid`` +
+views and no per-sample Python runs. Geometry is a single affine grid +
 ``grid_sample``; colour operations are broadcasts and one batched 3x3 matrix for hue.
 Order: crop/flip/rotate -> colour jitter (brightness, contrast, saturation, hue) ->
 grayscale -> blur -> solarize -> normalise.
@@ -146,7 +146,7 @@ class Augment:
             ],
             dim=1,
         )                                                    # (B, 2, 3): output -> input coords
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        grid = _affine_grid(theta, *x.shape[-2:])
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def _jitter(self, x: Tensor, apply: Tensor, uniform) -> Tensor:
@@ -182,6 +182,20 @@ class Augment:
         y = F.conv2d(y, kernel.view(b * c, 1, size, 1), groups=b * c)
         y = F.conv2d(y, kernel.view(b * c, 1, 1, size), groups=b * c)
         return y.view(b, c, h, w)
+
+
+def _affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
+    """``F.affine_grid(theta, (B, C, h, w), align_corners=False)`` by broadcasting.
+
+    affine_grid is a batched matmul with an inner size of 3, which CPU BLAS runs so slowly
+    that it took half of the augmentation's time; this is a few multiply-adds per pixel.
+    theta: (B, 2, 3) -> grid (B, h, w, 2) of input coordinates at each output pixel centre.
+    """
+    xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
+    ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+    t = theta[..., None, None]                                       # (B, 2, 3, 1, 1)
+    grid = t[:, :, 0] * xs + (t[:, :, 1] * ys[:, None] + t[:, :, 2])  # (B, 2, h, w)
+    return grid.permute(0, 2, 3, 1)
 
 
 def _gray(x: Tensor) -> Tensor:
