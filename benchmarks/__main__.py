@@ -23,29 +23,72 @@ def parse(argv: list[str] | None = None) -> tuple[Options, list[str]]:
         "quality at fixed epoch and wall-clock budgets. Results: <out>/<name>.json and .md, "
         "and <out>/README.md with every table.",
     )
-    p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run, of {', '.join(ORDER)} (default: all)")
-    p.add_argument("--only", default="", help="comma-separated benchmarks to run (same as NAME ...)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes (a smoke test, seconds; numbers mean nothing); writes to results/quick/")
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"benchmarks to run, of {', '.join(ORDER)} (default: all)",
+    )
+    p.add_argument(
+        "--only", default="", help="comma-separated benchmarks to run (same as NAME ...)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (a smoke test, seconds; numbers mean nothing); writes to results/quick/",
+    )
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--data", default="auto", choices=["auto", "fashion_mnist", "digits", "synthetic"],
-                   help="auto: Fashion-MNIST when present, else digits upsampled to 28x28")
+    p.add_argument(
+        "--data",
+        default="auto",
+        choices=["auto", "fashion_mnist", "digits", "synthetic"],
+        help="auto: Fashion-MNIST when present, else digits upsampled to 28x28",
+    )
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated losses")
-    p.add_argument("--repeats", type=int, default=None, help="measured runs per number (default 5; quick 1)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per measured partial epoch; 0: full epochs (default 30; quick 3)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional pipeline")
-    p.add_argument("--compile", action="store_true", help="device.compile=true (torch.compile the method)")
-    p.add_argument("--epochs", type=int, default=None, help="quality: fixed epoch budget (default 5)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="quality: fixed training-time budget per loss in minutes (default 5)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's choice, one per core)")
-    p.add_argument("--encoder", default=None, metavar="PATH",
-                   help="evaluation: encoder.safetensors of a cnn run to extract features with (default: random init)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config override for every run (repeatable)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="measured runs per number (default 5; quick 1)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per measured partial epoch; 0: full epochs (default 30; quick 3)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, help="DataLoader workers of the conventional pipeline"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="device.compile=true (torch.compile the method)"
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help="quality: fixed epoch budget (default 5)"
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="quality: fixed training-time budget per loss in minutes (default 5)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice, one per core)",
+    )
+    p.add_argument(
+        "--encoder",
+        default=None,
+        metavar="PATH",
+        help="evaluation: encoder.safetensors of a cnn run to extract features with (default: random init)",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every run (repeatable)",
+    )
     args = p.parse_args(argv)
     names = [n for n in (*args.names, *filter(None, args.only.split(","))) if n] or list(DEFAULT)
     unknown = [n for n in names if n not in ORDER]
@@ -82,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         print(f"[bench] {name} ...", flush=True)
         result = importlib.import_module(f"benchmarks.{name}").run(opts)
-        print(f"[bench] {name}: {time.perf_counter() - start:.0f} s -> {result['path']}", flush=True)
+        print(
+            f"[bench] {name}: {time.perf_counter() - start:.0f} s -> {result['path']}", flush=True
+        )
     print(f"[bench] tables: {opts.out / 'README.md'}")
     return 0
 

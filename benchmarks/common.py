@@ -40,16 +40,16 @@ class Options:
     out: Path = RESULTS
     quick: bool = False
     device: str = "auto"
-    data: str = "auto"                  # auto | fashion_mnist | digits | synthetic
+    data: str = "auto"  # auto | fashion_mnist | digits | synthetic
     losses: Sequence[str] = LOSSES
     repeats: int = 5
-    steps: int = 30                     # optimizer steps per measured (partial) epoch
-    workers: int = 2                    # DataLoader workers of the conventional pipeline
+    steps: int = 30  # optimizer steps per measured (partial) epoch
+    workers: int = 2  # DataLoader workers of the conventional pipeline
     compile: bool = False
-    epochs: int = 5                     # quality: fixed epoch budget
-    minutes: float = 5.0                # quality: fixed training-time budget per loss
-    threads: int | None = None          # torch intra-op threads (None: torch's default)
-    overrides: Sequence[str] = ()       # extra config overrides for every run
+    epochs: int = 5  # quality: fixed epoch budget
+    minutes: float = 5.0  # quality: fixed training-time budget per loss
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    overrides: Sequence[str] = ()  # extra config overrides for every run
     extra: dict[str, Any] = field(default_factory=dict)
 
     def config(self, *overrides: str) -> DictConfig:
@@ -96,7 +96,9 @@ def _digits_28(cfg: DictConfig) -> ImageData:
     side = cfg.data.image_size
 
     def up(split: Split, n: int) -> Split:
-        x = F.interpolate(split.images.float(), size=(side, side), mode="bilinear", align_corners=False)
+        x = F.interpolate(
+            split.images.float(), size=(side, side), mode="bilinear", align_corners=False
+        )
         reps = -(-n // len(x))
         images = x.round().clamp(0, 255).to(torch.uint8).repeat(reps, 1, 1, 1)[:n]
         return Split(images.contiguous(), split.labels.repeat(reps)[:n])
@@ -129,7 +131,7 @@ def sync(device: torch.device) -> None:
 @dataclass
 class Timed:
     wall_s: float
-    cpu_s: float                        # this process's CPU time: wall ~ cpu / threads when quiet
+    cpu_s: float  # this process's CPU time: wall ~ cpu / threads when quiet
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> Timed:
@@ -142,8 +144,12 @@ def timed(fn: Callable[[], object], device: torch.device) -> Timed:
 
 def summary(values: Sequence[float]) -> dict[str, Any]:
     """Median with min and max beside it, and every run (so nothing is hidden)."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": list(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": list(values),
+    }
 
 
 # --------------------------------------------------------------------------- machine
@@ -160,7 +166,9 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -173,9 +181,11 @@ def machine() -> dict[str, Any]:
 
 def machine_line(m: dict[str, Any]) -> str:
     gpu = f", GPU {m['cuda']}" if m.get("cuda") else ""
-    return (f"{m['cpu']}, {m['usable_cores']} cores ({m['torch_threads']} torch threads){gpu}; "
-            f"torch {m['torch']}, Python {m['python']}; {m['date']}; "
-            f"load average {m['load_average_1m']:.2f} at start; git {m.get('git_sha') or '?'}")
+    return (
+        f"{m['cpu']}, {m['usable_cores']} cores ({m['torch_threads']} torch threads){gpu}; "
+        f"torch {m['torch']}, Python {m['python']}; {m['date']}; "
+        f"load average {m['load_average_1m']:.2f} at start; git {m.get('git_sha') or '?'}"
+    )
 
 
 # --------------------------------------------------------------------------- output
@@ -187,20 +197,39 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def fmt(s: dict[str, Any], digits: int = 2, scale: float = 1.0) -> str:
     """'median (min-max)' of a summary()."""
-    return (f"{s['median'] * scale:,.{digits}f} ({s['min'] * scale:,.{digits}f}"
-            f"-{s['max'] * scale:,.{digits}f})")
+    return (
+        f"{s['median'] * scale:,.{digits}f} ({s['min'] * scale:,.{digits}f}"
+        f"-{s['max'] * scale:,.{digits}f})"
+    )
 
 
-def write(opts: Options, name: str, title: str, started: dict[str, Any], settings: dict[str, Any],
-          results: Any, table: str, notes: Sequence[str]) -> Path:
+def write(
+    opts: Options,
+    name: str,
+    title: str,
+    started: dict[str, Any],
+    settings: dict[str, Any],
+    results: Any,
+    table: str,
+    notes: Sequence[str],
+) -> Path:
     """``<name>.json`` and ``<name>.md`` in ``opts.out``, then the combined README."""
     opts.out.mkdir(parents=True, exist_ok=True)
     if opts.quick:
-        notes = ["--quick: tiny sizes to check that the benchmark runs; these numbers mean nothing.", *notes]
+        notes = [
+            "--quick: tiny sizes to check that the benchmark runs; these numbers mean nothing.",
+            *notes,
+        ]
     end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    payload = {"benchmark": name, "title": title, "machine": {**started, "load_average_1m_end": end},
-               "settings": _plain(settings), "results": _plain(results), "notes": list(notes),
-               "table_md": table}
+    payload = {
+        "benchmark": name,
+        "title": title,
+        "machine": {**started, "load_average_1m_end": end},
+        "settings": _plain(settings),
+        "results": _plain(results),
+        "notes": list(notes),
+        "table_md": table,
+    }
     write_json(opts.out / f"{name}.json", payload)
     (opts.out / f"{name}.md").write_text(render(payload))
     write_readme(opts.out)
@@ -209,15 +238,19 @@ def write(opts: Options, name: str, title: str, started: dict[str, Any], setting
 
 def render(payload: dict[str, Any]) -> str:
     notes = "".join(f"- {n}\n" for n in payload["notes"])
-    return (f"## {payload['title']}\n\n{payload['table_md']}\n\n{notes}\n"
-            f"Machine: {machine_line(payload['machine'])}.\n")
+    return (
+        f"## {payload['title']}\n\n{payload['table_md']}\n\n{notes}\n"
+        f"Machine: {machine_line(payload['machine'])}.\n"
+    )
 
 
 def write_readme(out: Path) -> None:
     """README.md: every benchmark's table found in ``out``, in a fixed order."""
-    parts = ["# `make bench` results\n",
-             "Written by `python -m benchmarks` (`make bench`); each table's JSON next to it holds "
-             "every run. Medians, with min-max in brackets.\n"]
+    parts = [
+        "# `make bench` results\n",
+        "Written by `python -m benchmarks` (`make bench`); each table's JSON next to it holds "
+        "every run. Medians, with min-max in brackets.\n",
+    ]
     names = [n for n in ORDER if (out / f"{n}.json").exists()]
     names += sorted(p.stem for p in out.glob("*.json") if p.stem not in ORDER)
     for name in names:

@@ -28,7 +28,7 @@ from contrastive_cli.evaluate import (
 from contrastive_cli.run import build_encoder
 
 NAME = "evaluation"
-TARGET_SECONDS = 15.0          # k-NN + probe on the encoder's features, CPU
+TARGET_SECONDS = 15.0  # k-NN + probe on the encoder's features, CPU
 QUICK = ["eval.probe.max_iter=30", "eval.probe.weight_decays=[1e-4,1e-2]"]
 
 
@@ -54,12 +54,24 @@ def run(opts: Options) -> dict[str, Any]:
     repeats = min(opts.repeats, 3)
 
     def encoder_features() -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(extract_features(encoder, images, augment.normalize, runtime.device, ev.batch_size,
-                                      runtime.channels_last, runtime.autocast)
-                     for images in (data.train.images, data.test.images))
+        return tuple(
+            extract_features(
+                encoder,
+                images,
+                augment.normalize,
+                runtime.device,
+                ev.batch_size,
+                runtime.channels_last,
+                runtime.autocast,
+            )
+            for images in (data.train.images, data.test.images)
+        )
 
     def pixels() -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(pixel_features(images.to(runtime.device)) for images in (data.train.images, data.test.images))
+        return tuple(
+            pixel_features(images.to(runtime.device))
+            for images in (data.train.images, data.test.images)
+        )
 
     def measure(name: str, make: Any, reference: bool) -> dict[str, Any]:
         got: dict[str, Any] = {}
@@ -67,28 +79,46 @@ def run(opts: Options) -> dict[str, Any]:
         train_x, test_x = got["x"]
 
         def knn() -> None:
-            got["knn"] = knn_predict(train_x, train_y, test_x, data.num_classes, list(ev.knn_k), ev.knn_temperature)
+            got["knn"] = knn_predict(
+                train_x, train_y, test_x, data.num_classes, list(ev.knn_k), ev.knn_temperature
+            )
 
         def probe(fn: Any = linear_probe) -> None:
-            got["probe"] = fn(train_x, train_y, test_x, test_y, data.num_classes, seed=cfg.trainer.seed, **probe_cfg)
+            got["probe"] = fn(
+                train_x,
+                train_y,
+                test_x,
+                test_y,
+                data.num_classes,
+                seed=cfg.trainer.seed,
+                **probe_cfg,
+            )
 
         knn_runs = [timed(knn, runtime.device) for _ in range(repeats)]
         probe_runs = [timed(probe, runtime.device) for _ in range(repeats)]
         out: dict[str, Any] = {
-            "features": name, "dim": train_x.shape[1], "train": len(train_x), "test": len(test_x),
+            "features": name,
+            "dim": train_x.shape[1],
+            "train": len(train_x),
+            "test": len(test_x),
             "extract_s": summary([t.wall_s for t in extract]),
             "knn_s": summary([t.wall_s for t in knn_runs]),
             "probe_s": summary([t.wall_s for t in probe_runs]),
-            "knn_plus_probe_s": summary([k.wall_s + p.wall_s for k, p in zip(knn_runs, probe_runs, strict=True)]),
+            "knn_plus_probe_s": summary(
+                [k.wall_s + p.wall_s for k, p in zip(knn_runs, probe_runs, strict=True)]
+            ),
             "probe_cpu_s": summary([t.cpu_s for t in probe_runs]),
             "accuracy": {f"knn_k{k}": accuracy(p, test_y) for k, p in got["knn"].items()}
             | {"linear_top1": got["probe"].top1, "probe_weight_decay": got["probe"].weight_decay},
         }
         if reference:
             t = timed(lambda: probe(reference_probe.linear_probe), runtime.device)
-            out["reference_probe"] = {"seconds": t.wall_s, "cpu_seconds": t.cpu_s,
-                                      "linear_top1": got["probe"].top1,
-                                      "probe_weight_decay": got["probe"].weight_decay}
+            out["reference_probe"] = {
+                "seconds": t.wall_s,
+                "cpu_seconds": t.cpu_s,
+                "linear_top1": got["probe"].top1,
+                "probe_weight_decay": got["probe"].weight_decay,
+            }
         return out
 
     results = [measure(encoder_name, encoder_features, True), measure("raw pixels", pixels, False)]
@@ -96,15 +126,35 @@ def run(opts: Options) -> dict[str, Any]:
     rows = []
     for r in results:
         ref = r.get("reference_probe")
-        rows.append([
-            f"{r['features']} ({r['dim']}-d)", fmt(r["extract_s"]), fmt(r["knn_s"]), fmt(r["probe_s"]),
-            f"{ref['seconds']:.1f}" if ref else "-", fmt(r["knn_plus_probe_s"]),
-            " / ".join(f"{r['accuracy'][k]:.4f}" for k in r["accuracy"] if k.startswith("knn_k")),
-            f"{r['accuracy']['linear_top1']:.4f}" + (f" (before: {ref['linear_top1']:.4f})" if ref else ""),
-        ])
+        rows.append(
+            [
+                f"{r['features']} ({r['dim']}-d)",
+                fmt(r["extract_s"]),
+                fmt(r["knn_s"]),
+                fmt(r["probe_s"]),
+                f"{ref['seconds']:.1f}" if ref else "-",
+                fmt(r["knn_plus_probe_s"]),
+                " / ".join(
+                    f"{r['accuracy'][k]:.4f}" for k in r["accuracy"] if k.startswith("knn_k")
+                ),
+                f"{r['accuracy']['linear_top1']:.4f}"
+                + (f" (before: {ref['linear_top1']:.4f})" if ref else ""),
+            ]
+        )
     ks = "/".join(str(k) for k in ev.knn_k)
-    table = md_table(["features", "extract s (train+test)", f"k-NN s (k={ks})", "probe s", "probe s before",
-                      "k-NN + probe s", f"k-NN acc (k={ks})", "linear acc"], rows)
+    table = md_table(
+        [
+            "features",
+            "extract s (train+test)",
+            f"k-NN s (k={ks})",
+            "probe s",
+            "probe s before",
+            "k-NN + probe s",
+            f"k-NN acc (k={ks})",
+            "linear acc",
+        ],
+        rows,
+    )
     main = results[0]
     total = main["knn_plus_probe_s"]["median"]
     notes = [
@@ -114,12 +164,20 @@ def run(opts: Options) -> dict[str, Any]:
         "a (D, K) weight whose autograd gradient is a slow transposed GEMM, a cold-started refit, and "
         "always max_iter L-BFGS iterations per fit. Now: (K, D) weight, warm-started refit, and a fit "
         "stops when 10 iterations improve the objective by < 1e-3 relative.",
-        (f"Target met: k-NN + probe on the encoder's features {total:.1f} s <= {TARGET_SECONDS:.0f} s."
-         if total <= TARGET_SECONDS else
-         f"Target missed: k-NN + probe on the encoder's features {total:.1f} s, {total - TARGET_SECONDS:.1f} s "
-         f"over the {TARGET_SECONDS:.0f} s target."),
+        (
+            f"Target met: k-NN + probe on the encoder's features {total:.1f} s <= {TARGET_SECONDS:.0f} s."
+            if total <= TARGET_SECONDS
+            else f"Target missed: k-NN + probe on the encoder's features {total:.1f} s, {total - TARGET_SECONDS:.1f} s "
+            f"over the {TARGET_SECONDS:.0f} s target."
+        ),
     ]
-    settings = {"data": source, "repeats": repeats, "device": runtime.describe(), "eval": dict(ev),
-                "quick": opts.quick, "target_knn_plus_probe_s": TARGET_SECONDS}
+    settings = {
+        "data": source,
+        "repeats": repeats,
+        "device": runtime.describe(),
+        "eval": dict(ev),
+        "quick": opts.quick,
+        "target_knn_plus_probe_s": TARGET_SECONDS,
+    }
     path = write(opts, NAME, "Evaluation speed (seconds)", started, settings, results, table, notes)
     return {"path": str(path), "results": results}

@@ -66,11 +66,17 @@ def _rss_pss(pid: int) -> tuple[int, int]:
     return values.get("Rss", 0), values.get("Pss", 0)
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
-            interval: float = 0.05) -> dict[str, Any]:
+def measure(
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    interval: float = 0.05,
+) -> dict[str, Any]:
     """Run ``cmd``; peak RSS and PSS of its process tree, its ru_maxrss and wall time."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peak = {"rss": 0, "pss": 0, "processes": 0}
     done = threading.Event()
 
@@ -92,9 +98,13 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None 
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{output[-3000:]}")
-    return {"peak_rss_mb": peak["rss"] / 2**20, "peak_pss_mb": peak["pss"] / 2**20,
-            "ru_maxrss_mb": usage.ru_maxrss / 1024, "processes": peak["processes"],
-            "seconds": time.perf_counter() - start}
+    return {
+        "peak_rss_mb": peak["rss"] / 2**20,
+        "peak_pss_mb": peak["pss"] / 2**20,
+        "ru_maxrss_mb": usage.ru_maxrss / 1024,
+        "processes": peak["processes"],
+        "seconds": time.perf_counter() - start,
+    }
 
 
 # --------------------------------------------------------------------------- the cases
@@ -129,44 +139,109 @@ def child(argv: list[str]) -> None:
     if args.mode == "contrast":
         run_epoch(parts, FirstSteps(parts.batches, args.steps), augment, runtime, cfg)
     else:
-        loader = conventional_loader(data, augment, cfg, batch_size, args.steps, args.workers, runtime.device)
-        run_epoch(parts, LoaderBatches(loader, args.steps, runtime.device), PairViews(), runtime, cfg)
+        loader = conventional_loader(
+            data, augment, cfg, batch_size, args.steps, args.workers, runtime.device
+        )
+        run_epoch(
+            parts, LoaderBatches(loader, args.steps, runtime.device), PairViews(), runtime, cfg
+        )
 
 
 def run(opts: Options) -> dict[str, Any]:
     started = machine()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        ),
+    }
     if opts.threads:
         env["OMP_NUM_THREADS"] = str(opts.threads)
     py = sys.executable
     steps = opts.steps or 234
-    common = ["--steps", str(steps), "--workers", str(opts.workers), "--device", opts.device, "--data", opts.data]
+    common = [
+        "--steps",
+        str(steps),
+        "--workers",
+        str(opts.workers),
+        "--device",
+        opts.device,
+        "--data",
+        opts.data,
+    ]
     common += ["--quick"] if opts.quick else []
     cases: dict[str, list[str]] = {
-        "baseline (python + torch + contrast imported)": [py, "-c", "import torch, contrastive_cli.run"],
+        "baseline (python + torch + contrast imported)": [
+            py,
+            "-c",
+            "import torch, contrastive_cli.run",
+        ],
         "contrast: training steps": [py, "-m", "benchmarks.memory", "contrast", *common],
-        f"conventional: training steps, {opts.workers} workers": [py, "-m", "benchmarks.memory", "conventional", *common],
+        f"conventional: training steps, {opts.workers} workers": [
+            py,
+            "-m",
+            "benchmarks.memory",
+            "conventional",
+            *common,
+        ],
     }
     with tempfile.TemporaryDirectory() as tmp:
-        if not opts.quick:                         # minutes: left out of the smoke test
-            run_args = ["data=fashion_mnist", "trainer.epochs=1", f"device={opts.device}", *opts.overrides]
+        if not opts.quick:  # minutes: left out of the smoke test
+            run_args = [
+                "data=fashion_mnist",
+                "trainer.epochs=1",
+                f"device={opts.device}",
+                *opts.overrides,
+            ]
             cases[f"contrast train {' '.join(run_args)} (whole run)"] = [
-                py, "-m", "contrastive_cli", "train", *run_args, f"hydra.run.dir={tmp}/run"]
+                py,
+                "-m",
+                "contrastive_cli",
+                "train",
+                *run_args,
+                f"hydra.run.dir={tmp}/run",
+            ]
         repeats = 1 if opts.quick else min(opts.repeats, 3)
         results = []
         for name, cmd in cases.items():
             # The whole run takes minutes: measured once. The others are repeated.
-            runs = [measure(cmd, env=env, cwd=Path(tmp)) for _ in range(1 if "whole run" in name else repeats)]
-            results.append({"case": name, "command": " ".join(cmd[1:]),
-                             **{k: summary([r[k] for r in runs]) for k in runs[0]}})
+            runs = [
+                measure(cmd, env=env, cwd=Path(tmp))
+                for _ in range(1 if "whole run" in name else repeats)
+            ]
+            results.append(
+                {
+                    "case": name,
+                    "command": " ".join(cmd[1:]),
+                    **{k: summary([r[k] for r in runs]) for k in runs[0]},
+                }
+            )
 
     def mb(s: dict[str, Any]) -> str:
-        return f"{s['median']:,.0f}" + (f" ({s['min']:,.0f}-{s['max']:,.0f})" if s["min"] != s["max"] else "")
+        return f"{s['median']:,.0f}" + (
+            f" ({s['min']:,.0f}-{s['max']:,.0f})" if s["min"] != s["max"] else ""
+        )
 
-    rows = [[r["case"], mb(r["peak_pss_mb"]), mb(r["peak_rss_mb"]), mb(r["ru_maxrss_mb"]),
-             f"{r['processes']['max']:.0f}"] for r in results]
-    table = md_table(["case", "peak PSS MB (tree)", "peak RSS MB (tree, shared pages counted per process)",
-                      "ru_maxrss MB (largest process)", "processes"], rows)
+    rows = [
+        [
+            r["case"],
+            mb(r["peak_pss_mb"]),
+            mb(r["peak_rss_mb"]),
+            mb(r["ru_maxrss_mb"]),
+            f"{r['processes']['max']:.0f}",
+        ]
+        for r in results
+    ]
+    table = md_table(
+        [
+            "case",
+            "peak PSS MB (tree)",
+            "peak RSS MB (tree, shared pages counted per process)",
+            "ru_maxrss MB (largest process)",
+            "processes",
+        ],
+        rows,
+    )
     notes = [
         f"Training cases: ntxent, encoder=cnn, Fashion-MNIST (or the fallback), default batch size, "
         f"{steps} steps; conventional = torchvision per-sample transforms in a DataLoader with "
@@ -174,7 +249,13 @@ def run(opts: Options) -> dict[str, Any]:
         "PSS splits pages shared between processes (the dataset the workers inherit) among them; "
         "it is the fair total for a process tree.",
     ]
-    settings = {"steps": steps, "workers": opts.workers, "repeats": repeats, "device": opts.device, "quick": opts.quick}
+    settings = {
+        "steps": steps,
+        "workers": opts.workers,
+        "repeats": repeats,
+        "device": opts.device,
+        "quick": opts.quick,
+    }
     path = write(opts, NAME, "Peak memory", started, settings, results, table, notes)
     return {"path": str(path), "results": results}
 

@@ -21,14 +21,23 @@ from contrastive_cli.evaluate import ProbeResult, _standardise, accuracy
 
 
 def fit_logistic(
-    x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int = 200,
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    weight_decay: float,
+    max_iter: int = 200,
     init: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     w = (init[0].clone() if init else x.new_zeros(x.shape[1], num_classes)).requires_grad_(True)
     b = (init[1].clone() if init else x.new_zeros(num_classes)).requires_grad_(True)
     opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, history_size=20,
-        tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe",
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> Tensor:

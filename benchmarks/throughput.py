@@ -77,7 +77,9 @@ class Replay:
     next stored view, so the training loop runs unchanged on views made in advance.
     """
 
-    def __init__(self, views: list[tuple[Tensor, Tensor, Tensor | None]], steps: int, batch_size: int):
+    def __init__(
+        self, views: list[tuple[Tensor, Tensor, Tensor | None]], steps: int, batch_size: int
+    ):
         self.views, self.steps, self.batch_size = views, steps, batch_size
         self._next = itertools.cycle(v for v1, v2, _ in views for v in (v1, v2))
 
@@ -115,7 +117,12 @@ class LoaderBatches:
     the two views the workers made, so ``train`` runs unchanged."""
 
     def __init__(self, loader: DataLoader, steps: int, device: torch.device):
-        self.loader, self.steps, self.batch_size, self.device = loader, steps, loader.batch_size, device
+        self.loader, self.steps, self.batch_size, self.device = (
+            loader,
+            steps,
+            loader.batch_size,
+            device,
+        )
 
     def __len__(self) -> int:
         return self.steps
@@ -143,11 +150,19 @@ def torchvision_transform(recipe: Augment, channels: int, size: int) -> Any:
     if recipe.hflip > 0:
         steps.append(T.RandomHorizontalFlip(recipe.hflip))
     if recipe.rotate > 0 or recipe.translate > 0:
-        steps.append(T.RandomAffine(recipe.rotate, translate=(recipe.translate,) * 2 if recipe.translate else None))
+        steps.append(
+            T.RandomAffine(
+                recipe.rotate, translate=(recipe.translate,) * 2 if recipe.translate else None
+            )
+        )
     if recipe.jitter_p > 0:
         colour = channels == 3
-        jitter = T.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation if colour else 0,
-                               recipe.hue if colour else 0)
+        jitter = T.ColorJitter(
+            recipe.brightness,
+            recipe.contrast,
+            recipe.saturation if colour else 0,
+            recipe.hue if colour else 0,
+        )
         steps.append(T.RandomApply([jitter], p=recipe.jitter_p))
     if recipe.grayscale_p > 0 and channels == 3:
         steps.append(T.RandomGrayscale(recipe.grayscale_p))
@@ -160,24 +175,51 @@ def torchvision_transform(recipe: Augment, channels: int, size: int) -> Any:
     return T.Compose(steps)
 
 
-def conventional_loader(data: ImageData, augment: Augment, cfg: DictConfig, batch_size: int, steps: int,
-                        workers: int, device: torch.device) -> DataLoader:
+def conventional_loader(
+    data: ImageData,
+    augment: Augment,
+    cfg: DictConfig,
+    batch_size: int,
+    steps: int,
+    workers: int,
+    device: torch.device,
+) -> DataLoader:
     """The peers' pipeline: ``steps`` batches per epoch of per-sample transforms in workers."""
     return DataLoader(
-        PerSampleViews(data.pretrain.images, data.pretrain.labels,
-                       torchvision_transform(augment, cfg.data.channels, cfg.data.image_size)),
-        batch_size=batch_size, drop_last=True, num_workers=workers,
-        sampler=RandomSampler(range(len(data.pretrain)), num_samples=steps * batch_size,
-                              generator=torch.Generator().manual_seed(cfg.trainer.seed)),
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        PerSampleViews(
+            data.pretrain.images,
+            data.pretrain.labels,
+            torchvision_transform(augment, cfg.data.channels, cfg.data.image_size),
+        ),
+        batch_size=batch_size,
+        drop_last=True,
+        num_workers=workers,
+        sampler=RandomSampler(
+            range(len(data.pretrain)),
+            num_samples=steps * batch_size,
+            generator=torch.Generator().manual_seed(cfg.trainer.seed),
+        ),
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
     )
 
 
 # --------------------------------------------------------------------------- one loss
 def run_epoch(parts: Any, batches: Any, augment: Any, runtime: Runtime, cfg: DictConfig) -> None:
     """One (partial) epoch of the real training loop. The one place that calls ``train``."""
-    train(parts.step_fn, parts.optimizer, parts.scheduler, batches, augment, runtime, 1, cfg.trainer.seed,
-          Progress(), lambda progress, record: None, cfg.trainer.log_every)
+    train(
+        parts.step_fn,
+        parts.optimizer,
+        parts.scheduler,
+        batches,
+        augment,
+        runtime,
+        1,
+        cfg.trainer.seed,
+        Progress(),
+        lambda progress, record: None,
+        cfg.trainer.log_every,
+    )
 
 
 def measure_loss(opts: Options, loss: str, data: ImageData, steps: int) -> dict[str, Any]:
@@ -197,7 +239,9 @@ def measure_loss(opts: Options, loss: str, data: ImageData, steps: int) -> dict[
         generator.manual_seed(derive_seed(cfg.trainer.seed, "augment", i))
         views.append((augment(images, generator), augment(images, generator), labels))
 
-    loader = conventional_loader(data, augment, cfg, batch_size, steps, opts.workers, runtime.device)
+    loader = conventional_loader(
+        data, augment, cfg, batch_size, steps, opts.workers, runtime.device
+    )
 
     def feeds(n: int) -> dict[str, tuple[Any, Any]]:
         return {
@@ -222,12 +266,20 @@ def measure_loss(opts: Options, loss: str, data: ImageData, steps: int) -> dict[
     runs: dict[str, list[Timed]] = {m: [] for m in (*MODES, "data_path")}
     for _ in range(opts.repeats):
         for mode, (batches, aug) in feeds(steps).items():
-            runs[mode].append(timed(lambda b=batches, a=aug: run_epoch(parts, b, a, runtime, cfg), runtime.device))
+            runs[mode].append(
+                timed(lambda b=batches, a=aug: run_epoch(parts, b, a, runtime, cfg), runtime.device)
+            )
         runs["data_path"].append(timed(lambda: data_path(steps), runtime.device))
 
     images = steps * batch_size
-    out: dict[str, Any] = {"loss": loss, "device": runtime.describe(), "batch_size": batch_size, "steps": steps,
-                           "steps_per_epoch": len(parts.batches), "images_per_run": images}
+    out: dict[str, Any] = {
+        "loss": loss,
+        "device": runtime.describe(),
+        "batch_size": batch_size,
+        "steps": steps,
+        "steps_per_epoch": len(parts.batches),
+        "images_per_run": images,
+    }
     for mode, timings in runs.items():
         seconds = [t.wall_s for t in timings]
         out[mode] = {
@@ -240,9 +292,13 @@ def measure_loss(opts: Options, loss: str, data: ImageData, steps: int) -> dict[
     out["epoch_over_pure"] = summary([c.wall_s / p.wall_s for c, p, _ in pairs])
     out["epoch_over_pure_cpu"] = summary([c.cpu_s / p.cpu_s for c, p, _ in pairs])
     out["conventional_over_contrast"] = summary([v.wall_s / c.wall_s for c, _, v in pairs])
-    out["data_path_share"] = summary([d.wall_s / c.wall_s for d, (c, _, _) in zip(runs["data_path"], pairs, strict=True)])
+    out["data_path_share"] = summary(
+        [d.wall_s / c.wall_s for d, (c, _, _) in zip(runs["data_path"], pairs, strict=True)]
+    )
     out["meets_epoch_target"] = out["epoch_over_pure"]["median"] <= TARGET_EPOCH_OVER_PURE
-    out["meets_conventional_target"] = out["conventional_over_contrast"]["median"] >= TARGET_CONVENTIONAL_OVER_OURS
+    out["meets_conventional_target"] = (
+        out["conventional_over_contrast"]["median"] >= TARGET_CONVENTIONAL_OVER_OURS
+    )
     return out
 
 
@@ -256,16 +312,33 @@ def run(opts: Options) -> dict[str, Any]:
 
     rows = []
     for r in results:
-        rows.append([
-            r["loss"], fmt(r["contrast"]["epoch_s"], 1), fmt(r["contrast"]["images_per_s"], 0),
-            fmt(r["pure"]["images_per_s"], 0), fmt(r["epoch_over_pure"], 3), fmt(r["epoch_over_pure_cpu"], 3),
-            fmt(r["conventional"]["images_per_s"], 0), fmt(r["conventional_over_contrast"], 2),
-            fmt(r["data_path"]["seconds"], 1, 1000 / r["steps"]),
-        ])
+        rows.append(
+            [
+                r["loss"],
+                fmt(r["contrast"]["epoch_s"], 1),
+                fmt(r["contrast"]["images_per_s"], 0),
+                fmt(r["pure"]["images_per_s"], 0),
+                fmt(r["epoch_over_pure"], 3),
+                fmt(r["epoch_over_pure_cpu"], 3),
+                fmt(r["conventional"]["images_per_s"], 0),
+                fmt(r["conventional_over_contrast"], 2),
+                fmt(r["data_path"]["seconds"], 1, 1000 / r["steps"]),
+            ]
+        )
     table = md_table(
-        ["loss", "contrast epoch s (est.)", "contrast img/s", "pure model img/s", "epoch / pure",
-         "epoch / pure, CPU time",
-         "conventional img/s", "conventional / contrast", "data path ms/step"], rows)
+        [
+            "loss",
+            "contrast epoch s (est.)",
+            "contrast img/s",
+            "pure model img/s",
+            "epoch / pure",
+            "epoch / pure, CPU time",
+            "conventional img/s",
+            "conventional / contrast",
+            "data path ms/step",
+        ],
+        rows,
+    )
     r0 = results[0]
     notes = [
         f"Data: {source}; data.augment of data=fashion_mnist; encoder=cnn; batch {r0['batch_size']}; "
@@ -282,18 +355,42 @@ def run(opts: Options) -> dict[str, Any]:
     for r in results:
         e, v = r["epoch_over_pure"]["median"], r["conventional_over_contrast"]["median"]
         if not r["meets_epoch_target"]:
-            notes.append(f"{r['loss']}: epoch / pure = {e:.3f}, above the {TARGET_EPOCH_OVER_PURE} target by "
-                         f"{e - TARGET_EPOCH_OVER_PURE:.3f}; the data path takes "
-                         f"{r['data_path_share']['median']:.0%} of contrast's epoch.")
+            notes.append(
+                f"{r['loss']}: epoch / pure = {e:.3f}, above the {TARGET_EPOCH_OVER_PURE} target by "
+                f"{e - TARGET_EPOCH_OVER_PURE:.3f}; the data path takes "
+                f"{r['data_path_share']['median']:.0%} of contrast's epoch."
+            )
         if not r["meets_conventional_target"]:
-            notes.append(f"{r['loss']}: conventional / contrast = {v:.2f}, below the "
-                         f"{TARGET_CONVENTIONAL_OVER_OURS}x target by {TARGET_CONVENTIONAL_OVER_OURS - v:.2f}.")
+            notes.append(
+                f"{r['loss']}: conventional / contrast = {v:.2f}, below the "
+                f"{TARGET_CONVENTIONAL_OVER_OURS}x target by {TARGET_CONVENTIONAL_OVER_OURS - v:.2f}."
+            )
     if all(r["meets_epoch_target"] and r["meets_conventional_target"] for r in results):
-        notes.append(f"Targets met for every loss: epoch <= {TARGET_EPOCH_OVER_PURE}x the pure model, "
-                     f"conventional >= {TARGET_CONVENTIONAL_OVER_OURS}x slower.")
-    settings = {"data": source, "steps": r0["steps"], "repeats": opts.repeats, "workers": opts.workers,
-                "device": r0["device"], "compile": opts.compile, "quick": opts.quick,
-                "targets": {"epoch_over_pure_max": TARGET_EPOCH_OVER_PURE,
-                            "conventional_over_contrast_min": TARGET_CONVENTIONAL_OVER_OURS}}
-    path = write(opts, NAME, "Training throughput (images/s, per loss)", started, settings, results, table, notes)
+        notes.append(
+            f"Targets met for every loss: epoch <= {TARGET_EPOCH_OVER_PURE}x the pure model, "
+            f"conventional >= {TARGET_CONVENTIONAL_OVER_OURS}x slower."
+        )
+    settings = {
+        "data": source,
+        "steps": r0["steps"],
+        "repeats": opts.repeats,
+        "workers": opts.workers,
+        "device": r0["device"],
+        "compile": opts.compile,
+        "quick": opts.quick,
+        "targets": {
+            "epoch_over_pure_max": TARGET_EPOCH_OVER_PURE,
+            "conventional_over_contrast_min": TARGET_CONVENTIONAL_OVER_OURS,
+        },
+    }
+    path = write(
+        opts,
+        NAME,
+        "Training throughput (images/s, per loss)",
+        started,
+        settings,
+        results,
+        table,
+        notes,
+    )
     return {"path": str(path), "results": results}
