@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -106,31 +107,59 @@ class ProbeResult:
 
 
 def _standardise(fit: Tensor, *others: Tensor) -> list[Tensor]:
-    mean = fit.mean(0, keepdim=True)
-    std = fit.std(0, keepdim=True).clamp_min(1e-6)
+    mean, std = _moments(fit)
     return [(t - mean) / std for t in (fit, *others)]
+
+
+def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    return x.mean(0, keepdim=True), x.std(0, keepdim=True).clamp_min(1e-6)
+
+
+# L-BFGS runs in rounds of this many iterations; a fit stops early when a round lowered the
+# objective by less than PROBE_RTOL of its value (or after max_iter iterations). On Fashion-MNIST
+# features (random-init cnn, trained cnn, raw pixels) 1e-3 needs 2.5-4x fewer evaluations than
+# running every fit to max_iter=200, and test accuracy moved by at most 0.12% (its standard
+# error there is 0.35%).
+PROBE_ROUND = 10
+PROBE_RTOL = 1e-3
 
 
 def fit_logistic(
     x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int = 200,
-    init: tuple[Tensor, Tensor] | None = None,
+    init: tuple[Tensor, Tensor] | None = None, rtol: float = PROBE_RTOL,
 ) -> tuple[Tensor, Tensor]:
-    """Minimise mean cross-entropy + weight_decay/2 * ||W||^2 with full-batch L-BFGS."""
-    w = (init[0].clone() if init else x.new_zeros(x.shape[1], num_classes)).requires_grad_(True)
+    """Minimise mean cross-entropy + weight_decay/2 * ||W||^2 with full-batch L-BFGS.
+
+    Returns W (K, D) and b (K,). W is stored as nn.Linear stores it, so its gradient is
+    ``g.T @ x``; a (D, K) weight gets ``x.T @ g``, a transposed skinny GEMM that CPU BLAS
+    runs several times slower on (N, D) features (``make bench``'s probe timings).
+
+    The fit stops once a round of ``PROBE_ROUND`` iterations improves the objective by less
+    than ``rtol`` of its value: warm-started fits near their optimum then take one or two
+    rounds instead of ``max_iter`` iterations. A round rather than one iteration, because
+    L-BFGS's first steps from a warm start are short and would stop it too early.
+    """
+    w = (init[0].clone() if init else x.new_zeros(num_classes, x.shape[1])).requires_grad_(True)
     b = (init[1].clone() if init else x.new_zeros(num_classes)).requires_grad_(True)
     opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, history_size=20,
+        [w, b], lr=1.0, max_iter=PROBE_ROUND, max_eval=2 * PROBE_ROUND, history_size=20,
         tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe",
     )
 
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + 0.5 * weight_decay * (w * w).sum()
+        loss = F.cross_entropy(F.linear(x, w, b), y) + 0.5 * weight_decay * (w * w).sum()
         loss.backward()
-        return loss
+        return loss.detach()
 
+    previous = math.inf
     with torch.enable_grad():
-        opt.step(closure)
+        for done in range(0, max_iter, PROBE_ROUND):
+            opt.param_groups[0]["max_iter"] = min(PROBE_ROUND, max_iter - done)
+            start = float(opt.step(closure))         # the objective where this round started
+            if previous - start <= rtol * abs(start):
+                break                                # the previous round barely helped
+            previous = start
     return w.detach(), b.detach()
 
 
@@ -145,23 +174,34 @@ def linear_probe(
     seed: int = 0,
     max_iter: int = 200,
 ) -> ProbeResult:
-    """Choose the weight decay on a held-out part of train, refit on all of train, test once."""
+    """Choose the weight decay on a held-out part of train, refit on all of train, test once.
+
+    Each fit is warm-started: the grid from strong to weak decay, and the refit from the
+    chosen held-out fit, carried over exactly to the all-train standardisation (the same
+    logits for every input), so the refit starts near its optimum.
+    """
     g = torch.Generator().manual_seed(derive_seed(seed, "probe-split"))
     order = torch.randperm(len(train_x), generator=g).to(train_x.device)
     n_val = max(1, round(len(train_x) * val_fraction))
     val_idx, fit_idx = order[:n_val], order[n_val:]
-    fit_x, val_x = _standardise(train_x[fit_idx].float(), train_x[val_idx].float())
-    best: tuple[float, float] | None = None
+    fit_mean, fit_std = _moments(train_x[fit_idx].float())
+    fit_x, val_x = ((train_x[i].float() - fit_mean) / fit_std for i in (fit_idx, val_idx))
+    best: tuple[float, float, tuple[Tensor, Tensor]] | None = None
     params = None
     for wd in sorted(weight_decays, reverse=True):        # strong to weak, warm-started
         params = fit_logistic(fit_x, train_y[fit_idx], num_classes, wd, max_iter, init=params)
-        val_acc = accuracy((val_x @ params[0] + params[1]).argmax(1), train_y[val_idx])
+        val_acc = accuracy(F.linear(val_x, *params).argmax(1), train_y[val_idx])
         if best is None or val_acc > best[1]:
-            best = (wd, val_acc)
+            best = (wd, val_acc, params)
     assert best is not None
-    all_x, tst_x = _standardise(train_x.float(), test_x.float())
-    w, b = fit_logistic(all_x, train_y, num_classes, best[0], max_iter)
-    logits = tst_x @ w + b
+    del fit_x, val_x
+    mean, std = _moments(train_x.float())
+    all_x, tst_x = (train_x.float() - mean) / std, (test_x.float() - mean) / std
+    # (x - m1) / s1 = z * s / s1 + (m - m1) / s1 with z = (x - m) / s: rescale W, shift b.
+    w_fit, b_fit = best[2]
+    init = (w_fit * (std / fit_std), b_fit + w_fit @ ((mean - fit_mean) / fit_std).squeeze(0))
+    w, b = fit_logistic(all_x, train_y, num_classes, best[0], max_iter, init=init)
+    logits = F.linear(tst_x, w, b)
     top5 = None
     if num_classes > 10:
         top5 = (logits.topk(5, dim=1).indices == test_y[:, None]).any(1).float().mean().item()

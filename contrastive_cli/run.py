@@ -10,8 +10,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from contrastive_cli.config import build
-from contrastive_cli.data.batches import derive_seed
+from contrastive_cli.data.batches import Batches, derive_seed
 from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
 from contrastive_cli.errors import ConfigError, DataError, Diverged, RunExists
@@ -132,6 +133,30 @@ def embedding_map(run: Run, out: Path) -> Path | None:
     return plot_embedding_of(encoder.to(runtime.device), data, build(cfg.data.augment), runtime, cfg, out, title)
 
 
+class Training(NamedTuple):
+    method: torch.nn.Module                              # on the device
+    step_fn: Callable[..., torch.Tensor]                 # the method, or torch.compile(method)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: Batches
+
+
+def build_training(cfg: DictConfig, runtime: Runtime, data: ImageData, encoder: torch.nn.Module) -> Training:
+    """What ``train`` needs, built from ``cfg`` around ``encoder`` (also used by ``make bench``)."""
+    t = cfg.trainer
+    method = build(cfg.loss, encoder=encoder).to(runtime.device)
+    if runtime.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    step_fn = torch.compile(method) if runtime.compile else method
+    optimizer = build(cfg.optim.optimizer)([p for p in method.parameters() if p.requires_grad])
+    try:
+        batches = data.pretrain.batches(t.batch_size, t.seed, runtime.device, runtime.data_on_device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    scheduler = build(cfg.optim.scheduler)(optimizer, steps_per_epoch=len(batches), epochs=t.epochs)
+    return Training(method, step_fn, optimizer, scheduler, batches)
+
+
 def run_training(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
     """Train and evaluate the run that ``cfg`` describes, in ``run_dir``. Returns results.json."""
     started = time.time()
@@ -165,16 +190,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
     check_data(cfg, data)
     augment = build(cfg.data.augment)
     encoder = build_encoder(cfg, t.seed)
-    method = build(cfg.loss, encoder=encoder).to(runtime.device)
-    if runtime.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    step_fn = torch.compile(method) if runtime.compile else method
-    optimizer = build(cfg.optim.optimizer)([p for p in method.parameters() if p.requires_grad])
-    try:
-        batches = data.pretrain.batches(t.batch_size, t.seed, runtime.device, runtime.data_on_device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    scheduler = build(cfg.optim.scheduler)(optimizer, steps_per_epoch=len(batches), epochs=t.epochs)
+    method, step_fn, optimizer, scheduler, batches = build_training(cfg, runtime, data, encoder)
 
     progress = Progress()
     checkpoint = run_dir / CHECKPOINT

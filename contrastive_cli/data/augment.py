@@ -2,7 +2,7 @@
 
 Every sample draws its own parameters (crop box, flip, rotation, colour factors, blur
 sigma, ...) from the generator passed in, so the same generator state gives the same
-views and no per-sample Python runs. Geometry is a single ``affine_grid`` +
+views and no per-sample Python runs. Geometry is a single affine grid +
 ``grid_sample``; colour operations are broadcasts and one batched 3x3 matrix for hue.
 Order: crop/flip/rotate -> colour jitter (brightness, contrast, saturation, hue) ->
 grayscale -> blur -> solarize -> normalise.
@@ -10,6 +10,7 @@ grayscale -> blur -> solarize -> normalise.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -23,6 +24,14 @@ from contrastive_cli.errors import ConfigError
 _LUMA = (0.299, 0.587, 0.114)
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) plane.
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).tolist()))
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A small constant on ``device``, made once: a fresh host-to-device copy on every batch
+    would make the host wait for the CUDA stream (a sync per augmented view)."""
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 class Augment:
@@ -90,8 +99,8 @@ class Augment:
         """uint8 or [0, 1] float (B, C, H, W) -> normalised float32, no augmentation."""
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
-        mean = x.new_tensor(self.mean).view(1, -1, 1, 1)
-        std = x.new_tensor(self.std).view(1, -1, 1, 1)
+        mean = _constant(self.mean, x.device, x.dtype).view(1, -1, 1, 1)
+        std = _constant(self.std, x.device, x.dtype).view(1, -1, 1, 1)
         return (x - mean) / std
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -144,7 +153,7 @@ class Augment:
             ],
             dim=1,
         )                                                    # (B, 2, 3): output -> input coords
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        grid = _affine_grid(theta, *x.shape[-2:])
         # "border": a crop's outermost output pixels sample between the last image pixel and
         # the image edge; zero padding would darken them (by up to half on small crops).
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -184,18 +193,32 @@ class Augment:
         return y.view(b, c, h, w)
 
 
+def _affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
+    """``F.affine_grid(theta, (B, C, h, w), align_corners=False)`` by broadcasting.
+
+    affine_grid is a batched matmul with an inner size of 3, which CPU BLAS runs so slowly
+    that it took half of the augmentation's time; this is a few multiply-adds per pixel.
+    theta: (B, 2, 3) -> grid (B, h, w, 2) of input coordinates at each output pixel centre.
+    """
+    xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
+    ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+    t = theta[..., None, None]                                       # (B, 2, 3, 1, 1)
+    grid = t[:, :, 0] * xs + (t[:, :, 1] * ys[:, None] + t[:, :, 2])  # (B, 2, h, w)
+    return grid.permute(0, 2, 3, 1)
+
+
 def _gray(x: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, 1, H, W) luma (a 1-channel image is its own luma)."""
     if x.shape[1] == 1:
         return x
-    weights = x.new_tensor(_LUMA).view(1, 3, 1, 1)
+    weights = _constant(_LUMA, x.device, x.dtype).view(1, 3, 1, 1)
     return (x * weights).sum(dim=1, keepdim=True)
 
 
 def _hue_matrices(turns: Tensor) -> Tensor:
     """(B,) hue shifts in turns -> (B, 3, 3) RGB matrices rotating the YIQ chroma plane."""
-    to_yiq = turns.new_tensor(_RGB_TO_YIQ)
-    from_yiq = torch.linalg.inv(to_yiq)
+    to_yiq = _constant(_RGB_TO_YIQ, turns.device, turns.dtype)
+    from_yiq = _constant(_YIQ_TO_RGB, turns.device, turns.dtype)     # no linalg.inv: it syncs on CUDA
     angle = turns * 2 * math.pi
     cos, sin = angle.cos(), angle.sin()
     one, zero = torch.ones_like(cos), torch.zeros_like(cos)

@@ -71,7 +71,8 @@ class InMemoryBatches:
             labels = self.labels[idx] if self.labels is not None else None
             if self.images.device != self.device:
                 images = images.pin_memory().to(self.device, non_blocking=True) if self.pin else images.to(self.device)
-                labels = labels.to(self.device) if labels is not None else None
+                if labels is not None:
+                    labels = labels.pin_memory().to(self.device, non_blocking=True) if self.pin else labels.to(self.device)
             yield images, labels
 
 

@@ -38,5 +38,5 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float, gather: Gather = local_o
     self_index = torch.cat([local, local + m])             # each anchor's own column
     positive = torch.cat([local + m, local])               # the other view's column
     rows = torch.arange(2 * n, device=z1.device)
-    logits = logits.index_put((rows, self_index), logits.new_tensor(float("-inf")))
+    logits = logits.index_put((rows, self_index), logits.new_full((), float("-inf")))
     return F.cross_entropy(logits, positive)

@@ -50,31 +50,41 @@ def triplet_loss(
     dist = (2 - 2 * e @ all_e.T).clamp_min(0)                     # (N, M)
     same = ids[:, None] == all_ids[None, :]                       # (N, M)
     is_self = torch.zeros_like(same)
-    is_self[torch.arange(n), torch.arange(n) + offset] = True
+    local = torch.arange(n, device=e.device)
+    is_self[local, local + offset] = True
     pos_mask = same & ~is_self
     neg_mask = ~same
     valid_anchor = pos_mask.any(1) & neg_mask.any(1)
-    zero = embeddings.sum() * 0.0
-    if not valid_anchor.any():
-        return zero
-
+    # Hard and semi-hard mining stay on the device: no data-dependent shapes or branches, so
+    # no host sync per step on a GPU. Empty selections give 0 (with a zero gradient).
     if mining == "hard":
         d_ap = dist.masked_fill(~pos_mask, float("-inf")).amax(1)
         d_an = dist.masked_fill(~neg_mask, float("inf")).amin(1)
-        return F.relu(d_ap - d_an + margin)[valid_anchor].mean()
+        return _masked_mean(F.relu(d_ap - d_an + margin), valid_anchor)
+    pairs = pos_mask & valid_anchor[:, None]                      # (N, M) anchor-positive pairs
+    if mining == "semihard":
+        # Per anchor, its negatives' distances in ascending order (non-negatives last, as inf):
+        # the first one above d(a, p) is the nearest farther negative of the pair (a, p).
+        neg_sorted = dist.masked_fill(~neg_mask, float("inf")).sort(1).values   # (N, M)
+        n_neg = neg_mask.sum(1, keepdim=True)                                  # (N, 1)
+        first = torch.searchsorted(neg_sorted, dist, right=True)                # (N, M)
+        nearest_farther = neg_sorted.gather(1, first.clamp(max=dist.shape[1] - 1))
+        farthest = neg_sorted.gather(1, (n_neg - 1).clamp(min=0)).expand_as(dist)
+        d_neg = torch.where(first < n_neg, nearest_farther, farthest)
+        return _masked_mean(F.relu(dist - d_neg + margin), pairs)
 
-    # (N, M_pos, M_neg) would be cubic; work per (anchor, positive) pair instead.
-    a_idx, p_idx = pos_mask.nonzero(as_tuple=True)
-    keep = valid_anchor[a_idx]
-    a_idx, p_idx = a_idx[keep], p_idx[keep]
+    # "all": (N, M_pos, M_neg) would be cubic; work per (anchor, positive) pair instead.
+    if not valid_anchor.any():
+        return embeddings.sum() * 0.0
+    a_idx, p_idx = pairs.nonzero(as_tuple=True)
     d_ap = dist[a_idx, p_idx]                                      # (P,)
     d_an = dist[a_idx]                                             # (P, M)
     negs = neg_mask[a_idx]                                         # (P, M)
-    if mining == "all":
-        losses = F.relu(d_ap[:, None] - d_an + margin)
-        return (losses * negs).sum() / negs.sum()
-    farther = negs & (d_an > d_ap[:, None])
-    nearest_farther = d_an.masked_fill(~farther, float("inf")).amin(1)
-    farthest = d_an.masked_fill(~negs, float("-inf")).amax(1)
-    d_neg = torch.where(farther.any(1), nearest_farther, farthest)
-    return F.relu(d_ap - d_neg + margin).mean()
+    losses = F.relu(d_ap[:, None] - d_an + margin)
+    return (losses * negs).sum() / negs.sum()
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` holds; 0 where it holds nowhere (values there may be
+    inf, so they are replaced rather than multiplied by 0)."""
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp_min(1)

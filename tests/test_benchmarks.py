@@ -1,0 +1,118 @@
+"""`make bench` smoke test: every benchmark runs at a tiny size and writes valid JSON with the
+expected keys, its markdown table and the combined README. The numbers are not checked:
+speed targets live in the benchmarks (measured by `make bench`), never in tests."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.__main__ import main, parse
+
+TINY = ["--quick", "--losses", "ntxent", "--data", "synthetic", "--threads", "1", "--workers", "1"]
+MACHINE = {
+    "cpu",
+    "cores",
+    "usable_cores",
+    "torch_threads",
+    "torch",
+    "python",
+    "date",
+    "load_average_1m",
+}
+STATS = {"median", "min", "max", "runs"}
+
+
+def is_stat(s: object) -> bool:
+    return (
+        isinstance(s, dict)
+        and set(s) >= STATS
+        and s["min"] <= s["median"] <= s["max"]
+        and all(math.isfinite(v) for v in s["runs"])
+    )
+
+
+def run_bench(name: str, out) -> dict:
+    threads = torch.get_num_threads()
+    try:
+        assert main([name, *TINY, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    payload = json.loads((out / f"{name}.json").read_text())
+    assert payload["benchmark"] == name
+    assert set(payload["machine"]) >= MACHINE
+    assert payload["settings"]["quick"] is True
+    assert payload["notes"] and payload["table_md"].startswith("| ")
+    markdown = (out / f"{name}.md").read_text()
+    assert payload["title"] in markdown and payload["table_md"] in markdown
+    assert payload["table_md"] in (out / "README.md").read_text()
+    return payload
+
+
+def test_throughput(tmp_path):
+    [r] = run_bench("throughput", tmp_path)["results"]
+    assert r["loss"] == "ntxent" and r["steps"] == 3
+    for mode in ("contrast", "pure", "conventional", "data_path"):
+        for key in ("seconds", "cpu_seconds", "images_per_s", "epoch_s"):
+            assert is_stat(r[mode][key]), (mode, key)
+    for key in (
+        "epoch_over_pure",
+        "epoch_over_pure_cpu",
+        "conventional_over_contrast",
+        "data_path_share",
+    ):
+        assert is_stat(r[key]) and r[key]["median"] > 0
+    assert isinstance(r["meets_epoch_target"], bool) and isinstance(
+        r["meets_conventional_target"], bool
+    )
+
+
+def test_evaluation(tmp_path):
+    results = run_bench("evaluation", tmp_path)["results"]
+    assert [r["dim"] for r in results] == [256, 784]  # cnn features, raw pixels
+    for r in results:
+        for key in ("extract_s", "knn_s", "probe_s", "knn_plus_probe_s"):
+            assert is_stat(r[key]), key
+        assert {"knn_k200", "knn_k20", "linear_top1"} <= set(r["accuracy"])
+        assert all(0 <= r["accuracy"][k] <= 1 for k in ("knn_k200", "knn_k20", "linear_top1"))
+    assert results[0]["reference_probe"]["seconds"] > 0
+
+
+def test_memory(tmp_path):
+    results = run_bench("memory", tmp_path)["results"]
+    cases = [r["case"] for r in results]
+    assert any(c.startswith("contrast:") for c in cases) and any(
+        c.startswith("conventional:") for c in cases
+    )
+    for r in results:
+        assert (
+            is_stat(r["peak_pss_mb"])
+            and r["peak_rss_mb"]["median"] > 10
+            and r["ru_maxrss_mb"]["median"] > 10
+        )
+    conventional = next(r for r in results if r["case"].startswith("conventional:"))
+    assert conventional["processes"]["max"] >= 2  # the main process and its worker
+
+
+def test_quality(tmp_path):
+    payload = run_bench("quality", tmp_path)
+    assert {"raw_pixels", "random_init"} <= set(payload["results"]["baselines"])
+    [r] = payload["results"]["runs"]
+    for budget in ("fixed_epochs", "time_budget"):
+        metrics = r[budget]["metrics"]
+        assert set(metrics) == {"knn_k200", "knn_k20", "linear_top1"} and all(
+            0 <= v <= 1 for v in metrics.values()
+        )
+        assert r[budget]["epochs"] >= 1 and r[budget]["train_time_s"] > 0
+
+
+def test_options():
+    opts, names = parse(["--only", "memory,throughput", "--quick"])
+    assert names == ["throughput", "memory"] and opts.quick and opts.out.name == "quick"
+    opts, names = parse([])
+    assert names == ["throughput", "evaluation", "memory", "quality"] and opts.repeats == 5
+    with pytest.raises(SystemExit):
+        parse(["nonsense"])
