@@ -58,7 +58,9 @@ def _main(argv: list[str] | None) -> int:
         print(f"contrast {contrastive_cli.__version__}")
         return 0
     if args[0] not in COMMANDS:
-        print(f"error: unknown command {args[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"error: unknown command {args[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr
+        )
         return 2
     if args[0] != "train":  # Hydra configures logging for train; the others log plainly to stdout
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

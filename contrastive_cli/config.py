@@ -18,7 +18,9 @@ def config_dir() -> Path:
     for candidate in (here / "conf", here.parent / "conf"):
         if (candidate / "config.yaml").is_file():
             return candidate
-    raise FileNotFoundError(f"contrast's configs are missing: looked in {here / 'conf'} and {here.parent / 'conf'}")
+    raise FileNotFoundError(
+        f"contrast's configs are missing: looked in {here / 'conf'} and {here.parent / 'conf'}"
+    )
 
 
 CONF_DIR = config_dir()
@@ -62,7 +64,9 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+        return hydra_compose(
+            config_name="config", overrides=list(overrides), return_hydra_config=False
+        )
 
 
 def build(node: DictConfig, *args: object, **kwargs: object):
@@ -91,7 +95,10 @@ def expand_home(override: str) -> str:
 
 
 def apply_overrides(
-    run_cfg: DictConfig, overrides: Sequence[str], groups_allowed: Sequence[str], keys_allowed: tuple[str, ...],
+    run_cfg: DictConfig,
+    overrides: Sequence[str],
+    groups_allowed: Sequence[str],
+    keys_allowed: tuple[str, ...],
     command: str,
 ) -> DictConfig:
     """The run's config with ``overrides`` applied as ``contrast train`` would: ``group=option``
@@ -110,19 +117,31 @@ def apply_overrides(
     groups = config_groups()
     for o in parsed:
         key = o.key_or_group
-        if o.type != OverrideType.CHANGE or o.is_sweep_override() or not (key in groups_allowed or key.startswith(keys_allowed)):
-            allowed = [f"{g}=..." for g in groups_allowed] + [f"{k}..." if k.endswith(".") else f"{k}=..." for k in keys_allowed]
-            raise ConfigError(f"{o.input_line}: {command} takes only {', '.join(allowed)} (the encoder is the run's)")
+        if (
+            o.type != OverrideType.CHANGE
+            or o.is_sweep_override()
+            or not (key in groups_allowed or key.startswith(keys_allowed))
+        ):
+            allowed = [f"{g}=..." for g in groups_allowed] + [
+                f"{k}..." if k.endswith(".") else f"{k}=..." for k in keys_allowed
+            ]
+            raise ConfigError(
+                f"{o.input_line}: {command} takes only {', '.join(allowed)} (the encoder is the run's)"
+            )
         if key in groups_allowed:
             option = o.value()
             if option not in groups[key]:
-                raise ConfigError(f"{key}={option} is not an option; options: {', '.join(groups[key])}")
+                raise ConfigError(
+                    f"{key}={option} is not an option; options: {', '.join(groups[key])}"
+                )
             with open_dict(cfg):
                 cfg[key] = compose([f"{key}={option}"])[key]
         else:
             try:
                 OmegaConf.update(cfg, key, o.value(), merge=False)
             except Exception as e:  # struct mode: a key that does not exist
-                raise ConfigError(f"{o.input_line}: {key} is not a setting of data={cfg.data.get('name')} "
-                                  f"({type(e).__name__})") from None
+                raise ConfigError(
+                    f"{o.input_line}: {key} is not a setting of data={cfg.data.get('name')} "
+                    f"({type(e).__name__})"
+                ) from None
     return cfg

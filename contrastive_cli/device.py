@@ -15,14 +15,26 @@ PRECISIONS = ("fp32", "bf16")
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
-    autocast: bool          # bf16 autocast (CUDA only)
-    channels_last: bool     # NHWC activations (CUDA only)
+    autocast: bool  # bf16 autocast (CUDA only)
+    channels_last: bool  # NHWC activations (CUDA only)
     compile: bool
     data_on_device: bool
 
     def describe(self) -> str:
-        extras = [n for n, on in (("bf16", self.autocast), ("channels_last", self.channels_last), ("compile", self.compile)) if on]
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+        extras = [
+            n
+            for n, on in (
+                ("bf16", self.autocast),
+                ("channels_last", self.channels_last),
+                ("compile", self.compile),
+            )
+            if on
+        ]
+        name = (
+            torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else self.device.type
+        )
         return name + (f" ({', '.join(extras)})" if extras else "")
 
 
@@ -42,13 +54,19 @@ def resolve_device(
     if type not in DEVICES:
         raise ConfigError(f"device.type={type!r} is not allowed; allowed: {', '.join(DEVICES)}")
     if precision not in PRECISIONS:
-        raise ConfigError(f"device.precision={precision!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
+        raise ConfigError(
+            f"device.precision={precision!r} is not allowed; allowed: {', '.join(PRECISIONS)}"
+        )
     if type == "auto":
         type = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     if type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA GPU is visible to PyTorch; use device=auto or device=cpu")
+        raise ConfigError(
+            "device=cuda but no CUDA GPU is visible to PyTorch; use device=auto or device=cpu"
+        )
     if type == "mps" and not _mps_available():
-        raise ConfigError("device=mps but MPS is not available on this machine; use device=auto or device=cpu")
+        raise ConfigError(
+            "device=mps but MPS is not available on this machine; use device=auto or device=cpu"
+        )
     cuda = type == "cuda"
     return Runtime(
         device=torch.device(type),

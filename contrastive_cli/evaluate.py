@@ -47,7 +47,11 @@ def extract_features(
             x = transform(chunk.to(device, non_blocking=True))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+            ctx = (
+                torch.autocast(device.type, dtype=torch.bfloat16)
+                if autocast
+                else contextlib.nullcontext()
+            )
             with ctx:
                 out.append(encoder(x).float())
     finally:
@@ -82,10 +86,10 @@ def knn_predict(
     k_max = min(max(ks), bank.shape[0])
     preds: dict[int, list[Tensor]] = {k: [] for k in ks}
     for start in range(0, queries.shape[0], chunk_size):
-        sim = queries[start : start + chunk_size] @ bank.T                   # (m, N)
-        top_sim, top_idx = sim.topk(k_max, dim=1)                            # sorted, (m, k_max)
+        sim = queries[start : start + chunk_size] @ bank.T  # (m, N)
+        top_sim, top_idx = sim.topk(k_max, dim=1)  # sorted, (m, k_max)
         weights = (top_sim / temperature).exp()
-        neighbour_labels = train_labels[top_idx]                             # (m, k_max)
+        neighbour_labels = train_labels[top_idx]  # (m, k_max)
         for k in ks:
             k_eff = min(k, k_max)
             votes = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=weights.dtype)
@@ -125,8 +129,13 @@ PROBE_RTOL = 1e-3
 
 
 def fit_logistic(
-    x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int = 200,
-    init: tuple[Tensor, Tensor] | None = None, rtol: float = PROBE_RTOL,
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    weight_decay: float,
+    max_iter: int = 200,
+    init: tuple[Tensor, Tensor] | None = None,
+    rtol: float = PROBE_RTOL,
 ) -> tuple[Tensor, Tensor]:
     """Minimise mean cross-entropy + weight_decay/2 * ||W||^2 with full-batch L-BFGS.
 
@@ -142,8 +151,14 @@ def fit_logistic(
     w = (init[0].clone() if init else x.new_zeros(num_classes, x.shape[1])).requires_grad_(True)
     b = (init[1].clone() if init else x.new_zeros(num_classes)).requires_grad_(True)
     opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=PROBE_ROUND, max_eval=2 * PROBE_ROUND, history_size=20,
-        tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe",
+        [w, b],
+        lr=1.0,
+        max_iter=PROBE_ROUND,
+        max_eval=2 * PROBE_ROUND,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> Tensor:
@@ -156,9 +171,9 @@ def fit_logistic(
     with torch.enable_grad():
         for done in range(0, max_iter, PROBE_ROUND):
             opt.param_groups[0]["max_iter"] = min(PROBE_ROUND, max_iter - done)
-            start = float(opt.step(closure))         # the objective where this round started
+            start = float(opt.step(closure))  # the objective where this round started
             if previous - start <= rtol * abs(start):
-                break                                # the previous round barely helped
+                break  # the previous round barely helped
             previous = start
     return w.detach(), b.detach()
 
@@ -188,7 +203,7 @@ def linear_probe(
     fit_x, val_x = ((train_x[i].float() - fit_mean) / fit_std for i in (fit_idx, val_idx))
     best: tuple[float, float, tuple[Tensor, Tensor]] | None = None
     params = None
-    for wd in sorted(weight_decays, reverse=True):        # strong to weak, warm-started
+    for wd in sorted(weight_decays, reverse=True):  # strong to weak, warm-started
         params = fit_logistic(fit_x, train_y[fit_idx], num_classes, wd, max_iter, init=params)
         val_acc = accuracy(F.linear(val_x, *params).argmax(1), train_y[val_idx])
         if best is None or val_acc > best[1]:
@@ -209,8 +224,15 @@ def linear_probe(
 
 
 def evaluate_features(
-    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int,
-    knn_ks: Sequence[int], knn_temperature: float, probe: dict, seed: int,
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    knn_ks: Sequence[int],
+    knn_temperature: float,
+    probe: dict,
+    seed: int,
 ) -> dict[str, float]:
     """k-NN for every k and the linear probe on one set of features -> flat metrics dict."""
     metrics: dict[str, float] = {}
@@ -233,9 +255,20 @@ class KnnMonitor:
     """
 
     def __init__(
-        self, images: Tensor, labels: Tensor, num_classes: int, transform: Callable[[Tensor], Tensor],
-        device: torch.device, bank_size: int, query_size: int, k: int, temperature: float, seed: int,
-        batch_size: int = 1024, channels_last: bool = False, autocast: bool = False,
+        self,
+        images: Tensor,
+        labels: Tensor,
+        num_classes: int,
+        transform: Callable[[Tensor], Tensor],
+        device: torch.device,
+        bank_size: int,
+        query_size: int,
+        k: int,
+        temperature: float,
+        seed: int,
+        batch_size: int = 1024,
+        channels_last: bool = False,
+        autocast: bool = False,
     ):
         g = torch.Generator().manual_seed(derive_seed(seed, "monitor"))
         order = torch.randperm(len(images), generator=g)
@@ -249,19 +282,41 @@ class KnnMonitor:
 
     def __call__(self, encoder: nn.Module) -> float:
         def features(images: Tensor) -> Tensor:
-            return extract_features(encoder, images, self.transform, self.device, self.batch_size,
-                                    self.channels_last, self.autocast)
+            return extract_features(
+                encoder,
+                images,
+                self.transform,
+                self.device,
+                self.batch_size,
+                self.channels_last,
+                self.autocast,
+            )
 
-        pred = knn_predict(features(self.bank_images), self.bank_labels, features(self.query_images),
-                           self.num_classes, (self.k,), self.temperature)[self.k]
+        pred = knn_predict(
+            features(self.bank_images),
+            self.bank_labels,
+            features(self.query_images),
+            self.num_classes,
+            (self.k,),
+            self.temperature,
+        )[self.k]
         return accuracy(pred, self.query_labels)
 
 
 def evaluate_protocol(
     encoders: dict[str, nn.Module],
-    train_images: Tensor, train_labels: Tensor, test_images: Tensor, test_labels: Tensor,
-    num_classes: int, transform: Callable[[Tensor], Tensor], device: torch.device,
-    eval_cfg: dict, seed: int, pixels: bool = True, channels_last: bool = False, autocast: bool = False,
+    train_images: Tensor,
+    train_labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    transform: Callable[[Tensor], Tensor],
+    device: torch.device,
+    eval_cfg: dict,
+    seed: int,
+    pixels: bool = True,
+    channels_last: bool = False,
+    autocast: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Every encoder in ``encoders`` (and raw pixels) through the same k-NN and probe.
 
@@ -272,8 +327,10 @@ def evaluate_protocol(
 
     train_y, test_y = train_labels.to(device), test_labels.to(device)
     common = dict(
-        knn_ks=list(eval_cfg["knn_k"]), knn_temperature=eval_cfg["knn_temperature"],
-        probe=dict(eval_cfg["probe"]), seed=seed,
+        knn_ks=list(eval_cfg["knn_k"]),
+        knn_temperature=eval_cfg["knn_temperature"],
+        probe=dict(eval_cfg["probe"]),
+        seed=seed,
     )
     sources: dict[str, Callable[[Tensor], Tensor]] = {}
     if pixels:
@@ -287,8 +344,9 @@ def evaluate_protocol(
     results = {}
     for name, features in sources.items():
         start = time.perf_counter()
-        metrics = evaluate_features(features(train_images), train_y, features(test_images), test_y,
-                                    num_classes, **common)
+        metrics = evaluate_features(
+            features(train_images), train_y, features(test_images), test_y, num_classes, **common
+        )
         metrics["seconds"] = time.perf_counter() - start
         results[name] = metrics
     return results

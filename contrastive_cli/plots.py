@@ -18,8 +18,8 @@ from contrastive_cli.rundirs import Run
 
 log = logging.getLogger(__name__)
 DPI = 100
-CURVES_SIZE = (10, 4)      # inches: 1000 x 400 px
-EMBEDDING_SIZE = (7, 7)    # 700 x 700 px
+CURVES_SIZE = (10, 4)  # inches: 1000 x 400 px
+EMBEDDING_SIZE = (7, 7)  # 700 x 700 px
 
 
 def run_label(run: Run, others: Sequence[Run]) -> str:
@@ -35,7 +35,9 @@ def plot_curves(series: Sequence[tuple[str, list[dict]]], out: Path) -> Path:
     for label, records in series:
         if not records:
             continue
-        ax_loss.plot([r["epoch"] for r in records], [r["loss"] for r in records], marker=".", label=label)
+        ax_loss.plot(
+            [r["epoch"] for r in records], [r["loss"] for r in records], marker=".", label=label
+        )
         knn = [(r["epoch"], r["knn"]) for r in records if "knn" in r]
         if knn:
             ax_knn.plot(*zip(*knn, strict=True), marker=".", label=label)
@@ -49,7 +51,9 @@ def plot_curves(series: Sequence[tuple[str, list[dict]]], out: Path) -> Path:
     return _save(fig, out)
 
 
-def plot_embedding(features: np.ndarray, labels: np.ndarray, out: Path, title: str, seed: int = 0) -> Path:
+def plot_embedding(
+    features: np.ndarray, labels: np.ndarray, out: Path, title: str, seed: int = 0
+) -> Path:
     """2-D map of features (UMAP when installed, else t-SNE), coloured by class."""
     try:
         import umap  # type: ignore[import-not-found]
@@ -60,7 +64,9 @@ def plot_embedding(features: np.ndarray, labels: np.ndarray, out: Path, title: s
         from sklearn.manifold import TSNE
 
         perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
-        xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(features)
+        xy = TSNE(
+            n_components=2, init="pca", random_state=seed, perplexity=perplexity
+        ).fit_transform(features)
         method = "t-SNE"
     fig, ax = plt.subplots(figsize=EMBEDDING_SIZE, dpi=DPI)
     classes = np.unique(labels)
@@ -76,9 +82,14 @@ def plot_embedding(features: np.ndarray, labels: np.ndarray, out: Path, title: s
 
 def swept_keys(runs: Sequence[Run]) -> dict[str, list[str]]:
     """Override keys whose value differs between runs -> each run's value ('' when unset)."""
-    values = [dict(o.split("=", 1) for o in r.overrides if "=" in o and not o.startswith("hydra")) for r in runs]
+    values = [
+        dict(o.split("=", 1) for o in r.overrides if "=" in o and not o.startswith("hydra"))
+        for r in runs
+    ]
     keys = sorted({k for v in values for k in v})
-    return {k: [v.get(k, "") for v in values] for k in keys if len({v.get(k, "") for v in values}) > 1}
+    return {
+        k: [v.get(k, "") for v in values] for k in keys if len({v.get(k, "") for v in values}) > 1
+    }
 
 
 def plot_sweep(runs: Sequence[Run], out: Path, metric: str = "knn_k200") -> Path | None:

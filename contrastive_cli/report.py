@@ -14,7 +14,12 @@ import torch
 
 import contrastive_cli
 
-METRIC_LABELS = {"knn_k200": "k-NN k=200", "knn_k20": "k-NN k=20", "linear_top1": "linear", "linear_top5": "linear top-5"}
+METRIC_LABELS = {
+    "knn_k200": "k-NN k=200",
+    "knn_k20": "k-NN k=20",
+    "linear_top1": "linear",
+    "linear_top5": "linear top-5",
+}
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -74,8 +79,19 @@ def _git_sha() -> str | None:
     if not (repo / ".git").exists():
         return None
     try:
-        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -89,17 +105,27 @@ def results_table(results: dict) -> str:
         k for k in metrics if k.startswith("knn_k") and k not in METRIC_LABELS
     ]
     title = f"{results.get('loss', '?')} encoder"
-    rows = [("raw pixels", baselines.get("raw_pixels")), ("random init encoder", baselines.get("random_init")), (title, metrics)]
+    rows = [
+        ("raw pixels", baselines.get("raw_pixels")),
+        ("random init encoder", baselines.get("random_init")),
+        (title, metrics),
+    ]
     rows = [(name, m) for name, m in rows if m]
     width = max(len(name) for name, _ in rows)
     header = " " * width + "".join(f"  {METRIC_LABELS.get(k, k):>12}" for k in keys)
     lines = [header]
     for name, m in rows:
-        lines.append(f"{name:<{width}}" + "".join(f"  {m[k]:>12.4f}" if k in m else f"  {'-':>12}" for k in keys))
+        lines.append(
+            f"{name:<{width}}"
+            + "".join(f"  {m[k]:>12.4f}" if k in m else f"  {'-':>12}" for k in keys)
+        )
     best = {k: max((b[k] for b in baselines.values() if b and k in b), default=None) for k in keys}
     if any(v is not None for v in best.values()) and metrics:
         lines.append(
             f"{'gain over best baseline':<{width}}"
-            + "".join(f"  {metrics[k] - best[k]:>+12.4f}" if best[k] is not None else f"  {'':>12}" for k in keys)
+            + "".join(
+                f"  {metrics[k] - best[k]:>+12.4f}" if best[k] is not None else f"  {'':>12}"
+                for k in keys
+            )
         )
     return "\n".join(lines)

@@ -60,8 +60,10 @@ def load_data(cfg: DictConfig) -> ImageData:
         if not isinstance(e.__cause__, OSError):
             raise
         err = e.__cause__
-        raise DataError(f"data={cfg.data.name}: cannot read {err.filename or cfg.data.root} "
-                        f"({err.strerror or err})") from None
+        raise DataError(
+            f"data={cfg.data.name}: cannot read {err.filename or cfg.data.root} "
+            f"({err.strerror or err})"
+        ) from None
     _, c, h, w = data.pretrain.images.shape
     if c != cfg.data.channels or h != cfg.data.image_size or w != cfg.data.image_size:
         raise DataError(
@@ -79,13 +81,23 @@ def build_encoder(cfg: DictConfig, seed: int) -> torch.nn.Module:
 
 def encoder_metadata(cfg: DictConfig) -> dict[str, str]:
     """What encoder.safetensors carries so it can be rebuilt without its run directory."""
-    return {"format": "contrast-encoder-v1", "encoder": json.dumps(OmegaConf.to_container(cfg.encoder, resolve=True)),
-            "data": str(cfg.data.name), "channels": str(cfg.data.channels),
-            "image_size": str(cfg.data.image_size), "seed": str(cfg.trainer.seed)}
+    return {
+        "format": "contrast-encoder-v1",
+        "encoder": json.dumps(OmegaConf.to_container(cfg.encoder, resolve=True)),
+        "data": str(cfg.data.name),
+        "channels": str(cfg.data.channels),
+        "image_size": str(cfg.data.image_size),
+        "seed": str(cfg.trainer.seed),
+    }
 
 
 def evaluate_encoder(
-    cfg: DictConfig, encoder: torch.nn.Module, data: ImageData, augment: Any, runtime: Runtime, seed: int
+    cfg: DictConfig,
+    encoder: torch.nn.Module,
+    data: ImageData,
+    augment: Any,
+    runtime: Runtime,
+    seed: int,
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """The evaluation protocol for ``encoder`` and, when ``eval.baselines``, for raw pixels and
     the same encoder freshly initialised from ``seed`` (its weights before training)."""
@@ -93,17 +105,35 @@ def evaluate_encoder(
     encoders = {"trained": encoder}
     if cfg.eval.baselines:
         memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
-        encoders["random_init"] = build_encoder(cfg, seed).to(runtime.device, memory_format=memory_format)
+        encoders["random_init"] = build_encoder(cfg, seed).to(
+            runtime.device, memory_format=memory_format
+        )
     evaluated = evaluate_protocol(
-        encoders, data.train.images, data.train.labels, data.test.images, data.test.labels,
-        data.num_classes, augment.normalize, runtime.device, OmegaConf.to_container(cfg.eval),
-        seed, pixels=cfg.eval.baselines, channels_last=runtime.channels_last, autocast=runtime.autocast,
+        encoders,
+        data.train.images,
+        data.train.labels,
+        data.test.images,
+        data.test.labels,
+        data.num_classes,
+        augment.normalize,
+        runtime.device,
+        OmegaConf.to_container(cfg.eval),
+        seed,
+        pixels=cfg.eval.baselines,
+        channels_last=runtime.channels_last,
+        autocast=runtime.autocast,
     )
     return evaluated.pop("trained"), evaluated
 
 
 def plot_embedding_of(
-    encoder: torch.nn.Module, data: ImageData, augment: Any, runtime: Runtime, cfg: DictConfig, out: Path, title: str
+    encoder: torch.nn.Module,
+    data: ImageData,
+    augment: Any,
+    runtime: Runtime,
+    cfg: DictConfig,
+    out: Path,
+    title: str,
 ) -> Path | None:
     """The embedding map of up to ``eval.embedding_points`` test images (a fixed subset)."""
     from contrastive_cli.plots import plot_embedding
@@ -112,9 +142,18 @@ def plot_embedding_of(
         return None
     g = torch.Generator().manual_seed(derive_seed(cfg.trainer.seed, "embedding"))
     idx = torch.randperm(len(data.test), generator=g)[: cfg.eval.embedding_points]
-    features = extract_features(encoder, data.test.images[idx], augment.normalize, runtime.device,
-                                cfg.eval.batch_size, runtime.channels_last, runtime.autocast)
-    return plot_embedding(features.cpu().numpy(), data.test.labels[idx].numpy(), out, title, cfg.trainer.seed)
+    features = extract_features(
+        encoder,
+        data.test.images[idx],
+        augment.normalize,
+        runtime.device,
+        cfg.eval.batch_size,
+        runtime.channels_last,
+        runtime.autocast,
+    )
+    return plot_embedding(
+        features.cpu().numpy(), data.test.labels[idx].numpy(), out, title, cfg.trainer.seed
+    )
 
 
 def embedding_map(run: Run, out: Path) -> Path | None:
@@ -130,18 +169,22 @@ def embedding_map(run: Run, out: Path) -> Path | None:
     encoder = build_encoder(cfg, cfg.trainer.seed)
     encoder.load_state_dict(load_file(str(weights)))
     title = f"{run.choices.get('loss', '')} on {cfg.data.name}"
-    return plot_embedding_of(encoder.to(runtime.device), data, build(cfg.data.augment), runtime, cfg, out, title)
+    return plot_embedding_of(
+        encoder.to(runtime.device), data, build(cfg.data.augment), runtime, cfg, out, title
+    )
 
 
 class Training(NamedTuple):
-    method: torch.nn.Module                              # on the device
-    step_fn: Callable[..., torch.Tensor]                 # the method, or torch.compile(method)
+    method: torch.nn.Module  # on the device
+    step_fn: Callable[..., torch.Tensor]  # the method, or torch.compile(method)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     batches: Batches
 
 
-def build_training(cfg: DictConfig, runtime: Runtime, data: ImageData, encoder: torch.nn.Module) -> Training:
+def build_training(
+    cfg: DictConfig, runtime: Runtime, data: ImageData, encoder: torch.nn.Module
+) -> Training:
     """What ``train`` needs, built from ``cfg`` around ``encoder`` (also used by ``make bench``)."""
     t = cfg.trainer
     method = build(cfg.loss, encoder=encoder).to(runtime.device)
@@ -150,19 +193,25 @@ def build_training(cfg: DictConfig, runtime: Runtime, data: ImageData, encoder: 
     step_fn = torch.compile(method) if runtime.compile else method
     optimizer = build(cfg.optim.optimizer)([p for p in method.parameters() if p.requires_grad])
     try:
-        batches = data.pretrain.batches(t.batch_size, t.seed, runtime.device, runtime.data_on_device)
+        batches = data.pretrain.batches(
+            t.batch_size, t.seed, runtime.device, runtime.data_on_device
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     scheduler = build(cfg.optim.scheduler)(optimizer, steps_per_epoch=len(batches), epochs=t.epochs)
     return Training(method, step_fn, optimizer, scheduler, batches)
 
 
-def run_training(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
+def run_training(
+    cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Train and evaluate the run that ``cfg`` describes, in ``run_dir``. Returns results.json."""
     started = time.time()
     validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.trainer.resume and any((run_dir / f).exists() for f in ("results.json", str(CHECKPOINT.parent))):
+    if not cfg.trainer.resume and any(
+        (run_dir / f).exists() for f in ("results.json", str(CHECKPOINT.parent))
+    ):
         raise RunExists(
             f"run directory {run_dir} already holds a run; resume it with `contrast resume {run_dir}` "
             "or choose a new directory"
@@ -172,9 +221,16 @@ def run_training(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None 
         with GracefulStop() as stop:
             return _run(cfg, run_dir, choices or {}, started, stop)
     except Interrupted as e:
-        status = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
+        status = (
+            json.loads((run_dir / "results.json").read_text())
+            if (run_dir / "results.json").exists()
+            else {}
+        )
         if status.get("status") != "interrupted":  # stopped outside the loop: nothing new to save
-            write_json(run_dir / "results.json", {"status": "interrupted", "run_dir": str(run_dir), "error": str(e)})
+            write_json(
+                run_dir / "results.json",
+                {"status": "interrupted", "run_dir": str(run_dir), "error": str(e)},
+            )
             log.info(str(e))
         raise
     finally:
@@ -182,7 +238,9 @@ def run_training(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None 
         handler.close()
 
 
-def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float, stop: GracefulStop) -> dict[str, Any]:
+def _run(
+    cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float, stop: GracefulStop
+) -> dict[str, Any]:
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
     runtime: Runtime = build(cfg.device)
@@ -207,21 +265,38 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
     monitor = None
     if data.train is not None and data.train.labels is not None and cfg.eval.every > 0:
         monitor = KnnMonitor(
-            data.train.images, data.train.labels, data.num_classes, augment.normalize, runtime.device,
-            cfg.eval.monitor_bank, cfg.eval.monitor_queries, cfg.eval.knn_k[0], cfg.eval.knn_temperature,
-            t.seed, cfg.eval.batch_size, runtime.channels_last, runtime.autocast,
+            data.train.images,
+            data.train.labels,
+            data.num_classes,
+            augment.normalize,
+            runtime.device,
+            cfg.eval.monitor_bank,
+            cfg.eval.monitor_queries,
+            cfg.eval.knn_k[0],
+            cfg.eval.knn_temperature,
+            t.seed,
+            cfg.eval.batch_size,
+            runtime.channels_last,
+            runtime.autocast,
         )
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     def save(progress: Progress) -> None:
-        save_checkpoint(checkpoint, {
-            "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "progress": dataclasses.asdict(progress),
-            "config": resolved,
-        })
+        save_checkpoint(
+            checkpoint,
+            {
+                "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "progress": dataclasses.asdict(progress),
+                "config": resolved,
+            },
+        )
 
     def end_epoch(progress: Progress, record: dict) -> None:
-        if monitor is not None and (progress.epoch % cfg.eval.every == 0 or progress.epoch == t.epochs):
+        if monitor is not None and (
+            progress.epoch % cfg.eval.every == 0 or progress.epoch == t.epochs
+        ):
             record["knn"] = monitor(method.encoder)
         metrics_log.append(record)
         log.info(
@@ -233,28 +308,62 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
             save(progress)
 
     summary: dict[str, Any] = {
-        "run_dir": str(run_dir), "data": cfg.data.name, "encoder": choices.get("encoder"),
-        "loss": choices.get("loss"), "epochs": t.epochs, "seed": t.seed, "device": runtime.describe(),
+        "run_dir": str(run_dir),
+        "data": cfg.data.name,
+        "encoder": choices.get("encoder"),
+        "loss": choices.get("loss"),
+        "epochs": t.epochs,
+        "seed": t.seed,
+        "device": runtime.describe(),
     }
 
     def stopped(status: str, progress: Progress, error: str) -> dict[str, Any]:
-        return {"status": status, **summary, "error": error, "epoch": progress.epoch, "steps": progress.step,
-                "wall_time_s": time.time() - started, "versions": versions()}
+        return {
+            "status": status,
+            **summary,
+            "error": error,
+            "epoch": progress.epoch,
+            "steps": progress.step,
+            "wall_time_s": time.time() - started,
+            "versions": versions(),
+        }
 
-    log.info(f"training {choices.get('loss', '')} on {cfg.data.name} ({len(data.pretrain)} images, "
-             f"{len(batches)} steps/epoch) on {runtime.describe()}; run dir {run_dir}")
+    log.info(
+        f"training {choices.get('loss', '')} on {cfg.data.name} ({len(data.pretrain)} images, "
+        f"{len(batches)} steps/epoch) on {runtime.describe()}; run dir {run_dir}"
+    )
+
     def interrupted(progress: Progress) -> Interrupted:
-        message = (f"stopped at epoch {progress.epoch + 1}, step {progress.step}; checkpoint saved; "
-                   f"continue with: contrast resume {run_dir}")
+        message = (
+            f"stopped at epoch {progress.epoch + 1}, step {progress.step}; checkpoint saved; "
+            f"continue with: contrast resume {run_dir}"
+        )
         write_json(run_dir / "results.json", stopped("interrupted", progress, message))
         log.info(message)
         return Interrupted(stop.signum or 2, message)
 
-    hooks = Hooks(end_epoch=end_epoch, save=save, stop_requested=lambda: stop.requested, interrupted=interrupted)
+    hooks = Hooks(
+        end_epoch=end_epoch,
+        save=save,
+        stop_requested=lambda: stop.requested,
+        interrupted=interrupted,
+    )
     stop.graceful = True
     try:
-        progress = train(step_fn, optimizer, scheduler, batches, augment, runtime, t.epochs, t.seed,
-                         progress, hooks, t.log_every, t.grad_clip)
+        progress = train(
+            step_fn,
+            optimizer,
+            scheduler,
+            batches,
+            augment,
+            runtime,
+            t.epochs,
+            t.seed,
+            progress,
+            hooks,
+            t.log_every,
+            t.grad_clip,
+        )
     except Diverged as e:
         write_json(run_dir / "results.json", stopped("diverged", progress, str(e)))
         raise
@@ -262,18 +371,24 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
         stop.graceful = False
 
     encoder = method.encoder
-    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
-              str(run_dir / "encoder.safetensors"),
-              metadata=encoder_metadata(cfg))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
+        str(run_dir / "encoder.safetensors"),
+        metadata=encoder_metadata(cfg),
+    )
 
     results: dict[str, Any] = {
-        "status": "completed", **summary, "steps": progress.step,
+        "status": "completed",
+        **summary,
+        "steps": progress.step,
         "train_time_s": progress.train_seconds,
         "images_per_s": progress.step * t.batch_size / max(progress.train_seconds, 1e-9),
     }
     eval_start = time.perf_counter()
     if data.labelled:
-        results["metrics"], results["baselines"] = evaluate_encoder(cfg, encoder, data, augment, runtime, t.seed)
+        results["metrics"], results["baselines"] = evaluate_encoder(
+            cfg, encoder, data, augment, runtime, t.seed
+        )
     else:
         results["eval_skipped"] = "the data has no labels: k-NN and the linear probe are skipped"
         log.info(results["eval_skipped"])
@@ -289,15 +404,30 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float
     return results
 
 
-def _plot_run(run_dir: Path, records: list[dict], encoder: torch.nn.Module, data: ImageData, augment: Any,
-              runtime: Runtime, cfg: DictConfig, choices: dict[str, str]) -> None:
+def _plot_run(
+    run_dir: Path,
+    records: list[dict],
+    encoder: torch.nn.Module,
+    data: ImageData,
+    augment: Any,
+    runtime: Runtime,
+    cfg: DictConfig,
+    choices: dict[str, str],
+) -> None:
     """plots/curves.png and plots/embedding.png; a failed plot is a warning, never a failed run."""
     from contrastive_cli.plots import plot_curves
 
     try:
         plot_curves([(run_dir.name, records)], run_dir / "plots" / "curves.png")
-        plot_embedding_of(encoder, data, augment, runtime, cfg, run_dir / "plots" / "embedding.png",
-                          f"{choices.get('loss', '')} on {cfg.data.name}")
+        plot_embedding_of(
+            encoder,
+            data,
+            augment,
+            runtime,
+            cfg,
+            run_dir / "plots" / "embedding.png",
+            f"{choices.get('loss', '')} on {cfg.data.name}",
+        )
     except Exception as e:
         log.warning(f"plots were not written: {type(e).__name__}: {e}")
 

@@ -17,22 +17,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from contrastive_cli.errors import ConfigError, UserError
 
-CONFIG = Path(".hydra") / "config.yaml"                         # complete and resolved
-INTERPOLATED = Path(".hydra") / "config_unresolved.yaml"        # the same, interpolations kept
+CONFIG = Path(".hydra") / "config.yaml"  # complete and resolved
+INTERPOLATED = Path(".hydra") / "config_unresolved.yaml"  # the same, interpolations kept
 
 
 @dataclass
 class Run:
     path: Path
-    choices: dict[str, str] = field(default_factory=dict)   # config group -> option
-    overrides: list[str] = field(default_factory=list)      # command-line overrides
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> option
+    overrides: list[str] = field(default_factory=list)  # command-line overrides
     results: dict[str, Any] | None = None
 
     def config(self, interpolated: bool = False) -> DictConfig:
         """The saved config in struct mode (typos stay errors). Resolved by default: what the
         run did. ``interpolated``: with interpolations kept, so that an override such as
         ``data.path=...`` reaches the keys that follow it (``data.source.path``)."""
-        path = self.path / (INTERPOLATED if interpolated and (self.path / INTERPOLATED).is_file() else CONFIG)
+        path = self.path / (
+            INTERPOLATED if interpolated and (self.path / INTERPOLATED).is_file() else CONFIG
+        )
         cfg = OmegaConf.load(path)
         OmegaConf.set_struct(cfg, True)
         return cfg  # type: ignore[return-value]
@@ -62,13 +64,17 @@ def load_run(path: Path) -> Run:
     if not path.is_dir():
         raise ConfigError(f"RUN_DIR={path}: no such folder")
     if not (path / CONFIG).is_file():
-        raise ConfigError(f"RUN_DIR={path}: not a run directory (no {CONFIG}); `contrast runs` lists them")
+        raise ConfigError(
+            f"RUN_DIR={path}: not a run directory (no {CONFIG}); `contrast runs` lists them"
+        )
     choices: dict[str, str] = {}
     hydra_file = path / ".hydra" / "hydra.yaml"
     if hydra_file.is_file():
         hydra_cfg = OmegaConf.load(hydra_file)
         raw = OmegaConf.to_container(hydra_cfg.hydra.runtime.choices, resolve=False) or {}
-        choices = {k: str(v) for k, v in raw.items() if not k.startswith("hydra/") and v is not None}
+        choices = {
+            k: str(v) for k, v in raw.items() if not k.startswith("hydra/") and v is not None
+        }
     overrides_file = path / ".hydra" / "overrides.yaml"
     overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
     results_file = path / "results.json"

@@ -24,7 +24,9 @@ class WarmupCosine:
             return (step + 1) / self.warmup_steps
         span = max(self.total_steps - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / span, 1.0)
-        return self.final_lr_ratio + (1 - self.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.final_lr_ratio + (1 - self.final_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
 
 
 def warmup_cosine(

@@ -44,10 +44,16 @@ class GracefulStop:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None or not self.graceful:
             self.signum = signum
-            raise Interrupted(signum, f"stopped at once by {signal.Signals(signum).name}; the last checkpoint is intact")
+            raise Interrupted(
+                signum,
+                f"stopped at once by {signal.Signals(signum).name}; the last checkpoint is intact",
+            )
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-              "(send it again to stop at once)", flush=True)
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+            "(send it again to stop at once)",
+            flush=True,
+        )
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():

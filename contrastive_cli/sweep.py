@@ -22,7 +22,23 @@ class SweepSummary(Callback):
         runs = find_runs([sweep_dir]) if sweep_dir.exists() else []
         rows = [run_row(r) for r in runs]
         print(f"\nsweep {sweep_dir}: {len(rows)} jobs")
-        print(format_table(rows, ["loss", "data", "encoder", "overrides", "epochs", "knn", "knn20", "linear", "wall_s", "status"]))
+        print(
+            format_table(
+                rows,
+                [
+                    "loss",
+                    "data",
+                    "encoder",
+                    "overrides",
+                    "epochs",
+                    "knn",
+                    "knn20",
+                    "linear",
+                    "wall_s",
+                    "status",
+                ],
+            )
+        )
         if not rows:
             return
         (sweep_dir / "sweep_results.csv").write_text(to_csv(rows))

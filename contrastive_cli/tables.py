@@ -11,8 +11,20 @@ from omegaconf import OmegaConf
 
 from contrastive_cli.rundirs import Run
 
-COLUMNS = ["date", "data", "encoder", "loss", "overrides", "epochs", "knn", "knn20", "linear",
-           "wall_s", "status", "path"]
+COLUMNS = [
+    "date",
+    "data",
+    "encoder",
+    "loss",
+    "overrides",
+    "epochs",
+    "knn",
+    "knn20",
+    "linear",
+    "wall_s",
+    "status",
+    "path",
+]
 METRIC_COLUMNS = {"knn": "knn_k200", "knn20": "knn_k20", "linear": "linear_top1"}
 NUMERIC = {"epochs", "knn", "knn20", "linear", "wall_s"}
 
@@ -80,7 +92,10 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMN
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     align = [(str.rjust if c in NUMERIC else str.ljust) for c in columns]
     lines = ["  ".join(a(c, w) for a, c, w in zip(align, columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(a(v, w) for a, v, w in zip(align, row, widths, strict=True)).rstrip() for row in cells]
+    lines += [
+        "  ".join(a(v, w) for a, v, w in zip(align, row, widths, strict=True)).rstrip()
+        for row in cells
+    ]
     failures = [r for r in rows if r.get("error")]
     for r in failures:
         lines.append(f"  {r['status']}: {r['path']}: {r['error']}")

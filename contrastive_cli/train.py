@@ -21,12 +21,12 @@ from contrastive_cli.errors import Diverged
 class Progress:
     """Where training stands. Plain types only: it is saved in every checkpoint."""
 
-    epoch: int = 0                      # completed epochs
-    step: int = 0                       # optimizer steps taken
-    batch: int = 0                      # batches done in the unfinished epoch
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken
+    batch: int = 0  # batches done in the unfinished epoch
     step_losses: list[float] = field(default_factory=list)  # that epoch's losses so far
-    epoch_seconds: float = 0.0          # that epoch's training time so far
-    train_seconds: float = 0.0          # all completed epochs' training time
+    epoch_seconds: float = 0.0  # that epoch's training time so far
+    train_seconds: float = 0.0  # all completed epochs' training time
 
 
 def epoch_record(progress: Progress, steps_per_epoch: int, batch_size: int, lr: float) -> dict:
@@ -46,8 +46,8 @@ def epoch_record(progress: Progress, steps_per_epoch: int, batch_size: int, lr: 
 class Hooks:
     """What the loop calls out to; run.py supplies them."""
 
-    end_epoch: Callable[[Progress, dict], None]      # monitor, log, checkpoint
-    save: Callable[[Progress], None]                 # checkpoint mid-epoch (on a stop request)
+    end_epoch: Callable[[Progress, dict], None]  # monitor, log, checkpoint
+    save: Callable[[Progress], None]  # checkpoint mid-epoch (on a stop request)
     stop_requested: Callable[[], bool] = lambda: False
     interrupted: Callable[[Progress], BaseException] = lambda p: KeyboardInterrupt()
 
@@ -76,13 +76,21 @@ def train(
     forward_state = ForwardState(method)
     generator = torch.Generator(device=runtime.device)
     autocast = (
-        torch.autocast(runtime.device.type, dtype=torch.bfloat16) if runtime.autocast else contextlib.nullcontext()
+        torch.autocast(runtime.device.type, dtype=torch.bfloat16)
+        if runtime.autocast
+        else contextlib.nullcontext()
     )
     for epoch in range(progress.epoch, epochs):
         method.train()
         losses: list[Tensor] = []
-        bar = tqdm(total=len(batches), initial=progress.batch, desc=f"epoch {epoch + 1}/{epochs}",
-                   leave=False, disable=None, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(batches),
+            initial=progress.batch,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            leave=False,
+            disable=None,
+            dynamic_ncols=True,
+        )
         start = time.perf_counter()
         for images, labels in batches.epoch(epoch, start=progress.batch):
             # 1. two views, augmented on the device with parameters seeded by (seed, step)
@@ -126,7 +134,9 @@ def train(
         bar.close()
         _bank(progress, losses, start)
         progress.epoch += 1
-        record = epoch_record(progress, len(batches), batches.batch_size, scheduler.get_last_lr()[0])
+        record = epoch_record(
+            progress, len(batches), batches.batch_size, scheduler.get_last_lr()[0]
+        )
         progress.train_seconds += progress.epoch_seconds
         progress.batch, progress.step_losses, progress.epoch_seconds = 0, [], 0.0
         hooks.end_epoch(progress, record)
@@ -139,7 +149,10 @@ class ForwardState:
 
     def __init__(self, method: nn.Module):
         self.buffers = [
-            b for m in method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()
+            b
+            for m in method.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in m.buffers()
         ]
         self.copies = [torch.empty_like(b) for b in self.buffers]
 

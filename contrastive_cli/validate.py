@@ -408,8 +408,10 @@ def _shape_is_the_datasets(cfg: DictConfig) -> str | None:
     for key in ("channels", "image_size"):
         value, fixed = _get(cfg, f"data.{key}"), default.get(key)
         if key not in params and fixed is not None and value != fixed:
-            return (f"data.{key}={value} is not allowed with data={cfg.data.name}; allowed: {fixed} "
-                    f"(its images are {default.channels}x{default.image_size}x{default.image_size})")
+            return (
+                f"data.{key}={value} is not allowed with data={cfg.data.name}; allowed: {fixed} "
+                f"(its images are {default.channels}x{default.image_size}x{default.image_size})"
+            )
     return None
 
 

@@ -26,16 +26,34 @@ TINY = [
 ]
 
 
-def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: Sequence[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
     """``contrast <args>`` in a subprocess, importing this checkout's package."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0",
-                **(env or {})}
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+        "HYDRA_FULL_ERROR": "0",
+        **(env or {}),
+    }
     full_env.pop("CONTRAST_DATA", None) if env is None or "CONTRAST_DATA" not in env else None
-    proc = subprocess.run([sys.executable, "-m", "contrastive_cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "contrastive_cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"contrast {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"contrast {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 

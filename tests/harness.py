@@ -35,7 +35,7 @@ def kill_in_step(n: int) -> None:
 
     def patched(self, x, generator):
         calls["count"] += 1
-        if calls["count"] == 2 * (n - 1) + 2:   # the second view of step n
+        if calls["count"] == 2 * (n - 1) + 2:  # the second view of step n
             _die()
         return original(self, x, generator)
 

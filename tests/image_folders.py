@@ -11,8 +11,13 @@ from PIL import Image
 MODES = ("RGB", "L", "RGBA", "P")
 
 
-def write_images(root: Path, classes: Sequence[str] | None = ("circle", "square"), per_class: int = 20,
-                 corrupt: bool = True, seed: int = 0) -> list[Path]:
+def write_images(
+    root: Path,
+    classes: Sequence[str] | None = ("circle", "square"),
+    per_class: int = 20,
+    corrupt: bool = True,
+    seed: int = 0,
+) -> list[Path]:
     """Images of mixed sizes (12-40 px a side), modes (RGB, L, RGBA, P) and formats (PNG,
     JPEG), under ``root/<class>/`` or, with ``classes=None``, directly in ``root``. Each
     class has its own colour, so even a tiny run can tell them apart. With ``corrupt``, a
@@ -33,7 +38,9 @@ def write_images(root: Path, classes: Sequence[str] | None = ("circle", "square"
             image.save(path)
             written.append(path)
     if corrupt:
-        (root / (classes[0] if classes else "") / "broken.png").write_bytes(b"this is not a png file")
+        (root / (classes[0] if classes else "") / "broken.png").write_bytes(
+            b"this is not a png file"
+        )
     return sorted(written)
 
 

@@ -8,8 +8,16 @@ import pytest
 
 from tests.conftest import TINY, read_results, run_cli, run_dirs
 
-RUN_FILES = [".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "train.log",
-             "metrics.jsonl", "results.json", "checkpoints/last.pt", "encoder.safetensors"]
+RUN_FILES = [
+    ".hydra/config.yaml",
+    ".hydra/overrides.yaml",
+    ".hydra/hydra.yaml",
+    "train.log",
+    "metrics.jsonl",
+    "results.json",
+    "checkpoints/last.pt",
+    "encoder.safetensors",
+]
 
 
 @pytest.mark.parametrize("loss", ["ntxent", "moco", "byol", "triplet"])
@@ -49,11 +57,24 @@ def test_multirun_makes_one_run_dir_per_job(tmp_path):
 
 def test_help_lists_groups_and_options(tmp_path):
     top = run_cli(["--help"], cwd=tmp_path, check=True).stdout
-    for text in ("train", "data", "fashion_mnist", "loss", "byol", "device", "cuda", "encoder", "resnet18"):
+    for text in (
+        "train",
+        "data",
+        "fashion_mnist",
+        "loss",
+        "byol",
+        "device",
+        "cuda",
+        "encoder",
+        "resnet18",
+    ):
         assert text in top
     train_help = run_cli(["train", "--help"], cwd=tmp_path, check=True).stdout
-    for text in ("data: cifar10, cifar100, digits, fashion_mnist, folder, mnist, stl10", "loss: byol, moco, ntxent, triplet",
-                 "knn_temperature"):
+    for text in (
+        "data: cifar10, cifar100, digits, fashion_mnist, folder, mnist, stl10",
+        "loss: byol, moco, ntxent, triplet",
+        "knn_temperature",
+    ):
         assert text in train_help
 
 
@@ -64,8 +85,10 @@ def test_unknown_option_lists_the_valid_ones(tmp_path):
 
 
 def test_missing_data_is_one_line_naming_the_files(tmp_path):
-    proc = run_cli(["train", "data=mnist", "data.download=false", f"data.root={tmp_path / 'nowhere'}"],
-                   cwd=tmp_path)
+    proc = run_cli(
+        ["train", "data=mnist", "data.download=false", f"data.root={tmp_path / 'nowhere'}"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     [line] = [ln for ln in proc.stderr.splitlines() if ln.strip()]

@@ -67,7 +67,9 @@ def test_a_misspelt_key_is_an_error_not_a_new_key(compose_cfg):
 
 
 # --------------------------------------------------------------------------- data
-@pytest.mark.parametrize("data", list(SHAPES))  # built-in sets; folder/stl10: tests/test_folder.py, test_stl10.py
+@pytest.mark.parametrize(
+    "data", list(SHAPES)
+)  # built-in sets; folder/stl10: tests/test_folder.py, test_stl10.py
 def test_data_options_declare_their_shape_and_build_their_augmentation(compose_cfg, data):
     cfg = compose_cfg(f"data={data}").data
     c, size = SHAPES[data]

@@ -36,16 +36,30 @@ def _built(cfg):
     data = load_data(cfg)
     method = build(cfg.loss, encoder=build_encoder(cfg, cfg.trainer.seed))
     optimizer = build(cfg.optim.optimizer)(list(method.parameters()))
-    batches = InMemoryBatches(data.pretrain, cfg.trainer.batch_size, cfg.trainer.seed, runtime.device)
-    scheduler = build(cfg.optim.scheduler)(optimizer, steps_per_epoch=len(batches), epochs=cfg.trainer.epochs)
+    batches = InMemoryBatches(
+        data.pretrain, cfg.trainer.batch_size, cfg.trainer.seed, runtime.device
+    )
+    scheduler = build(cfg.optim.scheduler)(
+        optimizer, steps_per_epoch=len(batches), epochs=cfg.trainer.epochs
+    )
     return method, optimizer, scheduler, batches, build(cfg.data.augment), runtime
 
 
 def _train(cfg, hooks):
     method, optimizer, scheduler, batches, augment, runtime = _built(cfg)
     try:
-        train(method, optimizer, scheduler, batches, augment, runtime, cfg.trainer.epochs, cfg.trainer.seed,
-              Progress(), hooks)
+        train(
+            method,
+            optimizer,
+            scheduler,
+            batches,
+            augment,
+            runtime,
+            cfg.trainer.epochs,
+            cfg.trainer.seed,
+            Progress(),
+            hooks,
+        )
     except (Diverged, StopIteration) as e:
         return method, optimizer, e
     return method, optimizer, None
@@ -61,23 +75,33 @@ def test_nan_at_step_k_leaves_the_weights_of_step_k_minus_1(compose_cfg, monkeyp
         return progress_steps["n"] >= K - 1
 
     ref_method, ref_opt, stopped = _train(
-        cfg, Hooks(end_epoch=lambda p, r: None, save=lambda p: None, stop_requested=stop_after_k_minus_1,
-                   interrupted=lambda p: StopIteration()))
+        cfg,
+        Hooks(
+            end_epoch=lambda p, r: None,
+            save=lambda p: None,
+            stop_requested=stop_after_k_minus_1,
+            interrupted=lambda p: StopIteration(),
+        ),
+    )
     assert isinstance(stopped, StopIteration)
 
     _nan_at_step(monkeypatch, K)
     method, opt, error = _train(cfg, Hooks(end_epoch=lambda p, r: None, save=lambda p: None))
     assert isinstance(error, Diverged) and error.step == K
-    for (name, a), b in zip(method.state_dict().items(), ref_method.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        method.state_dict().items(), ref_method.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert all(torch.isfinite(p).all() for p in method.parameters())
     assert opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
 
 
-def test_diverged_run_reports_status_and_keeps_the_last_good_checkpoint(compose_cfg, monkeypatch, tmp_path):
+def test_diverged_run_reports_status_and_keeps_the_last_good_checkpoint(
+    compose_cfg, monkeypatch, tmp_path
+):
     cfg = compose_cfg(*TINY)
     steps_per_epoch = 1437 // 64
-    _nan_at_step(monkeypatch, steps_per_epoch + 3)          # early in the second epoch
+    _nan_at_step(monkeypatch, steps_per_epoch + 3)  # early in the second epoch
     with pytest.raises(Diverged, match=r"lower optim\.optimizer\.lr"):
         run_training(cfg, tmp_path, {"loss": "ntxent"})
     results = json.loads((tmp_path / "results.json").read_text())

@@ -18,7 +18,9 @@ from tests.conftest import REPO, TINY, read_results, run_cli, run_dirs
 
 # 3 epochs x 22 steps on digits, deterministic kernels; no plots (they are tested below).
 CFG = [o for o in TINY if not o.startswith("trainer.epochs")] + [
-    "trainer.epochs=3", "trainer.deterministic=true", "eval.plots=false",
+    "trainer.epochs=3",
+    "trainer.deterministic=true",
+    "eval.plots=false",
 ]
 
 
@@ -31,19 +33,36 @@ def reference(tmp_path_factory):
 
 
 def test_reproduce_is_bit_identical(reference, tmp_path):
-    proc = run_cli(["reproduce", str(reference), "--out", str(tmp_path / "again")], cwd=tmp_path, check=True)
+    proc = run_cli(
+        ["reproduce", str(reference), "--out", str(tmp_path / "again")], cwd=tmp_path, check=True
+    )
     assert "identical" in proc.stdout
     assert compared_values(tmp_path / "again") == compared_values(reference)
     # The saved config is complete and resolved: no interpolations left in it.
     assert "${" not in (reference / ".hydra" / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize(("fault", "n"), [("kill-in-step", 2), ("kill-in-step", 40), ("kill-in-save", 2)])
+@pytest.mark.parametrize(
+    ("fault", "n"), [("kill-in-step", 2), ("kill-in-step", 40), ("kill-in-save", 2)]
+)
 def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, fault, n):
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.harness", fault, str(n), "--", "train", *CFG, f"hydra.run.dir={run}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "tests.harness",
+            fault,
+            str(n),
+            "--",
+            "train",
+            *CFG,
+            f"hydra.run.dir={run}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not (run / "results.json").exists()
@@ -56,12 +75,17 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(reference, tmp
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "contrastive_cli", "train", *CFG, f"hydra.run.dir={run}"],
-        cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 300
     while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first epoch"
+        assert proc.poll() is None and time.time() < deadline, (
+            "the run ended before its first epoch"
+        )
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
@@ -75,8 +99,10 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(reference, tmp
 
 
 def test_sweep_with_a_failing_job_finishes_the_others_and_exits_nonzero(tmp_path):
-    proc = run_cli(["train", "-m", "trainer.batch_size=64,100000", *[o for o in CFG if "batch_size" not in o]],
-                   cwd=tmp_path)
+    proc = run_cli(
+        ["train", "-m", "trainer.batch_size=64,100000", *[o for o in CFG if "batch_size" not in o]],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     runs = run_dirs(tmp_path / "outputs" / "multirun")
     statuses = sorted(read_results(r)["status"] for r in runs)
@@ -89,18 +115,28 @@ def test_sweep_with_a_failing_job_finishes_the_others_and_exits_nonzero(tmp_path
 
 
 def test_runs_lists_sorts_filters_and_writes_csv(reference, tmp_path):
-    proc = run_cli(["runs", str(reference.parent), "--sort", "knn", "--csv", str(tmp_path / "r.csv")],
-                   cwd=tmp_path, check=True)
+    proc = run_cli(
+        ["runs", str(reference.parent), "--sort", "knn", "--csv", str(tmp_path / "r.csv")],
+        cwd=tmp_path,
+        check=True,
+    )
     assert "ntxent" in proc.stdout and "completed" in proc.stdout
     [row] = list(csv.DictReader((tmp_path / "r.csv").open()))
     results = read_results(reference)
     assert row["loss"] == "ntxent" and row["data"] == "digits" and row["status"] == "completed"
     assert float(row["knn"]) == results["metrics"]["knn_k200"]
     assert "trainer.epochs=3" in row["overrides"]
-    none = run_cli(["runs", str(reference.parent), "--where", "loss=moco", "--json", "-"], cwd=tmp_path, check=True)
+    none = run_cli(
+        ["runs", str(reference.parent), "--where", "loss=moco", "--json", "-"],
+        cwd=tmp_path,
+        check=True,
+    )
     assert json.loads(none.stdout) == []
-    some = run_cli(["runs", str(reference.parent), "--where", "trainer.epochs=3", "--json", "-"], cwd=tmp_path,
-                   check=True)
+    some = run_cli(
+        ["runs", str(reference.parent), "--where", "trainer.epochs=3", "--json", "-"],
+        cwd=tmp_path,
+        check=True,
+    )
     assert len(json.loads(some.stdout)) == 1
 
 

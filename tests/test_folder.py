@@ -28,8 +28,11 @@ def load(path, **kwargs):
 # --------------------------------------------------------------------------- end to end
 def test_labelled_folder_trains_and_evaluates_skipping_the_corrupt_file(tmp_path):
     write_images(tmp_path / "photos", per_class=20)
-    proc = run_cli(["train", *FOLDER_TINY, f"data.path={tmp_path / 'photos'}", "data.workers=1"],
-                   cwd=tmp_path, check=True)
+    proc = run_cli(
+        ["train", *FOLDER_TINY, f"data.path={tmp_path / 'photos'}", "data.workers=1"],
+        cwd=tmp_path,
+        check=True,
+    )
     assert "skipped 1 of 41 files" in proc.stdout and "broken.png" in proc.stdout
     [run] = run_dirs(tmp_path / "outputs")
     results = read_results(run)
@@ -41,8 +44,11 @@ def test_labelled_folder_trains_and_evaluates_skipping_the_corrupt_file(tmp_path
 
 def test_unlabelled_folder_trains_and_says_evaluation_is_skipped(tmp_path):
     write_images(tmp_path / "photos", classes=None, per_class=24)
-    proc = run_cli(["train", *FOLDER_TINY, f"data.path={tmp_path / 'photos'}", "data.cache=true"],
-                   cwd=tmp_path, check=True)
+    proc = run_cli(
+        ["train", *FOLDER_TINY, f"data.path={tmp_path / 'photos'}", "data.cache=true"],
+        cwd=tmp_path,
+        check=True,
+    )
     assert "without class subfolders" in proc.stdout and "skipped" in proc.stdout
     [run] = run_dirs(tmp_path / "outputs")
     results = read_results(run)
@@ -88,12 +94,15 @@ def test_class_subfolders_give_a_fixed_stratified_split(tmp_path):
     data = load(tmp_path)
     again = load(tmp_path)
     assert data.class_names == ["a", "b", "c"] and data.num_classes == 3
-    assert data.pretrain is data.train                         # test images stay out of training
-    assert len(data.train) == 24 and len(data.test) == 6         # 2 of each class held out
+    assert data.pretrain is data.train  # test images stay out of training
+    assert len(data.train) == 24 and len(data.test) == 6  # 2 of each class held out
     assert torch.bincount(data.test.labels).tolist() == [2, 2, 2]
-    assert data.test.paths == again.test.paths                    # fixed, not run-seeded
+    assert data.test.paths == again.test.paths  # fixed, not run-seeded
     assert not set(data.train.paths) & set(data.test.paths)
-    assert all(p.split("/")[-2] == data.class_names[y] for p, y in zip(data.test.paths, data.test.labels.tolist(), strict=True))
+    assert all(
+        p.split("/")[-2] == data.class_names[y]
+        for p, y in zip(data.test.paths, data.test.labels.tolist(), strict=True)
+    )
 
 
 def test_train_and_test_subfolders_are_the_split(tmp_path):
@@ -102,7 +111,9 @@ def test_train_and_test_subfolders_are_the_split(tmp_path):
     data = load(tmp_path)
     assert data.class_names == ["a", "b"]
     assert len(data.train) == 12 and len(data.test) == 6
-    assert all("/test/" in p for p in data.test.paths) and all("/train/" in p for p in data.train.paths)
+    assert all("/test/" in p for p in data.test.paths) and all(
+        "/train/" in p for p in data.train.paths
+    )
 
 
 def test_eval_path_evaluates_unlabelled_training_data(tmp_path, caplog):
@@ -120,7 +131,7 @@ def test_unlabelled_and_empty_folders(tmp_path):
     data = load(tmp_path / "flat")
     assert not data.labelled and data.pretrain.labels is None and len(data.pretrain) == 5
     (tmp_path / "empty" / ".hidden").mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(tmp_path / "empty" / ".hidden" / "x.png")   # hidden: ignored
+    Image.new("RGB", (8, 8)).save(tmp_path / "empty" / ".hidden" / "x.png")  # hidden: ignored
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     with pytest.raises(DataError, match=r"data.path=.*empty: no images found"):
         load(tmp_path / "empty")
@@ -132,31 +143,33 @@ def test_unlabelled_and_empty_folders(tmp_path):
 
 # --------------------------------------------------------------------------- decoding
 def test_decode_converts_modes_and_sizes(tmp_path):
-    rgba = np.zeros((10, 20, 4), dtype=np.uint8)                  # fully transparent -> white
+    rgba = np.zeros((10, 20, 4), dtype=np.uint8)  # fully transparent -> white
     Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
     assert (decode(str(tmp_path / "clear.png"), 8, 3) == 255).all()
     wide = np.zeros((10, 30), dtype=np.uint8)
-    wide[:, 10:20] = 200                                          # the centre third is bright
+    wide[:, 10:20] = 200  # the centre third is bright
     Image.fromarray(wide, "L").save(tmp_path / "wide.png")
-    out = decode(str(tmp_path / "wide.png"), 10, 3)               # shorter side, centre crop
+    out = decode(str(tmp_path / "wide.png"), 10, 3)  # shorter side, centre crop
     assert out.shape == (3, 10, 10) and out.dtype == np.uint8 and out.min() >= 190
     Image.fromarray(np.full((9, 9), 65535, dtype=np.uint16)).save(tmp_path / "deep.png")
     assert (decode(str(tmp_path / "deep.png"), 4, 1) == 255).all()  # 16-bit scaled, not clipped
-    Image.fromarray(np.full((5, 7, 3), (255, 0, 0), dtype=np.uint8)).convert("P").save(tmp_path / "pal.gif")
+    Image.fromarray(np.full((5, 7, 3), (255, 0, 0), dtype=np.uint8)).convert("P").save(
+        tmp_path / "pal.gif"
+    )
     red = decode(str(tmp_path / "pal.gif"), 4, 3)
     assert red.shape == (3, 4, 4) and (red[0] > 240).all() and (red[1:] < 15).all()
     grey = decode(str(tmp_path / "pal.gif"), 4, 1)
-    assert grey.shape == (1, 4, 4) and abs(int(grey[0, 0, 0]) - 76) <= 2   # ITU-R 601 luma of red
+    assert grey.shape == (1, 4, 4) and abs(int(grey[0, 0, 0]) - 76) <= 2  # ITU-R 601 luma of red
 
 
 def test_decode_applies_exif_rotation(tmp_path):
     stored = np.zeros((10, 20), dtype=np.uint8)
-    stored[:, :10] = 255                                          # left half white as stored
+    stored[:, :10] = 255  # left half white as stored
     exif = Image.Exif()
-    exif[0x0112] = 6                                              # "rotate 90 degrees clockwise to view"
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
     Image.fromarray(stored, "L").save(tmp_path / "phone.jpg", exif=exif, quality=95)
     out = decode(str(tmp_path / "phone.jpg"), 10, 1)[0]
-    assert out[0].min() > 200 and out[-1].max() < 50              # viewed: the top is white
+    assert out[0].min() > 200 and out[-1].max() < 50  # viewed: the top is white
 
 
 def test_a_truncated_file_is_replaced_when_streaming_and_dropped_from_the_cache(tmp_path, caplog):
@@ -165,7 +178,7 @@ def test_a_truncated_file_is_replaced_when_streaming_and_dropped_from_the_cache(
     truncate(png)
     with caplog.at_level(logging.WARNING):
         streamed = load(tmp_path)
-        assert len(streamed.pretrain) == 8                        # the header still opens
+        assert len(streamed.pretrain) == 8  # the header still opens
         images = torch.cat(list(streamed.pretrain.images.split(3)))
     assert images.shape == (8, 3, 16, 16)
     assert f"cannot decode {png}" in caplog.text
@@ -178,18 +191,24 @@ def test_a_truncated_file_is_replaced_when_streaming_and_dropped_from_the_cache(
 def test_streamed_and_cached_folders_give_the_same_batches(tmp_path):
     write_images(tmp_path, per_class=10)
     streamed, cached = load(tmp_path), load(tmp_path, cache=True)
-    assert isinstance(streamed.train.images, ImageFiles) and isinstance(cached.train.images, torch.Tensor)
+    assert isinstance(streamed.train.images, ImageFiles) and isinstance(
+        cached.train.images, torch.Tensor
+    )
     assert streamed.train.paths == cached.train.paths
     assert torch.equal(torch.cat(list(streamed.train.images.split(7))), cached.train.images)
     a = streamed.train.batches(4, seed=3, device=torch.device("cpu"))
     b = cached.train.batches(4, seed=3, device=torch.device("cpu"))
-    assert isinstance(a, StreamingBatches) and isinstance(b, InMemoryBatches) and len(a) == len(b) == 4
+    assert (
+        isinstance(a, StreamingBatches) and isinstance(b, InMemoryBatches) and len(a) == len(b) == 4
+    )
     for (xa, ya), (xb, yb) in zip(a.epoch(1), b.epoch(1), strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    resumed = list(a.epoch(1, start=2))                           # resume at batch 2 of epoch 1
+    resumed = list(a.epoch(1, start=2))  # resume at batch 2 of epoch 1
     assert len(resumed) == 2
     assert torch.equal(resumed[0][0], list(b.epoch(1))[2][0])
-    with pytest.raises(ValueError, match=r"trainer\.batch_size=64 is larger than the 16 training images"):
+    with pytest.raises(
+        ValueError, match=r"trainer\.batch_size=64 is larger than the 16 training images"
+    ):
         streamed.train.batches(64, seed=0, device=torch.device("cpu"))
 
 
@@ -212,10 +231,10 @@ def test_the_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFiles, "decode_all", no_decoding)
     assert torch.equal(load(tmp_path, cache=True).pretrain.images, first.pretrain.images)
     monkeypatch.undo()
-    Image.new("RGB", (20, 20), (9, 9, 9)).save(tmp_path / "new.png")   # the file list changed
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(tmp_path / "new.png")  # the file list changed
     assert len(load(tmp_path, cache=True).pretrain) == 7
     assert len(load_folder(str(tmp_path), image_size=8, cache=True, workers=0).pretrain) == 7
-    assert cache_file(tmp_path, 8, 3, None).is_file()              # one file per size/channels
+    assert cache_file(tmp_path, 8, 3, None).is_file()  # one file per size/channels
     elsewhere = tmp_path.parent / f"{tmp_path.name}-cache"
     load(tmp_path, cache=True, cache_dir=str(elsewhere))
     assert cache_file(tmp_path, 16, 3, str(elsewhere)).is_file()
@@ -230,7 +249,7 @@ def test_cache_falls_back_to_streaming_when_too_large(tmp_path, monkeypatch, cap
 
 
 def test_home_is_expanded_in_overrides():
-    home = expand_home("data.path=~")[len("data.path="):]
+    home = expand_home("data.path=~")[len("data.path=") :]
     assert not home.startswith("~")
     assert expand_home("data.path=~/photos") == f"data.path={home}/photos"
     assert expand_home("~data.path") == "~data.path" and expand_home("loss=ntxent") == "loss=ntxent"

@@ -25,8 +25,10 @@ def write_stl10(root: Path, seed: int = 0) -> dict[str, tuple[np.ndarray, np.nda
     written = {}
     for split, n in SIZES.items():
         images = rng.integers(0, 256, size=(n, 3, 96, 96), dtype=np.uint8)
-        images[:, 0, :8, :] = 0                                    # a dark band along the top rows
-        (folder / f"{split}_X.bin").write_bytes(np.ascontiguousarray(images.transpose(0, 1, 3, 2)).tobytes())
+        images[:, 0, :8, :] = 0  # a dark band along the top rows
+        (folder / f"{split}_X.bin").write_bytes(
+            np.ascontiguousarray(images.transpose(0, 1, 3, 2)).tobytes()
+        )
         labels = None
         if split != "unlabeled":
             labels = np.arange(n) % 10
@@ -41,9 +43,14 @@ def test_loader_reads_torchvisions_format(tmp_path, monkeypatch):
     assert data.pretrain.labels is None and data.labelled and data.num_classes == 10
     for split, (images, labels) in written.items():
         got = getattr(data, "pretrain" if split == "unlabeled" else split)
-        assert got.images.dtype == torch.uint8 and tuple(got.images.shape) == (SIZES[split], 3, 96, 96)
+        assert got.images.dtype == torch.uint8 and tuple(got.images.shape) == (
+            SIZES[split],
+            3,
+            96,
+            96,
+        )
         assert torch.equal(got.images, torch.from_numpy(images))
-        assert (got.images[:, 0, :8, :] == 0).all()               # rows and columns the right way round
+        assert (got.images[:, 0, :8, :] == 0).all()  # rows and columns the right way round
         if labels is not None:
             assert got.labels.tolist() == labels.tolist()
     # torchvision's own reader agrees (its md5 check would reject these tiny files)
@@ -71,7 +78,11 @@ def test_missing_files_name_them_and_where_to_put_them(tmp_path):
     message = str(e.value)
     assert "\n" not in message
     assert "unlabeled_X.bin" in message and "train_X.bin" not in message
-    assert str(tmp_path / "stl10_binary") in message and "URL" in message and "data.download=true" in message
+    assert (
+        str(tmp_path / "stl10_binary") in message
+        and "URL" in message
+        and "data.download=true" in message
+    )
 
 
 def test_download_uses_torchvision_and_failures_are_one_line(tmp_path):
@@ -100,9 +111,22 @@ def test_truncated_files_are_data_errors(tmp_path):
 
 def test_train_on_stl10_end_to_end(tmp_path):
     write_stl10(tmp_path / "data")
-    run_cli(["train", "data=stl10", f"data.root={tmp_path / 'data'}", "data.download=false", *TINY,
-             "trainer.batch_size=8", "trainer.epochs=1"], cwd=tmp_path, check=True)
+    run_cli(
+        [
+            "train",
+            "data=stl10",
+            f"data.root={tmp_path / 'data'}",
+            "data.download=false",
+            *TINY,
+            "trainer.batch_size=8",
+            "trainer.epochs=1",
+        ],
+        cwd=tmp_path,
+        check=True,
+    )
     [run] = run_dirs(tmp_path / "outputs")
     results = read_results(run)
-    assert results["status"] == "completed" and results["steps"] == 2   # 20 unlabelled images, batch 8
+    assert (
+        results["status"] == "completed" and results["steps"] == 2
+    )  # 20 unlabelled images, batch 8
     assert 0.0 <= results["metrics"]["linear_top1"] <= 1.0

@@ -28,7 +28,7 @@ from contrastive_cli.rundirs import load_run
 
 HELP = "write a trained encoder's embeddings of a dataset (.parquet, .npy or .csv)"
 FORMATS = (".parquet", ".npy", ".csv")
-GROUPS = ("data", "device")            # config groups an override may switch
+GROUPS = ("data", "device")  # config groups an override may switch
 KEYS = ("data.", "device.", "eval.batch_size")  # keys an override may set
 
 
@@ -51,9 +51,15 @@ def _parser() -> argparse.ArgumentParser:
         ".npy holds a structured array (np.load(f)['embedding'] is N x D); a missing label is -1.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished `contrast train` run directory")
-    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="data, device or eval.batch_size overrides")
-    parser.add_argument("--out", required=True, metavar="FILE", help="output file: .parquet, .npy or .csv")
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a finished `contrast train` run directory"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="OVERRIDE", help="data, device or eval.batch_size overrides"
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="FILE", help="output file: .parquet, .npy or .csv"
+    )
     return parser
 
 
@@ -75,16 +81,20 @@ def main(args: list[str]) -> int:
 
 def _check_out(out: Path) -> None:
     if out.suffix.lower() not in FORMATS:
-        raise ConfigError(f"--out {out}: the extension {out.suffix or '(none)'!s} is not allowed; "
-                          f"allowed: {', '.join(FORMATS)}")
+        raise ConfigError(
+            f"--out {out}: the extension {out.suffix or '(none)'!s} is not allowed; "
+            f"allowed: {', '.join(FORMATS)}"
+        )
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
     if out.suffix.lower() == ".parquet":
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise ConfigError(f"--out {out}: writing parquet needs pyarrow (pip install pyarrow, or "
-                              "pip install 'contrast[parquet]'); or write .npy or .csv") from None
+            raise ConfigError(
+                f"--out {out}: writing parquet needs pyarrow (pip install pyarrow, or "
+                "pip install 'contrast[parquet]'); or write .npy or .csv"
+            ) from None
 
 
 def load_encoder(run_dir: Path, run_cfg: DictConfig) -> torch.nn.Module:
@@ -96,12 +106,16 @@ def load_encoder(run_dir: Path, run_cfg: DictConfig) -> torch.nn.Module:
 
     path = run_dir / "encoder.safetensors"
     if not path.is_file():
-        raise DataError(f"{path} is missing: the run has not finished (see {run_dir / 'results.json'})")
+        raise DataError(
+            f"{path} is missing: the run has not finished (see {run_dir / 'results.json'})"
+        )
     encoder = build_encoder(run_cfg, run_cfg.trainer.seed)
     try:
         encoder.load_state_dict(load_file(str(path)))
     except RuntimeError as e:
-        raise DataError(f"{path} does not fit the run's encoder config: {str(e).splitlines()[0]}") from None
+        raise DataError(
+            f"{path} does not fit the run's encoder config: {str(e).splitlines()[0]}"
+        ) from None
     return encoder
 
 
@@ -122,21 +136,32 @@ def embed(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, np.n
     encoder = load_encoder(run_dir, run_cfg).to(runtime.device)
     if runtime.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
-    normalize = build(run_cfg.data.augment).normalize    # as the encoder saw images in training
+    normalize = build(run_cfg.data.augment).normalize  # as the encoder saw images in training
     data = load_data(cfg)
     batch_size = cfg.eval.batch_size
     columns: dict[str, list] = {"split": [], "id": [], "label": [], "embedding": []}
     for name, split in data.named_splits().items():
-        bar = tqdm(total=len(split), desc=f"embedding {name}", unit="img", disable=None, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(split), desc=f"embedding {name}", unit="img", disable=None, dynamic_ncols=True
+        )
         for chunk in split.images.split(batch_size):
-            features = extract_features(encoder, chunk, normalize, runtime.device, batch_size,
-                                        runtime.channels_last, runtime.autocast)
+            features = extract_features(
+                encoder,
+                chunk,
+                normalize,
+                runtime.device,
+                batch_size,
+                runtime.channels_last,
+                runtime.autocast,
+            )
             columns["embedding"].append(features.cpu().numpy())
             bar.update(len(chunk))
         bar.close()
         columns["split"] += [name] * len(split)
         columns["id"] += split.paths if split.paths is not None else list(range(len(split)))
-        columns["label"].append(split.labels.numpy() if split.labels is not None else np.full(len(split), -1))
+        columns["label"].append(
+            split.labels.numpy() if split.labels is not None else np.full(len(split), -1)
+        )
     labels = np.concatenate(columns["label"]).astype(np.int64)
     rows = {
         "split": np.array(columns["split"]),
@@ -154,7 +179,9 @@ def write(out: Path, rows: dict[str, np.ndarray], metadata: dict[str, str]) -> N
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
     os.close(fd)
     try:
-        {".parquet": _parquet, ".npy": _npy, ".csv": _csv}[out.suffix.lower()](Path(tmp), rows, metadata)
+        {".parquet": _parquet, ".npy": _npy, ".csv": _csv}[out.suffix.lower()](
+            Path(tmp), rows, metadata
+        )
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -182,7 +209,10 @@ def _parquet(path: Path, rows: dict[str, np.ndarray], metadata: dict[str, str]) 
 def _npy(path: Path, rows: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """A structured array (no pickled objects): arr['embedding'] is (N, D), label -1 = unknown."""
     dim = rows["embedding"].shape[1]
-    dtype = [(name, values.dtype) if name != "embedding" else (name, np.float32, (dim,)) for name, values in rows.items()]
+    dtype = [
+        (name, values.dtype) if name != "embedding" else (name, np.float32, (dim,))
+        for name, values in rows.items()
+    ]
     table = np.empty(len(rows["embedding"]), dtype=dtype)
     for name, values in rows.items():
         table[name] = values
@@ -198,5 +228,7 @@ def _csv(path: Path, rows: dict[str, np.ndarray], metadata: dict[str, str]) -> N
         writer.writerow([*names, *(f"e{i}" for i in range(dim))])
         for i, vector in enumerate(rows["embedding"]):
             fields = [rows[n][i] for n in names]
-            fields = ["" if n == "label" and v < 0 else v for n, v in zip(names, fields, strict=True)]
+            fields = [
+                "" if n == "label" and v < 0 else v for n, v in zip(names, fields, strict=True)
+            ]
             writer.writerow([*fields, *(f"{v:.9g}" for v in vector)])

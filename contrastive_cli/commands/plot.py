@@ -14,9 +14,14 @@ HELP = "loss and k-NN curves (several runs on one figure), embedding map, sweep 
 def main(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="contrast plot", description=HELP)
     parser.add_argument("paths", nargs="+", type=Path, help="run directories or sweep directories")
-    parser.add_argument("--out", type=Path, help="folder for the PNGs (default: the run's or sweep's plots/, "
-                        "else ./plots)")
-    parser.add_argument("--no-embedding", action="store_true", help="skip the embedding maps (slow on CPU)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="folder for the PNGs (default: the run's or sweep's plots/, else ./plots)",
+    )
+    parser.add_argument(
+        "--no-embedding", action="store_true", help="skip the embedding maps (slow on CPU)"
+    )
     ns = parser.parse_args(args)
     runs = find_runs(ns.paths)
     if not runs:

@@ -29,7 +29,9 @@ def compared_values(run_dir: Path) -> dict[str, float]:
                 values[f"epoch {record['epoch']} {key}"] = float(record[key])
     results = run.results or {}
     sections = {"metrics": results.get("metrics") or {}}
-    sections.update({f"baselines.{name}": m for name, m in (results.get("baselines") or {}).items()})
+    sections.update(
+        {f"baselines.{name}": m for name, m in (results.get("baselines") or {}).items()}
+    )
     for section, metrics in sections.items():
         for key, value in metrics.items():
             if key not in TIMINGS:
@@ -52,23 +54,41 @@ def differences(a: dict[str, float], b: dict[str, float]) -> list[tuple[str, Any
 def main(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="contrast reproduce", description=HELP)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="directory for the new run (default: outputs/<date>/<time>_reproduce_<name>)")
-    parser.add_argument("--tolerance", type=float, default=None,
-                        help="largest absolute difference accepted (default: 0 for a deterministic CPU "
-                             "run, else 0.01)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for the new run (default: outputs/<date>/<time>_reproduce_<name>)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest absolute difference accepted (default: 0 for a deterministic CPU "
+        "run, else 0.01)",
+    )
     ns = parser.parse_args(args)
     original = load_run(ns.run_dir)
     if original.status != "completed":
-        print(f"error: {original.path} has status {original.status!r}; only completed runs can be reproduced "
-              f"(use `contrast resume {original.path}` for interrupted ones)")
+        print(
+            f"error: {original.path} has status {original.status!r}; only completed runs can be reproduced "
+            f"(use `contrast resume {original.path}` for interrupted ones)"
+        )
         return 2
     cfg = original.config()
     with open_dict(cfg):
         cfg.trainer.resume = False
     now = datetime.now()
-    out = Path(claim_directory(str(ns.out or Path("outputs") / now.strftime("%Y-%m-%d")
-                                   / f"{now:%H-%M-%S}_reproduce_{original.path.name}")))
+    out = Path(
+        claim_directory(
+            str(
+                ns.out
+                or Path("outputs")
+                / now.strftime("%Y-%m-%d")
+                / f"{now:%H-%M-%S}_reproduce_{original.path.name}"
+            )
+        )
+    )
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
     for name in ("hydra.yaml", "overrides.yaml", "config_unresolved.yaml"):
         if (original.path / ".hydra" / name).is_file():
@@ -82,17 +102,23 @@ def main(args: list[str]) -> int:
         run_training(cfg, out, original.choices)
     except Interrupted as e:
         return e.exit_code
-    deterministic_cpu = bool(cfg.trainer.deterministic) and "cpu" in str((original.results or {}).get("device", ""))
+    deterministic_cpu = bool(cfg.trainer.deterministic) and "cpu" in str(
+        (original.results or {}).get("device", "")
+    )
     tolerance = ns.tolerance if ns.tolerance is not None else (0.0 if deterministic_cpu else 0.01)
     diffs = differences(compared_values(original.path), compared_values(out))
     print(f"\noriginal:   {original.path}\nreproduced: {out}")
     if not diffs:
-        print(f"identical: all {len(compared_values(out))} per-epoch losses, k-NN values and final metrics "
-              "are bit-identical")
+        print(
+            f"identical: all {len(compared_values(out))} per-epoch losses, k-NN values and final metrics "
+            "are bit-identical"
+        )
         return 0
     worst = max(d[3] for d in diffs)
     verdict = "within tolerance" if worst <= tolerance else "differs"
-    print(f"{verdict}: {len(diffs)} values differ, largest |difference| {worst:.3g}, tolerance {tolerance:g}")
+    print(
+        f"{verdict}: {len(diffs)} values differ, largest |difference| {worst:.3g}, tolerance {tolerance:g}"
+    )
     for key, a, b, d in diffs[:20]:
         print(f"  {key:<40} {a!s:>22} {b!s:>22}  {d:.3g}")
     if len(diffs) > 20:

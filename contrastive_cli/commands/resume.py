@@ -15,7 +15,9 @@ HELP = "continue an interrupted run from checkpoints/last.pt, in its own directo
 
 def main(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="contrast resume", description=HELP)
-    parser.add_argument("run_dir", type=Path, help="a run directory (outputs/<date>/<time>_<loss>_<data>)")
+    parser.add_argument(
+        "run_dir", type=Path, help="a run directory (outputs/<date>/<time>_<loss>_<data>)"
+    )
     ns = parser.parse_args(args)
     run = load_run(ns.run_dir)
     if run.status == "completed":

@@ -16,14 +16,27 @@ HELP = "table of runs under outputs/ (or given paths): data, encoder, loss, over
 
 def main(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="contrast runs", description=HELP)
-    parser.add_argument("paths", nargs="*", type=Path, default=[Path("outputs")],
-                        help="run directories, sweeps or trees (default: outputs)")
-    parser.add_argument("--sort", default="date", help=f"column to sort by: {', '.join(COLUMNS)} "
-                        "(metrics best first)")
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        default=[Path("outputs")],
+        help="run directories, sweeps or trees (default: outputs)",
+    )
+    parser.add_argument(
+        "--sort",
+        default="date",
+        help=f"column to sort by: {', '.join(COLUMNS)} (metrics best first)",
+    )
     parser.add_argument("--reverse", action="store_true", help="reverse the sort order")
-    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                        help="keep runs whose column or config key has this value (repeatable), "
-                             "e.g. --where loss=moco --where optim.optimizer.lr=0.001")
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep runs whose column or config key has this value (repeatable), "
+        "e.g. --where loss=moco --where optim.optimizer.lr=0.001",
+    )
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV (- for stdout)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (- for stdout)")
     ns = parser.parse_args(args)

@@ -39,7 +39,9 @@ def _train_task(cfg: DictConfig) -> float:
     try:
         # The saved config is complete and resolved: a later edit to conf/ or the
         # environment cannot change what a rerun of this directory does.
-        OmegaConf.save(cfg, run_dir / hc.output_subdir / "config_unresolved.yaml")  # for overrides later
+        OmegaConf.save(
+            cfg, run_dir / hc.output_subdir / "config_unresolved.yaml"
+        )  # for overrides later
         OmegaConf.save(cfg, run_dir / hc.output_subdir / "config.yaml", resolve=True)
         return objective(run_training(cfg, run_dir, dict(hc.runtime.choices)))
     except UserError as e:
@@ -66,7 +68,9 @@ def _record_failure(run_dir: Path, error: str) -> None:
     from contrastive_cli.report import write_json
 
     with contextlib.suppress(OSError):
-        write_json(run_dir / "results.json", {"status": "failed", "error": error, "run_dir": str(run_dir)})
+        write_json(
+            run_dir / "results.json", {"status": "failed", "error": error, "run_dir": str(run_dir)}
+        )
 
 
 def _explicit_run_dir(args: list[str]) -> Path | None:
@@ -82,14 +86,22 @@ def main(args: list[str]) -> int:
     # Hydra writes .hydra/ into the run directory before any of our code runs, so a run
     # directory given on the command line is checked here, before Hydra starts.
     explicit = _explicit_run_dir(args)
-    resuming = any(a.startswith("trainer.resume=") and a.split("=", 1)[1].lower() == "true" for a in args)
-    if explicit is not None and not resuming and any(
-        (explicit / f).exists() for f in ("results.json", "checkpoints", ".hydra")
+    resuming = any(
+        a.startswith("trainer.resume=") and a.split("=", 1)[1].lower() == "true" for a in args
+    )
+    if (
+        explicit is not None
+        and not resuming
+        and any((explicit / f).exists() for f in ("results.json", "checkpoints", ".hydra"))
     ):
-        raise RunExists(f"hydra.run.dir={explicit} already holds a run; resume it with "
-                        f"`contrast resume {explicit}` or choose a new directory")
+        raise RunExists(
+            f"hydra.run.dir={explicit} already holds a run; resume it with "
+            f"`contrast resume {explicit}` or choose a new directory"
+        )
     # Sweepers optimise the returned k-NN accuracy: Optuna must maximise it, not minimise.
-    if "hydra/sweeper=optuna" in args and not any(a.startswith("hydra.sweeper.direction") for a in args):
+    if "hydra/sweeper=optuna" in args and not any(
+        a.startswith("hydra.sweeper.direction") for a in args
+    ):
         args = [*args, "hydra.sweeper.direction=maximize"]
     sys.argv = ["contrast train", *args]
     check_command_line(sys.argv[1:])  # one line, exit 2, before Hydra creates a run directory

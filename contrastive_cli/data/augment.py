@@ -24,7 +24,9 @@ from contrastive_cli.errors import ConfigError
 _LUMA = (0.299, 0.587, 0.114)
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) plane.
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-_YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).tolist()))
+_YIQ_TO_RGB = tuple(
+    map(tuple, torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).tolist())
+)
 
 
 @functools.lru_cache(maxsize=64)
@@ -74,10 +76,14 @@ class Augment:
         channels: int | None = None,
     ):
         if len(mean) != len(std):
-            raise ConfigError(f"data.mean and data.std differ in length: {list(mean)} vs {list(std)}")
+            raise ConfigError(
+                f"data.mean and data.std differ in length: {list(mean)} vs {list(std)}"
+            )
         if channels is not None and len(mean) not in (1, channels):
-            raise ConfigError(f"data.mean={list(mean)} has {len(mean)} values for data.channels={channels}; "
-                              f"allowed: 1 value or {channels}")
+            raise ConfigError(
+                f"data.mean={list(mean)} has {len(mean)} values for data.channels={channels}; "
+                f"allowed: 1 value or {channels}"
+            )
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
@@ -134,9 +140,9 @@ class Augment:
         area = uniform(*self.crop_scale)
         log_ratio = uniform(math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
         ratio = log_ratio.exp()
-        w = (area * ratio).sqrt().clamp(max=1.0)             # crop width / image width
+        w = (area * ratio).sqrt().clamp(max=1.0)  # crop width / image width
         h = (area / ratio).sqrt().clamp(max=1.0)
-        cx = uniform(-1, 1) * (1 - w)                        # crop centre, normalised coords
+        cx = uniform(-1, 1) * (1 - w)  # crop centre, normalised coords
         cy = uniform(-1, 1) * (1 - h)
         if self.translate > 0:
             cx = cx + uniform(-1, 1) * 2 * self.translate
@@ -144,7 +150,11 @@ class Augment:
         sign = torch.ones(b, device=x.device)
         if self.hflip > 0:
             sign = torch.where(coin(self.hflip), -sign, sign)
-        angle = uniform(-1, 1) * math.radians(self.rotate) if self.rotate > 0 else torch.zeros(b, device=x.device)
+        angle = (
+            uniform(-1, 1) * math.radians(self.rotate)
+            if self.rotate > 0
+            else torch.zeros(b, device=x.device)
+        )
         cos, sin = angle.cos(), angle.sin()
         theta = torch.stack(
             [
@@ -152,7 +162,7 @@ class Augment:
                 torch.stack([h * sin * sign, h * cos, cy], dim=1),
             ],
             dim=1,
-        )                                                    # (B, 2, 3): output -> input coords
+        )  # (B, 2, 3): output -> input coords
         grid = _affine_grid(theta, *x.shape[-2:])
         # "border": a crop's outermost output pixels sample between the last image pixel and
         # the image edge; zero padding would darken them (by up to half on small crops).
@@ -173,7 +183,9 @@ class Augment:
         if c == 3 and self.saturation > 0:
             x = torch.lerp(_gray(x), x, factor(self.saturation)).clamp_(0, 1)
         if c == 3 and self.hue > 0:
-            turns = torch.where(apply, uniform(-self.hue, self.hue), torch.zeros(b, device=x.device))
+            turns = torch.where(
+                apply, uniform(-self.hue, self.hue), torch.zeros(b, device=x.device)
+            )
             x = torch.einsum("bij,bjhw->bihw", _hue_matrices(turns), x).clamp_(0, 1)
         return x
 
@@ -182,10 +194,10 @@ class Augment:
         b, c, h, w = x.shape
         size = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
         offsets = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
-        kernel = torch.exp(-(offsets[None, :] ** 2) / (2 * sigma[:, None] ** 2))   # (B, size)
+        kernel = torch.exp(-(offsets[None, :] ** 2) / (2 * sigma[:, None] ** 2))  # (B, size)
         identity = (offsets == 0).to(x.dtype).expand(b, size)
         kernel = torch.where(apply[:, None], kernel / kernel.sum(1, keepdim=True), identity)
-        kernel = kernel.repeat_interleave(c, dim=0)                                # (B*C, size)
+        kernel = kernel.repeat_interleave(c, dim=0)  # (B*C, size)
         pad = size // 2
         y = F.pad(x.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
         y = F.conv2d(y, kernel.view(b * c, 1, size, 1), groups=b * c)
@@ -202,7 +214,7 @@ def _affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
     """
     xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
     ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
-    t = theta[..., None, None]                                       # (B, 2, 3, 1, 1)
+    t = theta[..., None, None]  # (B, 2, 3, 1, 1)
     grid = t[:, :, 0] * xs + (t[:, :, 1] * ys[:, None] + t[:, :, 2])  # (B, 2, h, w)
     return grid.permute(0, 2, 3, 1)
 
@@ -218,11 +230,16 @@ def _gray(x: Tensor) -> Tensor:
 def _hue_matrices(turns: Tensor) -> Tensor:
     """(B,) hue shifts in turns -> (B, 3, 3) RGB matrices rotating the YIQ chroma plane."""
     to_yiq = _constant(_RGB_TO_YIQ, turns.device, turns.dtype)
-    from_yiq = _constant(_YIQ_TO_RGB, turns.device, turns.dtype)     # no linalg.inv: it syncs on CUDA
+    from_yiq = _constant(_YIQ_TO_RGB, turns.device, turns.dtype)  # no linalg.inv: it syncs on CUDA
     angle = turns * 2 * math.pi
     cos, sin = angle.cos(), angle.sin()
     one, zero = torch.ones_like(cos), torch.zeros_like(cos)
     rotation = torch.stack(
-        [torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1), torch.stack([zero, sin, cos], 1)], 1
+        [
+            torch.stack([one, zero, zero], 1),
+            torch.stack([zero, cos, -sin], 1),
+            torch.stack([zero, sin, cos], 1),
+        ],
+        1,
     )
     return from_yiq @ rotation @ to_yiq

@@ -48,9 +48,13 @@ class InMemoryBatches:
     BatchNorm and the losses).
     """
 
-    def __init__(self, split: Split, batch_size: int, seed: int, device: torch.device, on_device: bool = True):
+    def __init__(
+        self, split: Split, batch_size: int, seed: int, device: torch.device, on_device: bool = True
+    ):
         if batch_size > len(split):
-            raise ValueError(f"trainer.batch_size={batch_size} is larger than the {len(split)} training images")
+            raise ValueError(
+                f"trainer.batch_size={batch_size} is larger than the {len(split)} training images"
+            )
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
@@ -70,9 +74,17 @@ class InMemoryBatches:
             images = self.images[idx]
             labels = self.labels[idx] if self.labels is not None else None
             if self.images.device != self.device:
-                images = images.pin_memory().to(self.device, non_blocking=True) if self.pin else images.to(self.device)
+                images = (
+                    images.pin_memory().to(self.device, non_blocking=True)
+                    if self.pin
+                    else images.to(self.device)
+                )
                 if labels is not None:
-                    labels = labels.pin_memory().to(self.device, non_blocking=True) if self.pin else labels.to(self.device)
+                    labels = (
+                        labels.pin_memory().to(self.device, non_blocking=True)
+                        if self.pin
+                        else labels.to(self.device)
+                    )
             yield images, labels
 
 
@@ -86,7 +98,9 @@ class StreamingBatches:
 
     def __init__(self, split: Split, batch_size: int, seed: int, device: torch.device):
         if batch_size > len(split):
-            raise ValueError(f"trainer.batch_size={batch_size} is larger than the {len(split)} training images")
+            raise ValueError(
+                f"trainer.batch_size={batch_size} is larger than the {len(split)} training images"
+            )
         self.files: ImageFiles = split.images  # type: ignore[assignment]
         self.labels = split.labels
         self.batch_size = batch_size
@@ -99,8 +113,12 @@ class StreamingBatches:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
         """Batches ``start, start+1, ...`` of ``epoch``: uint8 images and labels on device."""
         order = epoch_order(self.seed, epoch, len(self.files))
-        idx = [order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(start, len(self))]
-        decoded = self.files.batches([i.tolist() for i in idx], pin_memory=self.device.type == "cuda")
+        idx = [
+            order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(start, len(self))
+        ]
+        decoded = self.files.batches(
+            [i.tolist() for i in idx], pin_memory=self.device.type == "cuda"
+        )
         for i, images in zip(idx, decoded, strict=True):
             labels = self.labels[i].to(self.device) if self.labels is not None else None
             yield images.to(self.device, non_blocking=True), labels

@@ -18,13 +18,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Split:
-    images: Tensor | ImageFiles    # (N, C, H, W) uint8 in memory, or files that decode to it
-    labels: Tensor | None = None   # (N,) int64, or None when unlabelled
+    images: Tensor | ImageFiles  # (N, C, H, W) uint8 in memory, or files that decode to it
+    labels: Tensor | None = None  # (N,) int64, or None when unlabelled
     paths: list[str] | None = None  # where each image came from, when it came from a file
 
     def __post_init__(self) -> None:
-        if isinstance(self.images, Tensor) and (self.images.dtype != torch.uint8 or self.images.dim() != 4):
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if isinstance(self.images, Tensor) and (
+            self.images.dtype != torch.uint8 or self.images.dim() != 4
+        ):
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels is not None and self.labels.shape != (len(self),):
             raise ValueError(f"labels must be ({len(self)},), got {tuple(self.labels.shape)}")
         if self.paths is not None and len(self.paths) != len(self):

@@ -46,13 +46,17 @@ def decode(path: str, image_size: int, channels: int) -> np.ndarray:
     mode = MODES[channels]
     with Image.open(path) as img:
         img.draft(mode, (image_size, image_size))
-        if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even when upright
+        if (
+            img.getexif().get(ExifTags.Base.Orientation, 1) != 1
+        ):  # exif_transpose copies even when upright
             img = ImageOps.exif_transpose(img)
         img = _convert(img, mode)
         if img.size != (image_size, image_size):
             img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BILINEAR)
         array = np.asarray(img, dtype=np.uint8)
-    return np.array(array[None] if channels == 1 else array.transpose(2, 0, 1), order="C")  # a writable copy
+    return np.array(
+        array[None] if channels == 1 else array.transpose(2, 0, 1), order="C"
+    )  # a writable copy
 
 
 def _convert(img: Image.Image, mode: str) -> Image.Image:
@@ -93,7 +97,11 @@ class _Decoder(Dataset):
         try:
             return torch.from_numpy(decode(self.paths[i], self.image_size, self.channels)), True, ""
         except Exception as e:  # reported by the main process
-            return torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8), False, _reason(e)
+            return (
+                torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8),
+                False,
+                _reason(e),
+            )
 
 
 class ImageFiles:
@@ -103,7 +111,9 @@ class ImageFiles:
     order, like ``Tensor.split``; so evaluation code written for tensors streams files too.
     """
 
-    def __init__(self, paths: Sequence[str], image_size: int, channels: int, workers: int | None = None):
+    def __init__(
+        self, paths: Sequence[str], image_size: int, channels: int, workers: int | None = None
+    ):
         self.paths = list(paths)
         self.image_size = image_size
         self.channels = channels
@@ -129,14 +139,18 @@ class ImageFiles:
         starts = range(0, len(self), batch_size)
         return self.batches([list(range(s, min(s + batch_size, len(self)))) for s in starts])
 
-    def batches(self, index_batches: Sequence[list[int]], pin_memory: bool = False) -> Iterator[Tensor]:
+    def batches(
+        self, index_batches: Sequence[list[int]], pin_memory: bool = False
+    ) -> Iterator[Tensor]:
         """The given batches of indices, decoded by the workers, in order.
 
         A file that passed the header check but fails to decode (truncated data) is
         replaced by the next readable file in the list, so batch sizes stay constant; each
         such file is named once in a warning.
         """
-        for idx, (images, ok, reasons) in zip(index_batches, self._decoded(index_batches, pin_memory), strict=True):
+        for idx, (images, ok, reasons) in zip(
+            index_batches, self._decoded(index_batches, pin_memory), strict=True
+        ):
             for j in (~ok).nonzero().flatten().tolist():
                 images[j] = self._substitute(idx[j], reasons[j])
             yield images
@@ -146,9 +160,13 @@ class ImageFiles:
         out = torch.empty(self.shape, dtype=torch.uint8)
         kept: list[int] = []
         failed: list[tuple[int, str]] = []
-        bar = tqdm(total=len(self), desc=desc, unit="img", leave=False, disable=None, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(self), desc=desc, unit="img", leave=False, disable=None, dynamic_ncols=True
+        )
         index_batches = [list(range(s, min(s + 256, len(self)))) for s in range(0, len(self), 256)]
-        for idx, (images, ok, reasons) in zip(index_batches, self._decoded(index_batches), strict=True):
+        for idx, (images, ok, reasons) in zip(
+            index_batches, self._decoded(index_batches), strict=True
+        ):
             for j, i in enumerate(idx):
                 if ok[j]:
                     out[len(kept)] = images[j]
@@ -159,7 +177,9 @@ class ImageFiles:
         bar.close()
         return out[: len(kept)], kept, failed
 
-    def _decoded(self, index_batches: Iterable[list[int]], pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
+    def _decoded(
+        self, index_batches: Iterable[list[int]], pin_memory: bool = False
+    ) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
         loader = DataLoader(
             _Decoder(self.paths, self.image_size, self.channels),
             batch_sampler=index_batches,
@@ -171,10 +191,14 @@ class ImageFiles:
     def _substitute(self, i: int, reason: str) -> Tensor:
         if self.paths[i] not in self._warned:
             self._warned.add(self.paths[i])
-            log.warning(f"cannot decode {self.paths[i]} ({reason}); using the next readable image in its place")
+            log.warning(
+                f"cannot decode {self.paths[i]} ({reason}); using the next readable image in its place"
+            )
         for step in range(1, min(len(self), 100)):
             try:
-                return torch.from_numpy(decode(self.paths[(i + step) % len(self)], self.image_size, self.channels))
+                return torch.from_numpy(
+                    decode(self.paths[(i + step) % len(self)], self.image_size, self.channels)
+                )
             except Exception:  # try the next one
                 continue
         raise DataError(f"{self.paths[i]} and the files after it cannot be decoded ({reason})")

@@ -39,8 +39,8 @@ from contrastive_cli.data.files import MODES, ImageFiles, probe
 from contrastive_cli.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = "contrast-folder-cache-v1"   # bump when decoding changes what a file becomes
-SHOW = 3                                     # unreadable files named in the warning
+CACHE_FORMAT = "contrast-folder-cache-v1"  # bump when decoding changes what a file becomes
+SHOW = 3  # unreadable files named in the warning
 
 
 def load_folder(
@@ -52,55 +52,99 @@ def load_folder(
     cache_dir: str | None = None,
     workers: int | None = None,
     test_fraction: float = 0.2,
-    extensions: Sequence[str] = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm"),
+    extensions: Sequence[str] = (
+        "jpg",
+        "jpeg",
+        "jfif",
+        "png",
+        "webp",
+        "bmp",
+        "gif",
+        "tif",
+        "tiff",
+        "ppm",
+        "pgm",
+        "pbm",
+        "pnm",
+    ),
 ) -> ImageData:
     """The images under ``path`` (and ``eval_path``), as the module docstring describes."""
     _check(image_size, channels, test_fraction, workers)
     if path is None:
         raise ConfigError("data.path is not set: data=folder needs data.path=<folder of images>")
-    read = dict(image_size=image_size, channels=channels, cache=cache, cache_dir=cache_dir,
-                workers=workers, extensions=extensions)
+    read = dict(
+        image_size=image_size,
+        channels=channels,
+        cache=cache,
+        cache_dir=cache_dir,
+        workers=workers,
+        extensions=extensions,
+    )
     found = _read("data.path", path, **read)
     if eval_path is not None:
         evaluation = _read("data.eval_path", eval_path, **read)
         names, train, test = _labelled_splits(evaluation, test_fraction)
         if not names:
-            raise ConfigError(f"data.eval_path={eval_path} has no class subfolders; it must hold "
-                              "<class>/<images> (at least two classes) for k-NN and the linear probe")
-        log.info(f"data.path={path}: {len(found.split)} images, all trained on; data.eval_path={eval_path}: "
-                 f"{len(names)} classes, {len(train)} train / {len(test)} test images for k-NN and the probe")
+            raise ConfigError(
+                f"data.eval_path={eval_path} has no class subfolders; it must hold "
+                "<class>/<images> (at least two classes) for k-NN and the linear probe"
+            )
+        log.info(
+            f"data.path={path}: {len(found.split)} images, all trained on; data.eval_path={eval_path}: "
+            f"{len(names)} classes, {len(train)} train / {len(test)} test images for k-NN and the probe"
+        )
         return ImageData(found.split, train, test, len(names), names)
     names, train, test = _labelled_splits(found, test_fraction)
     if not names:
-        log.info(f"data.path={path}: {len(found.split)} images without class subfolders (unlabelled): no "
-                 "k-NN or linear probe unless data.eval_path=<folder with class subfolders> is given")
+        log.info(
+            f"data.path={path}: {len(found.split)} images without class subfolders (unlabelled): no "
+            "k-NN or linear probe unless data.eval_path=<folder with class subfolders> is given"
+        )
         return ImageData(found.split, None, None, 0)
-    log.info(f"data.path={path}: {len(names)} classes, {len(train)} train / {len(test)} test images "
-             "(the test images are held out of training)")
+    log.info(
+        f"data.path={path}: {len(names)} classes, {len(train)} train / {len(test)} test images "
+        "(the test images are held out of training)"
+    )
     return ImageData(train, train, test, len(names), names)
 
 
 def _check(image_size: object, channels: object, test_fraction: object, workers: object) -> None:
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ConfigError(f"data.image_size={image_size!r} is not allowed; allowed: a positive number of pixels")
+        raise ConfigError(
+            f"data.image_size={image_size!r} is not allowed; allowed: a positive number of pixels"
+        )
     if channels not in MODES:
-        raise ConfigError(f"data.channels={channels!r} is not allowed; allowed: 1 (greyscale) or 3 (RGB)")
+        raise ConfigError(
+            f"data.channels={channels!r} is not allowed; allowed: 1 (greyscale) or 3 (RGB)"
+        )
     if not isinstance(test_fraction, int | float) or not 0 < test_fraction < 1:
-        raise ConfigError(f"data.test_fraction={test_fraction!r} is not allowed; allowed: between 0 and 1")
+        raise ConfigError(
+            f"data.test_fraction={test_fraction!r} is not allowed; allowed: between 0 and 1"
+        )
     if workers is not None and (not isinstance(workers, int) or workers < 0):
-        raise ConfigError(f"data.workers={workers!r} is not allowed; allowed: null (automatic) or an integer >= 0")
+        raise ConfigError(
+            f"data.workers={workers!r} is not allowed; allowed: null (automatic) or an integer >= 0"
+        )
 
 
 # --------------------------------------------------------------------------- reading a folder
 @dataclass(frozen=True)
 class _Found:
     root: Path
-    rels: list[str]       # readable images, relative to root, sorted
-    split: Split          # all of them (unlabelled), in that order
+    rels: list[str]  # readable images, relative to root, sorted
+    split: Split  # all of them (unlabelled), in that order
 
 
-def _read(setting: str, path: str, image_size: int, channels: int, cache: bool, cache_dir: str | None,
-          workers: int | None, extensions: Sequence[str]) -> _Found:
+def _read(
+    setting: str,
+    path: str,
+    image_size: int,
+    channels: int,
+    cache: bool,
+    cache_dir: str | None,
+    workers: int | None,
+    extensions: Sequence[str],
+) -> _Found:
     root = Path(path).expanduser().absolute()
     if not root.exists():
         raise DataError(f"{setting}={path}: no such folder")
@@ -108,12 +152,16 @@ def _read(setting: str, path: str, image_size: int, channels: int, cache: bool, 
         raise DataError(f"{setting}={path}: not a folder")
     files = scan(root, extensions)
     if not files:
-        raise DataError(f"{setting}={path}: no images found (looked recursively for "
-                        f"{', '.join('.' + e for e in extensions)})")
+        raise DataError(
+            f"{setting}={path}: no images found (looked recursively for "
+            f"{', '.join('.' + e for e in extensions)})"
+        )
     all_rels = [rel for rel, _, _ in files]
     images: Tensor | ImageFiles | None = None
     if cache:
-        images, rels, skipped = _cached(setting, root, files, image_size, channels, cache_dir, workers)
+        images, rels, skipped = _cached(
+            setting, root, files, image_size, channels, cache_dir, workers
+        )
     if images is None:  # streamed: drop what PIL cannot even open now, decode per epoch
         skipped = [(rel, why) for rel in all_rels if (why := probe(str(root / rel))) is not None]
         bad = {rel for rel, _ in skipped}
@@ -121,8 +169,10 @@ def _read(setting: str, path: str, image_size: int, channels: int, cache: bool, 
         images = ImageFiles([str(root / rel) for rel in rels], image_size, channels, workers)
     if skipped:
         named = ", ".join(f"{rel} ({why})" for rel, why in skipped[:SHOW])
-        log.warning(f"{setting}={path}: skipped {len(skipped)} of {len(files)} files that are not readable "
-                    f"images: {named}" + (", ..." if len(skipped) > SHOW else ""))
+        log.warning(
+            f"{setting}={path}: skipped {len(skipped)} of {len(files)} files that are not readable "
+            f"images: {named}" + (", ..." if len(skipped) > SHOW else "")
+        )
     if not rels:
         raise DataError(f"{setting}={path}: none of the {len(files)} image files can be read")
     return _Found(root, rels, Split(images, None, [str(root / rel) for rel in rels]))
@@ -147,13 +197,17 @@ def scan(root: Path, extensions: Sequence[str]) -> list[tuple[str, int, int]]:
 
 
 # --------------------------------------------------------------------------- labels and splits
-def _labelled_splits(found: _Found, test_fraction: float) -> tuple[list[str], Split | None, Split | None]:
+def _labelled_splits(
+    found: _Found, test_fraction: float
+) -> tuple[list[str], Split | None, Split | None]:
     """(class names, train, test) from the layout; ([], None, None) when unlabelled."""
     parts = [rel.split("/") for rel in found.rels]
     top = {p[0] for p in parts if len(p) > 1}
     if any(len(p) == 1 for p in parts) or len(top) < 2:
         return [], None, None
-    split_layout = top <= {"train", "val", "test"} and "train" in top and all(len(p) >= 3 for p in parts)
+    split_layout = (
+        top <= {"train", "val", "test"} and "train" in top and all(len(p) >= 3 for p in parts)
+    )
     if split_layout:
         test_dir = "test" if "test" in top else "val"
         names = sorted({p[1] for p in parts if p[0] == "train"})
@@ -163,7 +217,9 @@ def _labelled_splits(found: _Found, test_fraction: float) -> tuple[list[str], Sp
             log.info(f"{found.root}: val/ is not used (test/ is the test split)")
         unknown = sorted({p[1] for p in parts if p[0] == test_dir} - set(names))
         if unknown:
-            raise DataError(f"{found.root}: {test_dir}/{unknown[0]} is a class that train/ does not have")
+            raise DataError(
+                f"{found.root}: {test_dir}/{unknown[0]} is a class that train/ does not have"
+            )
         index = {name: i for i, name in enumerate(names)}
         keep = np.array([p[0] in ("train", test_dir) for p in parts])
         is_test = np.array([p[0] == test_dir for p in parts])
@@ -175,8 +231,10 @@ def _labelled_splits(found: _Found, test_fraction: float) -> tuple[list[str], Sp
         keep = np.ones(len(parts), dtype=bool)
         is_test = stratified_test_mask(labels, test_fraction)
     if not is_test.any() or is_test.all():
-        raise DataError(f"{found.root}: too few images per class for a train/test split "
-                        f"(data.test_fraction={test_fraction})")
+        raise DataError(
+            f"{found.root}: too few images per class for a train/test split "
+            f"(data.test_fraction={test_fraction})"
+        )
     labelled = Split(found.split.images, torch.from_numpy(labels), found.split.paths)
     train = labelled.subset(torch.from_numpy(np.flatnonzero(keep & ~is_test)))
     test = labelled.subset(torch.from_numpy(np.flatnonzero(keep & is_test)))
@@ -184,38 +242,57 @@ def _labelled_splits(found: _Found, test_fraction: float) -> tuple[list[str], Sp
 
 
 # --------------------------------------------------------------------------- the cache
-def _cached(setting: str, root: Path, files: list[tuple[str, int, int]], image_size: int, channels: int,
-            cache_dir: str | None, workers: int | None) -> tuple[Tensor | None, list[str], list[tuple[str, str]]]:
+def _cached(
+    setting: str,
+    root: Path,
+    files: list[tuple[str, int, int]],
+    image_size: int,
+    channels: int,
+    cache_dir: str | None,
+    workers: int | None,
+) -> tuple[Tensor | None, list[str], list[tuple[str, str]]]:
     """(images, their paths, skipped) from the cache file, decoding and writing it when
     stale or missing; (None, [], []) when the decoded images would not fit in memory."""
     needed = len(files) * channels * image_size * image_size
     memory = _physical_memory()
     if memory is not None and needed > memory // 2:
-        log.warning(f"data.cache=true: {setting}'s images would take {needed / 2**30:.1f} GiB decoded, more "
-                    f"than half of this machine's {memory / 2**30:.1f} GiB; streaming them instead")
+        log.warning(
+            f"data.cache=true: {setting}'s images would take {needed / 2**30:.1f} GiB decoded, more "
+            f"than half of this machine's {memory / 2**30:.1f} GiB; streaming them instead"
+        )
         return None, [], []
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, image_size, channels, files]).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([CACHE_FORMAT, image_size, channels, files]).encode()
+    ).hexdigest()
     file = cache_file(root, image_size, channels, cache_dir)
     hit = _read_cache(file, key)
     if hit is not None:
         log.info(f"{setting}: {len(hit[1])} images from the cache {file}")
         return hit
     rels = [rel for rel, _, _ in files]
-    decoded, kept, failed = ImageFiles([str(root / r) for r in rels], image_size, channels, workers).decode_all(
-        f"decoding {root.name} for the cache")
+    decoded, kept, failed = ImageFiles(
+        [str(root / r) for r in rels], image_size, channels, workers
+    ).decode_all(f"decoding {root.name} for the cache")
     kept_rels = [rels[i] for i in kept]
     skipped = [(rels[i], why) for i, why in failed]
-    metadata = {"format": CACHE_FORMAT, "key": key, "paths": json.dumps(kept_rels), "skipped": json.dumps(skipped)}
+    metadata = {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "paths": json.dumps(kept_rels),
+        "skipped": json.dumps(skipped),
+    }
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
         save_file({"images": decoded.contiguous()}, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o644)        # readable by whoever can read the data (the writer makes it 0600)
+        os.chmod(tmp, 0o644)  # readable by whoever can read the data (the writer makes it 0600)
         os.replace(tmp, file)
         log.info(f"{setting}: cached {len(kept)} decoded images in {file}")
     except OSError as e:
-        log.warning(f"data.cache=true: cannot write {file} ({e.strerror or e}); keeping the images in memory "
-                    "for this run only (data.cache_dir=<writable folder> keeps them)")
+        log.warning(
+            f"data.cache=true: cannot write {file} ({e.strerror or e}); keeping the images in memory "
+            "for this run only (data.cache_dir=<writable folder> keeps them)"
+        )
     return decoded, kept_rels, skipped
 
 
@@ -234,9 +311,15 @@ def _read_cache(file: Path, key: str) -> tuple[Tensor, list[str], list[tuple[str
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
-                log.info(f"the cache {file} is stale (the files or settings changed): rebuilding it")
+                log.info(
+                    f"the cache {file} is stale (the files or settings changed): rebuilding it"
+                )
                 return None
-            return f.get_tensor("images"), json.loads(meta["paths"]), [tuple(s) for s in json.loads(meta["skipped"])]
+            return (
+                f.get_tensor("images"),
+                json.loads(meta["paths"]),
+                [tuple(s) for s in json.loads(meta["skipped"])],
+            )
     except FileNotFoundError:
         return None
     except Exception as e:  # a torn or foreign file: rebuild it

@@ -34,7 +34,9 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> ImageData:
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     is_test = torch.from_numpy(stratified_test_mask(bunch.target, test_fraction, split_seed))
     train = Split(images[~is_test], labels[~is_test])
-    return ImageData(pretrain=train, train=train, test=Split(images[is_test], labels[is_test]), num_classes=10)
+    return ImageData(
+        pretrain=train, train=train, test=Split(images[is_test], labels[is_test]), num_classes=10
+    )
 
 
 # --------------------------------------------------------------------------- MNIST family
@@ -50,8 +52,10 @@ def read_idx(path: Path) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as e:        # truncated or corrupt download
-            raise DataError(f"{path}: damaged gzip file ({e}); delete it and fetch it again") from None
+        except (EOFError, OSError, zlib.error) as e:  # truncated or corrupt download
+            raise DataError(
+                f"{path}: damaged gzip file ({e}); delete it and fetch it again"
+            ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an uint8 IDX file (bad magic number)")
     ndim = raw[3]
@@ -102,26 +106,32 @@ def load_idx_dataset(
         images = read_idx(found[images_file])  # type: ignore[arg-type]
         labels = read_idx(found[labels_file])  # type: ignore[arg-type]
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise DataError(f"data={name}: {found[images_file]} and {found[labels_file]} do not match")
+            raise DataError(
+                f"data={name}: {found[images_file]} and {found[labels_file]} do not match"
+            )
         splits[split] = Split(
             torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
         )
-    return ImageData(pretrain=splits["train"], train=splits["train"], test=splits["test"], num_classes=10)
+    return ImageData(
+        pretrain=splits["train"], train=splits["train"], test=splits["test"], num_classes=10
+    )
 
 
 # --------------------------------------------------------------------------- CIFAR
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR batch files and nothing else: numpy arrays and plain types."""
 
-    ALLOWED = frozenset({
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("_codecs", "encode"),
-    })
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("_codecs", "encode"),
+        }
+    )
 
     def find_class(self, module: str, name: str) -> type:
         if (module, name) not in self.ALLOWED:
@@ -201,13 +211,18 @@ def _download(
             downloader(root=str(root), download=True, **split)
     except Exception as e:  # network errors come in many types (URLError, OSError, RuntimeError)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"data={name}: download into {root} failed ({reason}); data.download=true needs internet") from None
+        raise DataError(
+            f"data={name}: download into {root} failed ({reason}); data.download=true needs internet"
+        ) from None
 
 
 # --------------------------------------------------------------------------- STL-10
 STL10_SIZE = 96
-STL10_FILES = {"unlabeled": ("unlabeled_X.bin", None), "train": ("train_X.bin", "train_y.bin"),
-               "test": ("test_X.bin", "test_y.bin")}
+STL10_FILES = {
+    "unlabeled": ("unlabeled_X.bin", None),
+    "train": ("train_X.bin", "train_y.bin"),
+    "test": ("test_X.bin", "test_y.bin"),
+}
 
 
 def _read_stl10_images(path: Path) -> torch.Tensor:
@@ -233,7 +248,9 @@ def load_stl10(
     """STL-10 from ``root/<folder>`` (torchvision's layout); trains on ``pretrain_split``."""
     allowed = ("unlabeled", "train", "train+unlabeled")
     if pretrain_split not in allowed:
-        raise ConfigError(f"data.pretrain_split={pretrain_split!r} is not allowed; allowed: {', '.join(allowed)}")
+        raise ConfigError(
+            f"data.pretrain_split={pretrain_split!r} is not allowed; allowed: {', '.join(allowed)}"
+        )
     base = Path(root).expanduser()
     directory = base / folder
     files = [f for pair in STL10_FILES.values() for f in pair if f is not None]
@@ -243,7 +260,8 @@ def load_stl10(
     if missing:
         raise DataError(
             f"data={name}: missing {', '.join(missing)} in {directory}; extract stl10_binary.tar.gz "
-            f"({url or 'from the dataset site'}) into {base}" + ("" if download else " or set data.download=true")
+            f"({url or 'from the dataset site'}) into {base}"
+            + ("" if download else " or set data.download=true")
         )
     splits = {}
     for split, (images_file, labels_file) in STL10_FILES.items():
@@ -252,8 +270,10 @@ def load_stl10(
         if labels_file is not None:
             raw = np.fromfile(directory / labels_file, dtype=np.uint8)
             if raw.shape[0] != images.shape[0] or raw.size == 0 or raw.min() < 1 or raw.max() > 10:
-                raise DataError(f"data={name}: {directory / labels_file} does not hold labels 1-10 for "
-                                f"the {images.shape[0]} images of {images_file}")
+                raise DataError(
+                    f"data={name}: {directory / labels_file} does not hold labels 1-10 for "
+                    f"the {images.shape[0]} images of {images_file}"
+                )
             labels = torch.from_numpy(raw.astype(np.int64) - 1)
         splits[split] = Split(images, labels)
     parts = [splits[p] for p in pretrain_split.split("+")]

@@ -24,8 +24,8 @@ def moco_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Ten
     q = F.normalize(q, dim=1)
     k = F.normalize(k.detach(), dim=1)
     queue = F.normalize(queue.detach(), dim=1)
-    positive = (q * k).sum(dim=1, keepdim=True)            # (N, 1)
-    negative = q @ queue.T                                 # (N, K)
+    positive = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+    negative = q @ queue.T  # (N, K)
     logits = torch.cat([positive, negative], dim=1) / temperature  # (N, 1+K)
     target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # positive is column 0
     return F.cross_entropy(logits, target)

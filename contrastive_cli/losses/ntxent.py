@@ -31,12 +31,12 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float, gather: Gather = local_o
     all_z1, offset = gather(z1)
     all_z2, _ = gather(z2)
     m = all_z1.shape[0]
-    anchors = torch.cat([z1, z2])                          # (2N, D)
-    candidates = torch.cat([all_z1, all_z2])               # (2M, D)
-    logits = anchors @ candidates.T / temperature          # (2N, 2M)
-    local = torch.arange(n, device=z1.device) + offset     # local rows' index among M
-    self_index = torch.cat([local, local + m])             # each anchor's own column
-    positive = torch.cat([local + m, local])               # the other view's column
+    anchors = torch.cat([z1, z2])  # (2N, D)
+    candidates = torch.cat([all_z1, all_z2])  # (2M, D)
+    logits = anchors @ candidates.T / temperature  # (2N, 2M)
+    local = torch.arange(n, device=z1.device) + offset  # local rows' index among M
+    self_index = torch.cat([local, local + m])  # each anchor's own column
+    positive = torch.cat([local + m, local])  # the other view's column
     rows = torch.arange(2 * n, device=z1.device)
     logits = logits.index_put((rows, self_index), logits.new_full((), float("-inf")))
     return F.cross_entropy(logits, positive)

@@ -47,8 +47,8 @@ def triplet_loss(
     all_e, offset = gather(e)
     all_ids, _ = gather(ids)
     n = e.shape[0]
-    dist = (2 - 2 * e @ all_e.T).clamp_min(0)                     # (N, M)
-    same = ids[:, None] == all_ids[None, :]                       # (N, M)
+    dist = (2 - 2 * e @ all_e.T).clamp_min(0)  # (N, M)
+    same = ids[:, None] == all_ids[None, :]  # (N, M)
     is_self = torch.zeros_like(same)
     local = torch.arange(n, device=e.device)
     is_self[local, local + offset] = True
@@ -61,13 +61,13 @@ def triplet_loss(
         d_ap = dist.masked_fill(~pos_mask, float("-inf")).amax(1)
         d_an = dist.masked_fill(~neg_mask, float("inf")).amin(1)
         return _masked_mean(F.relu(d_ap - d_an + margin), valid_anchor)
-    pairs = pos_mask & valid_anchor[:, None]                      # (N, M) anchor-positive pairs
+    pairs = pos_mask & valid_anchor[:, None]  # (N, M) anchor-positive pairs
     if mining == "semihard":
         # Per anchor, its negatives' distances in ascending order (non-negatives last, as inf):
         # the first one above d(a, p) is the nearest farther negative of the pair (a, p).
-        neg_sorted = dist.masked_fill(~neg_mask, float("inf")).sort(1).values   # (N, M)
-        n_neg = neg_mask.sum(1, keepdim=True)                                  # (N, 1)
-        first = torch.searchsorted(neg_sorted, dist, right=True)                # (N, M)
+        neg_sorted = dist.masked_fill(~neg_mask, float("inf")).sort(1).values  # (N, M)
+        n_neg = neg_mask.sum(1, keepdim=True)  # (N, 1)
+        first = torch.searchsorted(neg_sorted, dist, right=True)  # (N, M)
         nearest_farther = neg_sorted.gather(1, first.clamp(max=dist.shape[1] - 1))
         farthest = neg_sorted.gather(1, (n_neg - 1).clamp(min=0)).expand_as(dist)
         d_neg = torch.where(first < n_neg, nearest_farther, farthest)
@@ -77,9 +77,9 @@ def triplet_loss(
     if not valid_anchor.any():
         return embeddings.sum() * 0.0
     a_idx, p_idx = pairs.nonzero(as_tuple=True)
-    d_ap = dist[a_idx, p_idx]                                      # (P,)
-    d_an = dist[a_idx]                                             # (P, M)
-    negs = neg_mask[a_idx]                                         # (P, M)
+    d_ap = dist[a_idx, p_idx]  # (P,)
+    d_an = dist[a_idx]  # (P, M)
+    negs = neg_mask[a_idx]  # (P, M)
     losses = F.relu(d_ap[:, None] - d_an + margin)
     return (losses * negs).sum() / negs.sum()
 

@@ -27,7 +27,7 @@ class KeyQueue(nn.Module):
     @torch.no_grad()
     def push(self, k: Tensor) -> None:
         size = self.keys.shape[0]
-        k = k.detach()[-size:]                               # a batch larger than K keeps its newest K
+        k = k.detach()[-size:]  # a batch larger than K keeps its newest K
         rows = (self.ptr + torch.arange(k.shape[0], device=k.device)) % size
         self.keys[rows] = F.normalize(k, dim=1).to(self.keys.dtype)
         self.ptr.copy_((self.ptr + k.shape[0]) % size)
@@ -69,12 +69,19 @@ class MoCo(nn.Module):
         without randomness.
         """
         splits = max(1, min(self.key_bn_splits, view.shape[0] // 2))
-        order = torch.cat([torch.arange(i, view.shape[0], splits, device=view.device) for i in range(splits)])
-        keys = torch.cat([self.key_projector(self.key_encoder(chunk)) for chunk in view[order].tensor_split(splits)])
+        order = torch.cat(
+            [torch.arange(i, view.shape[0], splits, device=view.device) for i in range(splits)]
+        )
+        keys = torch.cat(
+            [
+                self.key_projector(self.key_encoder(chunk))
+                for chunk in view[order].tensor_split(splits)
+            ]
+        )
         return torch.empty_like(keys).index_copy_(0, order, keys)
 
     def forward(self, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
-        queue = self.queue.keys.clone()                      # read before this batch's keys go in
+        queue = self.queue.keys.clone()  # read before this batch's keys go in
         q1 = self.projector(self.encoder(view1))
         k2 = self._keys_of(view2)
         loss = moco_infonce(q1, k2, queue, self.temperature)

@@ -18,7 +18,11 @@ class MLP(nn.Module):
         dims = [in_channels * image_size * image_size, *hidden_dims]
         layers: list[nn.Module] = [nn.Flatten()]
         for d_in, d_out in itertools.pairwise(dims):
-            layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Linear(d_in, d_out, bias=False),
+                nn.BatchNorm1d(d_out),
+                nn.ReLU(inplace=True),
+            ]
         self.net = nn.Sequential(*layers)
         self.out_dim = dims[-1]
 
@@ -42,11 +46,17 @@ class ConvNet(nn.Module):
     ):
         super().__init__()
         if len(widths) != len(strides):
-            raise ValueError(f"encoder.widths and encoder.strides differ in length: {list(widths)} vs {list(strides)}")
+            raise ValueError(
+                f"encoder.widths and encoder.strides differ in length: {list(widths)} vs {list(strides)}"
+            )
         layers: list[nn.Module] = []
         c = in_channels
         for w, s in zip(widths, strides, strict=True):
-            layers += [nn.Conv2d(c, w, 3, s, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(c, w, 3, s, 1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+            ]
             c = w
         self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.out_dim = c
