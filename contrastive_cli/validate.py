@@ -846,9 +846,12 @@ def check_output_dir(cfg: DictConfig, key: str) -> None:
     """
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key, throw_on_resolution_failure=False)
-    if not isinstance(parent, DictConfig) or leaf not in parent:
+    # Not `leaf in parent`: OmegaConf's `in` resolves the value, and resolving unique_dir
+    # would claim a directory here, before Hydra claims its own.
+    node = parent._get_node(leaf, throw_on_missing_key=False) if isinstance(parent, DictConfig) else None
+    if node is None:
         return
-    raw = str(parent._get_node(leaf)._value())
+    raw = str(node._value())
     while re.match(r"\$\{[\w.]+:", raw):  # ${resolver:path...}: the path is the argument
         raw = re.sub(r"^\$\{[\w.]+:", "", raw)
     literal = raw.split("${")[0]

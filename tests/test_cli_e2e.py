@@ -25,6 +25,7 @@ def test_train_every_loss_writes_a_complete_run(tmp_path, loss):
     proc = run_cli(["train", f"loss={loss}", *TINY], cwd=tmp_path, check=True)
     [run] = run_dirs(tmp_path / "outputs")
     assert run.name.endswith(f"_{loss}_digits")
+    assert list(run.parent.iterdir()) == [run]  # one run, one directory: nothing claimed twice
     for name in RUN_FILES:
         assert (run / name).is_file(), name
     results = read_results(run)
@@ -51,6 +52,7 @@ def test_multirun_makes_one_run_dir_per_job(tmp_path):
     run_cli(["train", "-m", "loss=ntxent,triplet", *TINY], cwd=tmp_path, check=True)
     runs = run_dirs(tmp_path / "outputs" / "multirun")
     assert len(runs) == 2
+    [sweep] = (tmp_path / "outputs" / "multirun").glob("*/*")  # one sweep directory, no stray twin
     assert {r.name.split("_", 1)[1] for r in runs} == {"ntxent_digits", "triplet_digits"}
     assert all(read_results(r)["status"] == "completed" for r in runs)
 
