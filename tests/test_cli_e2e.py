@@ -53,6 +53,7 @@ def test_multirun_makes_one_run_dir_per_job(tmp_path):
     runs = run_dirs(tmp_path / "outputs" / "multirun")
     assert len(runs) == 2
     [sweep] = (tmp_path / "outputs" / "multirun").glob("*/*")  # one sweep directory, no stray twin
+    assert {r.parent for r in runs} == {sweep}
     assert {r.name.split("_", 1)[1] for r in runs} == {"ntxent_digits", "triplet_digits"}
     assert all(read_results(r)["status"] == "completed" for r in runs)
 
