@@ -282,6 +282,7 @@ RULES: list[tuple[str, Rule]] = [
     # optimizer and schedule
     ("optim.optimizer", NODE),
     ("optim.scheduler", NODE),
+    ("optim.lr", POSITIVE),
     ("optim.optimizer.lr", POSITIVE),
     ("optim.optimizer.weight_decay", NON_NEGATIVE),
     ("optim.optimizer.momentum", number(0, 1, hi_open=True)),

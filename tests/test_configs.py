@@ -180,6 +180,16 @@ def test_every_optim_builds_an_optimizer_and_a_warmup_cosine_schedule(compose_cf
     assert lrs[-1] < base * 0.1
 
 
+@pytest.mark.parametrize("optim", GROUPS["optim"])
+def test_optim_lr_is_the_optimizers_learning_rate(compose_cfg, optim):
+    cfg = compose_cfg(f"optim={optim}", "optim.lr=0.005")
+    optimizer = build(cfg.optim.optimizer)([torch.nn.Parameter(torch.zeros(3))])
+    assert optimizer.defaults["lr"] == 0.005
+    # The longer key still wins when it is the one set.
+    cfg = compose_cfg(f"optim={optim}", "optim.optimizer.lr=0.002")
+    assert build(cfg.optim.optimizer)([torch.nn.Parameter(torch.zeros(3))]).defaults["lr"] == 0.002
+
+
 # --------------------------------------------------------------------------- device
 def test_device_cpu_and_auto_resolve_here(compose_cfg):
     cpu = build(compose_cfg("device=cpu").device)

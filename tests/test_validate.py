@@ -33,6 +33,7 @@ BAD_CLI = [
     (["loss=triplet", "loss.positives=classes"], "loss.positives='classes'"),
     (["loss=triplet", "loss.positives=labels", "trainer.batch_size=16"], "loss.positives=labels"),
     (["optim.optimizer.lr=0"], "optim.optimizer.lr=0"),
+    (["optim.lr=0"], "optim.lr=0"),
     (
         ["optim.scheduler.warmup_epochs=500", "trainer.epochs=10"],
         "optim.scheduler.warmup_epochs=500",
