@@ -849,7 +849,11 @@ def check_output_dir(cfg: DictConfig, key: str) -> None:
     parent = OmegaConf.select(cfg, parent_key, throw_on_resolution_failure=False)
     # Not `leaf in parent`: OmegaConf's `in` resolves the value, and resolving unique_dir
     # would claim a directory here, before Hydra claims its own.
-    node = parent._get_node(leaf, throw_on_missing_key=False) if isinstance(parent, DictConfig) else None
+    node = (
+        parent._get_node(leaf, throw_on_missing_key=False)
+        if isinstance(parent, DictConfig)
+        else None
+    )
     if node is None:
         return
     raw = str(node._value())
