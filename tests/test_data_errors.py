@@ -69,6 +69,9 @@ def test_failed_download_through_the_cli(tmp_path):
     assert (
         lines[0].startswith("error: data=mnist: download into") and "Traceback" not in proc.stderr
     )
+    # Without internet the user learns which files to put where.
+    assert "train-images-idx3-ubyte[.gz]" in lines[0]
+    assert str(tmp_path / "data" / "MNIST" / "raw") in lines[0]
 
 
 def test_unreadable_data_file_is_one_line(tmp_path, monkeypatch, compose_cfg):

@@ -91,14 +91,20 @@ def load_idx_dataset(
     dirs = [base / folder / "raw", base / folder, base, *(Path(d) for d in extra_dirs)]
     wanted = [f for pair in IDX_FILES.values() for f in pair]
     found = {f: _find(f, dirs) for f in wanted}
+
+    def by_hand(missing: list[str]) -> str:
+        return (
+            f"put {', '.join(f + '[.gz]' for f in missing)} in {base / folder / 'raw'} "
+            f"(from {url or 'the dataset site'})"
+        )
+
     if None in found.values() and download and downloader is not None:
-        _download(name, downloader, base)
+        _download(name, downloader, base, by_hand([f for f, p in found.items() if p is None]))
         found = {f: _find(f, dirs) for f in wanted}
     missing = [f for f, p in found.items() if p is None]
     if missing:
         raise DataError(
-            f"data={name}: missing {', '.join(f + '[.gz]' for f in missing)}; put them in "
-            f"{base / folder / 'raw'} (from {url or 'the dataset site'})"
+            f"data={name}: missing {', '.join(f + '[.gz]' for f in missing)}; {by_hand(missing)}"
             + ("" if download else " or set data.download=true")
         )
     splits = {}
@@ -178,13 +184,13 @@ def load_cifar(
     base = Path(root).expanduser()
     directory = base / folder
     files = [*train_files, *test_files]
+    by_hand = f"extract the python version archive ({url or 'from the dataset site'}) into {base}"
     if not all((directory / f).is_file() for f in files) and download and downloader is not None:
-        _download(name, downloader, base)
+        _download(name, downloader, base, by_hand)
     missing = [f for f in files if not (directory / f).is_file()]
     if missing:
         raise DataError(
-            f"data={name}: missing {', '.join(missing)} in {directory}; extract the python "
-            f"version archive ({url or 'from the dataset site'}) into {base}"
+            f"data={name}: missing {', '.join(missing)} in {directory}; {by_hand}"
             + ("" if download else " or set data.download=true")
         )
 
@@ -201,18 +207,21 @@ def _download(
     name: str,
     downloader: Callable[..., object],
     root: Path,
+    offline: str,
     calls: Sequence[dict[str, object]] = ({"train": True}, {"train": False}),
 ) -> None:
     """Fetch with torchvision's code, once per ``calls`` entry (its split arguments); any
-    failure (offline, disk) becomes one line."""
+    failure (offline, disk) becomes one line that ends with ``offline``: which files to put
+    where by hand."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         for split in calls:
             downloader(root=str(root), download=True, **split)
     except Exception as e:  # network errors come in many types (URLError, OSError, RuntimeError)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().splitlines()[0].rstrip(":") if str(e).strip() else ""
         raise DataError(
-            f"data={name}: download into {root} failed ({reason}); data.download=true needs internet"
+            f"data={name}: download into {root} failed ({reason or type(e).__name__}); "
+            f"without internet, {offline}"
         ) from None
 
 
@@ -254,13 +263,14 @@ def load_stl10(
     base = Path(root).expanduser()
     directory = base / folder
     files = [f for pair in STL10_FILES.values() for f in pair if f is not None]
+    by_hand = f"extract stl10_binary.tar.gz ({url or 'from the dataset site'}) into {base}"
     if not all((directory / f).is_file() for f in files) and download and downloader is not None:
-        _download(name, downloader, base, calls=({"split": "train"},))  # fetches the whole archive
+        # One call fetches and extracts the whole archive.
+        _download(name, downloader, base, by_hand, calls=({"split": "train"},))
     missing = [f for f in files if not (directory / f).is_file()]
     if missing:
         raise DataError(
-            f"data={name}: missing {', '.join(missing)} in {directory}; extract stl10_binary.tar.gz "
-            f"({url or 'from the dataset site'}) into {base}"
+            f"data={name}: missing {', '.join(missing)} in {directory}; {by_hand}"
             + ("" if download else " or set data.download=true")
         )
     splits = {}
