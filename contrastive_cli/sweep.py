@@ -11,7 +11,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from contrastive_cli.rundirs import find_runs
-from contrastive_cli.tables import COLUMNS, format_table, run_row, to_csv
+from contrastive_cli.tables import format_table, run_row, to_csv
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,18 @@ class SweepSummary(Callback):
         print(
             format_table(
                 rows,
-                [c for c in COLUMNS if c not in ("date", "path")],
+                [  # contrast runs' columns, loss first (what a sweep varies most), no date/path
+                    "loss",
+                    "data",
+                    "encoder",
+                    "overrides",
+                    "epochs",
+                    "knn",
+                    "knn20",
+                    "linear",
+                    "wall_s",
+                    "status",
+                ],
             )
         )
         if not rows:
