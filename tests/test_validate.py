@@ -95,12 +95,14 @@ def _id(case: tuple[list[str], str]) -> str:
 def cli_results(tmp_path_factory):
     """Every bad config through the real CLI, a few subprocesses at a time."""
 
-    def one(case: tuple[list[str], str]):
-        cwd = tmp_path_factory.mktemp("bad")
+    # Folders made here, in this thread: pytest's mktemp is not meant for concurrent calls.
+    cwds = [tmp_path_factory.mktemp("bad") for _ in BAD_CLI]
+
+    def one(cwd, case: tuple[list[str], str]):
         return cwd, run_cli(["train", *case[0]], cwd=cwd, timeout=300)
 
     with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(zip(map(_id, BAD_CLI), pool.map(one, BAD_CLI), strict=True))
+        return dict(zip(map(_id, BAD_CLI), pool.map(one, cwds, BAD_CLI), strict=True))
 
 
 @pytest.mark.parametrize("case", BAD_CLI, ids=_id)
