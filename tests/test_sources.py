@@ -178,10 +178,10 @@ def test_idx_images_and_labels_of_different_lengths_are_a_data_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- CIFAR
-def cifar10(root: Path, **kwargs: object):
+def cifar10(root: Path, download: bool = False, **kwargs: object):
     return load_cifar(
         root=str(root),
-        download=False,
+        download=download,
         folder="cifar-10-batches-py",
         name="cifar10",
         train_files=CIFAR10_FILES,
@@ -299,14 +299,4 @@ def test_cifar_missing_files_are_named(tmp_path):
 
 def test_cifar_without_a_downloader_does_not_download(tmp_path):
     with pytest.raises(DataError, match="test_batch"):
-        load_cifar(
-            str(tmp_path),
-            download=True,
-            folder="cifar-10-batches-py",
-            name="cifar10",
-            train_files=CIFAR10_FILES,
-            test_files=["test_batch"],
-            label_key="labels",
-            num_classes=10,
-            downloader=None,
-        )
+        cifar10(tmp_path, download=True, downloader=None)

@@ -91,22 +91,20 @@ def load_idx_dataset(
     dirs = [base / folder / "raw", base / folder, base, *(Path(d) for d in extra_dirs)]
     wanted = [f for pair in IDX_FILES.values() for f in pair]
     found = {f: _find(f, dirs) for f in wanted}
+    missing = [f for f, p in found.items() if p is None]
 
-    def by_hand(missing: list[str]) -> str:
+    def by_hand(files: list[str]) -> str:
         return (
-            f"put {', '.join(f + '[.gz]' for f in missing)} in {base / folder / 'raw'} "
+            f"put {', '.join(f + '[.gz]' for f in files)} in {base / folder / 'raw'} "
             f"(from {url or 'the dataset site'})"
         )
 
-    if None in found.values() and download and downloader is not None:
-        _download(name, downloader, base, by_hand([f for f, p in found.items() if p is None]))
+    if missing and download and downloader is not None:
+        _download(name, downloader, base, by_hand(missing))
         found = {f: _find(f, dirs) for f in wanted}
-    missing = [f for f, p in found.items() if p is None]
+        missing = [f for f, p in found.items() if p is None]
     if missing:
-        raise DataError(
-            f"data={name}: missing {', '.join(f + '[.gz]' for f in missing)}; {by_hand(missing)}"
-            + ("" if download else " or set data.download=true")
-        )
+        raise _missing(name, ", ".join(f + "[.gz]" for f in missing), by_hand(missing), download)
     splits = {}
     for split, (images_file, labels_file) in IDX_FILES.items():
         images = read_idx(found[images_file])  # type: ignore[arg-type]
@@ -189,10 +187,7 @@ def load_cifar(
         _download(name, downloader, base, by_hand)
     missing = [f for f in files if not (directory / f).is_file()]
     if missing:
-        raise DataError(
-            f"data={name}: missing {', '.join(missing)} in {directory}; {by_hand}"
-            + ("" if download else " or set data.download=true")
-        )
+        raise _missing(name, f"{', '.join(missing)} in {directory}", by_hand, download)
 
     def read(names: Sequence[str]) -> Split:
         parts = [_read_cifar_batch(directory / f, label_key) for f in names]
@@ -201,6 +196,14 @@ def load_cifar(
 
     train = read(train_files)
     return ImageData(pretrain=train, train=train, test=read(test_files), num_classes=num_classes)
+
+
+def _missing(name: str, files: str, by_hand: str, download: bool) -> DataError:
+    """The one line for data files that are not there: which, and how to get them."""
+    return DataError(
+        f"data={name}: missing {files}; {by_hand}"
+        + ("" if download else " or set data.download=true")
+    )
 
 
 def _download(
@@ -269,10 +272,7 @@ def load_stl10(
         _download(name, downloader, base, by_hand, calls=({"split": "train"},))
     missing = [f for f in files if not (directory / f).is_file()]
     if missing:
-        raise DataError(
-            f"data={name}: missing {', '.join(missing)} in {directory}; {by_hand}"
-            + ("" if download else " or set data.download=true")
-        )
+        raise _missing(name, f"{', '.join(missing)} in {directory}", by_hand, download)
     splits = {}
     for split, (images_file, labels_file) in STL10_FILES.items():
         images = _read_stl10_images(directory / images_file)
