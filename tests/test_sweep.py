@@ -25,25 +25,36 @@ def _sweep_dir(tmp_path):
     return sweep, runs
 
 
-def test_optuna_sweep_maximises_knn_accuracy(tmp_path):
+def _optuna(tmp_path, *extra: str):
+    """A tiny Optuna search over the learning rate: its stdout, each trial's k-NN accuracy,
+    and Optuna's optimization_results.yaml."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     proc = run_cli(
         [
             "train",
             "-m",
             "hydra/sweeper=optuna",
-            "hydra.sweeper.n_trials=3",
             "hydra.sweeper.sampler.seed=0",
             "optim.optimizer.lr=interval(1e-4,1e-2)",
+            *extra,
             *CFG,
         ],
         cwd=tmp_path,
         check=True,
     )
     sweep, runs = _sweep_dir(tmp_path)
-    assert len(runs) == 3 and "3 jobs" in proc.stdout
     knn = [read_results(r)["metrics"]["knn_k200"] for r in runs]
-    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    return (
+        proc.stdout,
+        sweep,
+        knn,
+        yaml.safe_load((sweep / "optimization_results.yaml").read_text()),
+    )
+
+
+def test_optuna_sweep_maximises_knn_accuracy(tmp_path):
+    stdout, sweep, knn, best = _optuna(tmp_path, "hydra.sweeper.n_trials=3")
+    assert len(knn) == 3 and "3 jobs" in stdout
     # Optuna minimises unless told otherwise; contrast tells it to maximise accuracy.
     assert best["best_value"] == pytest.approx(max(knn))
     rows = list(csv.DictReader((sweep / "sweep_results.csv").open()))
@@ -51,24 +62,9 @@ def test_optuna_sweep_maximises_knn_accuracy(tmp_path):
 
 
 def test_an_explicit_optuna_direction_is_respected(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    run_cli(
-        [
-            "train",
-            "-m",
-            "hydra/sweeper=optuna",
-            "hydra.sweeper.direction=minimize",
-            "hydra.sweeper.n_trials=2",
-            "hydra.sweeper.sampler.seed=0",
-            "optim.optimizer.lr=interval(1e-4,1e-2)",
-            *CFG,
-        ],
-        cwd=tmp_path,
-        check=True,
+    _, _, knn, best = _optuna(
+        tmp_path, "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=2"
     )
-    sweep, runs = _sweep_dir(tmp_path)
-    knn = [read_results(r)["metrics"]["knn_k200"] for r in runs]
-    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(knn))
 
 
