@@ -208,6 +208,7 @@ def conventional_loader(
 def run_epoch(parts: Any, batches: Any, augment: Any, runtime: Runtime, cfg: DictConfig) -> None:
     """One (partial) epoch of the real training loop. The one place that calls ``train``."""
     train(
+        parts.method,
         parts.step_fn,
         parts.optimizer,
         parts.scheduler,

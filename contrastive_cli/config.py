@@ -76,7 +76,9 @@ def build(node: DictConfig, *args: object, **kwargs: object):
     from hydra.utils import instantiate
 
     from contrastive_cli.errors import UserError
+    from contrastive_cli.safety import check_buildable
 
+    check_buildable(node)
     try:
         return instantiate(node, *args, **kwargs)
     except InstantiationException as e:

@@ -6,13 +6,15 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
 import contrastive_cli
+from contrastive_cli.errors import UserError
+from contrastive_cli.writer import open_append, write_json, write_text_atomic
+
+__all__ = ["MetricsLog", "read_metrics", "results_table", "versions", "write_json"]
 
 METRIC_LABELS = {
     "knn_k200": "k-NN k=200",
@@ -22,37 +24,55 @@ METRIC_LABELS = {
 }
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename), so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 class MetricsLog:
     """metrics.jsonl: one JSON line per completed epoch.
 
-    On resume the file is cut back to the checkpoint's epoch, so a resumed run's file
-    equals an uninterrupted run's.
+    Each line is appended with one ``write`` to a descriptor that refuses a symbolic link.
+    On resume the file is cut back to the checkpoint's epoch by an atomic rewrite, so a
+    resumed run's file equals an uninterrupted run's, and a partial last line (what kill -9
+    or a full disk leaves) is dropped then.
     """
 
     def __init__(self, path: Path, keep_epochs: int = 0):
         self.path = path
-        lines = []
-        if keep_epochs > 0 and path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            lines = [ln for ln in lines if json.loads(ln)["epoch"] <= keep_epochs]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        records = read_metrics(path) if keep_epochs > 0 and path.exists() else []
+        kept = [r for r in records if r.get("epoch", 0) <= keep_epochs]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        fd = open_append(self.path)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            os.close(fd)
 
     def records(self) -> list[dict]:
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        return read_metrics(self.path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A last line cut short is ignored (the run was killed
+    while writing it); any other line that is not a JSON object is a one-line error."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror or e})") from None
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise UserError(
+                f"{path} line {i + 1} is not valid JSON (the file is damaged)"
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise UserError(f"{path} line {i + 1} is not an epoch record (the file is damaged)")
+        records.append(record)
+    return records
 
 
 def versions() -> dict[str, str | None]:

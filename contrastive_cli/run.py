@@ -1,16 +1,21 @@
-"""One run: build everything from the config, train, export, evaluate, write the run dir.
+"""One run, in named steps: build everything from the config, restore a checkpoint, train,
+finish (export, evaluate, plot). ``RunFiles`` owns the run directory's files.
 
 The CLI calls ``run_training``; tests call it too, with a composed config and a temp dir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 import random
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,14 +25,16 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from contrastive_cli import writer
 from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from contrastive_cli.config import build
+from contrastive_cli.data.augment import Augment
 from contrastive_cli.data.batches import Batches, derive_seed
 from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
-from contrastive_cli.errors import ConfigError, DataError, Diverged, RunExists
+from contrastive_cli.errors import CheckpointError, ConfigError, DataError, Diverged, RunExists
 from contrastive_cli.evaluate import KnnMonitor, evaluate_protocol, extract_features
-from contrastive_cli.report import MetricsLog, results_table, versions, write_json
+from contrastive_cli.report import MetricsLog, results_table, versions
 from contrastive_cli.rundirs import Run
 from contrastive_cli.signals import GracefulStop, Interrupted
 from contrastive_cli.train import Hooks, Progress, train
@@ -42,8 +49,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
-        import os
-
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -80,7 +85,8 @@ def build_encoder(cfg: DictConfig, seed: int) -> torch.nn.Module:
 
 
 def encoder_metadata(cfg: DictConfig) -> dict[str, str]:
-    """What encoder.safetensors carries so it can be rebuilt without its run directory."""
+    """What encoder.safetensors carries so it can be rebuilt without its run directory
+    (read back against a fixed schema: ``commands.eval.read_encoder_metadata``)."""
     return {
         "format": "contrast-encoder-v1",
         "encoder": json.dumps(OmegaConf.to_container(cfg.encoder, resolve=True)),
@@ -89,6 +95,40 @@ def encoder_metadata(cfg: DictConfig) -> dict[str, str]:
         "image_size": str(cfg.data.image_size),
         "seed": str(cfg.trainer.seed),
     }
+
+
+# Settings that change what training computes. A checkpoint records their digest, and
+# `contrast resume` refuses a config whose digest differs (where data lives, the device,
+# logging and evaluation settings may change).
+TRAINING_KEYS = (
+    "encoder",
+    "loss",
+    "optim",
+    "data.name",
+    "data.channels",
+    "data.image_size",
+    "data.augment",
+    "trainer.epochs",
+    "trainer.batch_size",
+    "trainer.seed",
+    "trainer.grad_clip",
+)
+
+
+def training_config(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The TRAINING_KEYS of a resolved config (plain dict), by dotted key."""
+    picked = {}
+    for key in TRAINING_KEYS:
+        node: Any = resolved
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        picked[key] = node
+    return picked
+
+
+def training_digest(resolved: dict[str, Any]) -> str:
+    text = json.dumps(training_config(resolved), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def evaluate_encoder(
@@ -158,20 +198,63 @@ def plot_embedding_of(
 
 def embedding_map(run: Run, out: Path) -> Path | None:
     """The embedding map of a finished run's encoder (rebuilt from its saved config)."""
-    from safetensors.torch import load_file
-
     weights = run.path / "encoder.safetensors"
     if not weights.is_file():
         return None
     cfg = run.config()
+    validate(cfg)
     runtime = build(cfg.device)
     data = load_data(cfg)
     encoder = build_encoder(cfg, cfg.trainer.seed)
-    encoder.load_state_dict(load_file(str(weights)))
+    load_weights(encoder, read_weights(weights), weights)
     title = f"{run.choices.get('loss', '')} on {cfg.data.name}"
     return plot_embedding_of(
         encoder.to(runtime.device), data, build(cfg.data.augment), runtime, cfg, out, title
     )
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; one CheckpointError line for a damaged file (bad
+    header, sizes that do not match the data, not a safetensors file)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from None
+    except Exception as e:  # SafetensorError and friends
+        text = str(e).strip()
+        reason = (text.splitlines()[0] if text else type(e).__name__)[:200]
+        raise CheckpointError(f"{path} is not a readable safetensors file ({reason})") from None
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, Any], source: Path) -> None:
+    """``module.load_state_dict(state)``, with one CheckpointError line naming the first
+    missing, unexpected or mis-shaped entry when ``state`` is not what the config builds."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} is {tuple(v.shape)}, the config builds {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and (not isinstance(v, torch.Tensor) or v.shape != own[k].shape)
+    ]
+    problem = (
+        f"{len(missing)} entries missing (e.g. {missing[0]})"
+        if missing
+        else f"{len(unexpected)} unexpected entries (e.g. {unexpected[0]})"
+        if unexpected
+        else wrong[0]
+        if wrong
+        else None
+    )
+    if problem is None:
+        try:
+            module.load_state_dict(state)
+            return
+        except (RuntimeError, TypeError, ValueError) as e:
+            problem = str(e).strip().splitlines()[0]
+    raise CheckpointError(f"{source} does not fit the run's config: {problem}")
 
 
 class Training(NamedTuple):
@@ -202,66 +285,79 @@ def build_training(
     return Training(method, step_fn, optimizer, scheduler, batches)
 
 
-def run_training(
-    cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """Train and evaluate the run that ``cfg`` describes, in ``run_dir``. Returns results.json."""
-    started = time.time()
-    validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.trainer.resume and any(
-        (run_dir / f).exists() for f in ("results.json", str(CHECKPOINT.parent))
-    ):
-        raise RunExists(
-            f"run directory {run_dir} already holds a run; resume it with `contrast resume {run_dir}` "
-            "or choose a new directory"
-        )
-    handler = _log_to(run_dir / "train.log")
-    try:
-        with GracefulStop() as stop:
-            return _run(cfg, run_dir, choices or {}, started, stop)
-    except Interrupted as e:
-        status = (
-            json.loads((run_dir / "results.json").read_text())
-            if (run_dir / "results.json").exists()
-            else {}
-        )
-        if status.get("status") != "interrupted":  # stopped outside the loop: nothing new to save
-            write_json(
-                run_dir / "results.json",
-                {"status": "interrupted", "run_dir": str(run_dir), "error": str(e)},
-            )
-            log.info(str(e))
-        raise
-    finally:
-        logging.getLogger("contrastive_cli").removeHandler(handler)
-        handler.close()
+# --------------------------------------------------------------------------- the run directory
+class RunFiles:
+    """The run directory's files, written only through here: no write follows a symbolic
+    link (see ``contrastive_cli.writer``), whole files are replaced atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def file(self, relative: str | Path) -> Path:
+        return writer.safe_path(self.path, relative)
+
+    @contextlib.contextmanager
+    def logging_to_train_log(self) -> Iterator[None]:
+        handler = writer.SafeFileHandler(self.file("train.log"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger = logging.getLogger("contrastive_cli")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+
+    def metrics(self, keep_epochs: int) -> MetricsLog:
+        return MetricsLog(self.file("metrics.jsonl"), keep_epochs)
+
+    def results(self, results: dict[str, Any]) -> None:
+        writer.write_json(self.file("results.json"), results)
+
+    def read_status(self) -> str | None:
+        from contrastive_cli.rundirs import read_results
+
+        results, _ = read_results(self.path / "results.json")
+        return None if results is None else results.get("status")
+
+    def checkpoint(self) -> Path:
+        return self.file(CHECKPOINT)
+
+    def encoder(self, encoder: torch.nn.Module, metadata: dict[str, str]) -> None:
+        path = self.file("encoder.safetensors")
+        fd, tmp = tempfile.mkstemp(prefix=".encoder.", suffix=".tmp", dir=self.path)
+        os.close(fd)
+        try:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+            save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, writer.FILE_MODE)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
-def _run(
-    cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float, stop: GracefulStop
-) -> dict[str, Any]:
+# --------------------------------------------------------------------------- the steps
+@dataclasses.dataclass
+class Built:
+    """Everything a run needs, built from its config."""
+
+    runtime: Runtime
+    data: ImageData
+    augment: Augment
+    training: Training
+    monitor: KnnMonitor | None
+
+
+def build_run(cfg: DictConfig) -> Built:
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
     runtime: Runtime = build(cfg.device)
     data = load_data(cfg)
     check_data(cfg, data)
     augment = build(cfg.data.augment)
-    encoder = build_encoder(cfg, t.seed)
-    method, step_fn, optimizer, scheduler, batches = build_training(cfg, runtime, data, encoder)
-
-    progress = Progress()
-    checkpoint = run_dir / CHECKPOINT
-    resume_from = latest_valid_checkpoint(checkpoint.parent) if t.resume else None
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=runtime.device)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        progress = Progress(**state["progress"])
-        log.info(f"resuming from {resume_from}: epoch {progress.epoch}, step {progress.step}")
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", keep_epochs=progress.epoch)
-
+    training = build_training(cfg, runtime, data, build_encoder(cfg, t.seed))
     monitor = None
     if data.train is not None and data.train.labels is not None and cfg.eval.every > 0:
         monitor = KnnMonitor(
@@ -279,30 +375,132 @@ def _run(
             runtime.channels_last,
             runtime.autocast,
         )
+    return Built(runtime, data, augment, training, monitor)
+
+
+def restore(cfg: DictConfig, built: Built, files: RunFiles, resolved: dict) -> Progress:
+    """The progress of the checkpoint to resume from (its state loaded into the method,
+    optimizer and schedule), or a fresh start. Refuses, in one line, a checkpoint made for
+    another training config and one whose contents do not fit what the config builds."""
+    if not cfg.trainer.resume:
+        return Progress()
+    path = latest_valid_checkpoint(files.checkpoint().parent)
+    if path is None:
+        return Progress()
+    state = load_checkpoint(path, map_location=built.runtime.device)
+    _check_resumable(state, resolved, path)
+    method, optimizer, scheduler = built.training[0], built.training[2], built.training[3]
+    load_weights(method, state["method"], path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        progress = Progress(**state["progress"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} does not fit the run's config: {problem}") from None
+    log.info(f"resuming from {path}: epoch {progress.epoch}, step {progress.step}")
+    return progress
+
+
+def _check_resumable(state: dict, resolved: dict, path: Path) -> None:
+    """ConfigError (exit 2) when the checkpoint was made for other training settings."""
+    for key in ("method", "optimizer", "scheduler", "progress"):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"{path} does not fit the run's config: it has no {key} state")
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    position = state["progress"].get("epoch")
+    epochs = resolved["trainer"]["epochs"]
+    if isinstance(position, int) and epochs < position:
+        raise ConfigError(
+            f"trainer.epochs={epochs} is not allowed: the checkpoint {path} is at epoch {position}; "
+            f"allowed: {training_config(saved).get('trainer.epochs', position)} (what it was made "
+            "for)"
+        )
+    digest = state.get("config_digest", training_digest(saved) if saved else None)
+    if digest is not None and digest != training_digest(resolved):
+        now, then = training_config(resolved), training_config(saved)
+        changed = [k for k in TRAINING_KEYS if now.get(k) != then.get(k)] or ["(unknown)"]
+        detail = (
+            f"{changed[0]}={json.dumps(now.get(changed[0]))} (the checkpoint: "
+            f"{json.dumps(then.get(changed[0]))})"
+            if saved
+            else changed[0]
+        )
+        raise ConfigError(
+            f"cannot resume: the run's training config no longer matches its checkpoint {path}: "
+            f"{detail}"[:400]
+            + "; restore the run's .hydra/config.yaml, or start a new run"
+        )
+
+
+def run_training(
+    cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Train and evaluate the run that ``cfg`` describes, in ``run_dir``. Returns results.json."""
+    started = time.time()
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files = RunFiles(run_dir)
+    with writer.lock(run_dir, "resume" if cfg.trainer.resume else "train"):
+        if not cfg.trainer.resume and any(
+            (run_dir / f).exists() for f in ("results.json", str(CHECKPOINT.parent))
+        ):
+            raise RunExists(
+                f"run directory {run_dir} already holds a run; resume it with `contrast resume "
+                f"{run_dir}` or choose a new directory"
+            )
+        with files.logging_to_train_log():
+            stop = GracefulStop(files.checkpoint())
+            try:
+                with stop:
+                    return _run(cfg, files, choices or {}, started, stop)
+            except Interrupted as e:
+                if files.read_status() != "interrupted":  # stopped outside the loop
+                    files.results(
+                        {"status": "interrupted", "run_dir": str(run_dir), "error": str(e)}
+                    )
+                    log.info(str(e))
+                raise
+
+
+def _run(
+    cfg: DictConfig, files: RunFiles, choices: dict[str, str], started: float, stop: GracefulStop
+) -> dict[str, Any]:
+    t = cfg.trainer
+    run_dir = files.path
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    built = build_run(cfg)
+    runtime, data, augment = built.runtime, built.data, built.augment
+    method, step_fn, optimizer, scheduler, batches = built.training
+    progress = restore(cfg, built, files, resolved)
+    metrics_log = files.metrics(keep_epochs=progress.epoch)
+    digest = training_digest(resolved)
 
     def save(progress: Progress) -> None:
         save_checkpoint(
-            checkpoint,
+            files.checkpoint(),
             {
                 "method": method.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "progress": dataclasses.asdict(progress),
                 "config": resolved,
+                "config_digest": digest,
             },
         )
 
     def end_epoch(progress: Progress, record: dict) -> None:
-        if monitor is not None and (
+        if built.monitor is not None and (
             progress.epoch % cfg.eval.every == 0 or progress.epoch == t.epochs
         ):
-            record["knn"] = monitor(method.encoder)
+            record["knn"] = built.monitor(method.encoder)
         metrics_log.append(record)
+        left = (t.epochs - progress.epoch) * progress.train_seconds / max(progress.epoch, 1)
         log.info(
             f"epoch {record['epoch']}/{t.epochs}  step {record['step']}  loss {record['loss']:.4f}  "
             f"lr {record['lr']:.2e}  {record['images_per_s']:,.0f} img/s"
             + (f"  knn {record['knn']:.4f}" if "knn" in record else "")
+            + (f"  ~{_duration(left)} of training left" if progress.epoch < t.epochs else "")
         )
         if t.checkpoint:
             save(progress)
@@ -338,7 +536,7 @@ def _run(
             f"stopped at epoch {progress.epoch + 1}, step {progress.step}; checkpoint saved; "
             f"continue with: contrast resume {run_dir}"
         )
-        write_json(run_dir / "results.json", stopped("interrupted", progress, message))
+        files.results(stopped("interrupted", progress, message))
         log.info(message)
         return Interrupted(stop.signum or 2, message)
 
@@ -351,6 +549,7 @@ def _run(
     stop.graceful = True
     try:
         progress = train(
+            method,
             step_fn,
             optimizer,
             scheduler,
@@ -365,77 +564,86 @@ def _run(
             t.grad_clip,
         )
     except Diverged as e:
-        write_json(run_dir / "results.json", stopped("diverged", progress, str(e)))
+        files.results(stopped("diverged", progress, str(e)))
         raise
     finally:
         stop.graceful = False
+    return finish(cfg, built, files, choices, summary, progress, metrics_log.records(), started)
 
-    encoder = method.encoder
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
-        str(run_dir / "encoder.safetensors"),
-        metadata=encoder_metadata(cfg),
-    )
 
+def finish(
+    cfg: DictConfig,
+    built: Built,
+    files: RunFiles,
+    choices: dict[str, str],
+    summary: dict[str, Any],
+    progress: Progress,
+    records: list[dict],
+    started: float,
+) -> dict[str, Any]:
+    """Export the encoder, evaluate it beside the baselines, plot, write results.json."""
+    encoder = built.training.method.encoder
+    files.encoder(encoder, encoder_metadata(cfg))
     results: dict[str, Any] = {
         "status": "completed",
         **summary,
         "steps": progress.step,
         "train_time_s": progress.train_seconds,
-        "images_per_s": progress.step * t.batch_size / max(progress.train_seconds, 1e-9),
+        "images_per_s": progress.step * cfg.trainer.batch_size / max(progress.train_seconds, 1e-9),
     }
     eval_start = time.perf_counter()
-    if data.labelled:
+    if built.data.labelled:
         results["metrics"], results["baselines"] = evaluate_encoder(
-            cfg, encoder, data, augment, runtime, t.seed
+            cfg, encoder, built.data, built.augment, built.runtime, cfg.trainer.seed
         )
     else:
         results["eval_skipped"] = "the data has no labels: k-NN and the linear probe are skipped"
         log.info(results["eval_skipped"])
     results["eval_time_s"] = time.perf_counter() - eval_start
     if cfg.eval.plots:
-        _plot_run(run_dir, metrics_log.records(), encoder, data, augment, runtime, cfg, choices)
+        _plot_run(files, records, encoder, built, cfg, choices)
     results["wall_time_s"] = time.time() - started
     results["versions"] = versions()
-    write_json(run_dir / "results.json", results)
+    files.results(results)
     if "metrics" in results:
         log.info("\n" + results_table(results))
-    log.info(f"results: {run_dir / 'results.json'}")
+    log.info(f"results: {files.path / 'results.json'}")
     return results
 
 
 def _plot_run(
-    run_dir: Path,
+    files: RunFiles,
     records: list[dict],
     encoder: torch.nn.Module,
-    data: ImageData,
-    augment: Any,
-    runtime: Runtime,
+    built: Built,
     cfg: DictConfig,
-    choices: dict[str, str],
+    choices: dict,
 ) -> None:
     """plots/curves.png and plots/embedding.png; a failed plot is a warning, never a failed run."""
     from contrastive_cli.plots import plot_curves
 
     try:
-        plot_curves([(run_dir.name, records)], run_dir / "plots" / "curves.png")
+        plot_curves([(files.path.name, records)], files.file(Path("plots") / "curves.png"))
         plot_embedding_of(
             encoder,
-            data,
-            augment,
-            runtime,
+            built.data,
+            built.augment,
+            built.runtime,
             cfg,
-            run_dir / "plots" / "embedding.png",
+            files.file(Path("plots") / "embedding.png"),
             f"{choices.get('loss', '')} on {cfg.data.name}",
         )
     except Exception as e:
         log.warning(f"plots were not written: {type(e).__name__}: {e}")
 
 
-def _log_to(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    logger = logging.getLogger("contrastive_cli")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    return handler
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (
+        f"{hours} h {minutes} min"
+        if hours
+        else f"{minutes} min {secs} s"
+        if minutes
+        else f"{secs} s"
+    )

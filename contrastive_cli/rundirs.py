@@ -13,12 +13,89 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from contrastive_cli.errors import ConfigError, UserError
 
 CONFIG = Path(".hydra") / "config.yaml"  # complete and resolved
 INTERPOLATED = Path(".hydra") / "config_unresolved.yaml"  # the same, interpolations kept
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a saved config is a few kB; a larger one is not ours
+
+
+def read_config_file(path: Path) -> Any:
+    """A YAML file of a run directory, as OmegaConf; one ConfigError line for anything
+    that is not a small, plain YAML document (unreadable, not UTF-8, malformed, or using
+    anchors/aliases, which can make a few bytes expand into gigabytes)."""
+    import yaml
+
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is {size:,} bytes, not a saved config (at most 1 MiB)")
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text (UTF-8) file") from None
+    try:
+        if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise ConfigError(f"{path} uses YAML aliases (*name), which saved configs never do")
+        return OmegaConf.create(text)
+    except ConfigError:
+        raise
+    except Exception as e:  # yaml.YAMLError, OmegaConf's errors, recursion on deep nesting
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} is not a valid config file ({reason[:200]})") from None
+
+
+def _problem_in_results(results: Any) -> str | None:
+    """Why a parsed results.json cannot be shown, or None when its fields have usable types."""
+    if not isinstance(results, dict):
+        return "not a JSON object"
+    if not isinstance(results.get("status", ""), str):
+        return "status is not a string"
+    for section in ("metrics",):
+        value = results.get(section)
+        if value is not None and not (
+            isinstance(value, dict) and all(_is_number(v) for v in value.values())
+        ):
+            return f"{section} is not a mapping of numbers"
+    baselines = results.get("baselines")
+    if baselines is not None and not (
+        isinstance(baselines, dict)
+        and all(
+            isinstance(m, dict) and all(_is_number(v) for v in m.values())
+            for m in baselines.values()
+        )
+    ):
+        return "baselines is not a mapping of metric mappings"
+    for key in ("wall_time_s", "train_time_s", "eval_time_s", "images_per_s"):
+        if key in results and not _is_number(results[key]):
+            return f"{key} is not a number"
+    for key in ("epochs", "steps", "epoch", "seed"):
+        if key in results and results[key] is not None and not isinstance(results[key], int):
+            return f"{key} is not an integer"
+    return None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_results(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(results, None), or (None, why it is unreadable); (None, None) when there is none."""
+    if not path.is_file():
+        return None, None
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        return None, f"results.json cannot be read ({e.strerror or e})"
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return None, f"results.json is not valid JSON ({type(e).__name__})"
+    problem = _problem_in_results(results)
+    return (None, f"results.json: {problem}") if problem else (results, None)
 
 
 @dataclass
@@ -27,20 +104,27 @@ class Run:
     choices: dict[str, str] = field(default_factory=dict)  # config group -> option
     overrides: list[str] = field(default_factory=list)  # command-line overrides
     results: dict[str, Any] | None = None
+    problem: str | None = None  # why part of the run directory cannot be read
 
     def config(self, interpolated: bool = False) -> DictConfig:
-        """The saved config in struct mode (typos stay errors). Resolved by default: what the
-        run did. ``interpolated``: with interpolations kept, so that an override such as
-        ``data.path=...`` reaches the keys that follow it (``data.source.path``)."""
+        """The saved config in struct mode (typos stay errors), checked as data: only the
+        ``_target_``s contrast ships for each slot, no resolver but ``oc.env`` (see
+        ``contrastive_cli.safety``). Resolved by default: what the run did. ``interpolated``:
+        with interpolations kept, so that an override such as ``data.path=...`` reaches the
+        keys that follow it (``data.source.path``)."""
+        from contrastive_cli.safety import check_loaded
+
         path = self.path / (
             INTERPOLATED if interpolated and (self.path / INTERPOLATED).is_file() else CONFIG
         )
-        cfg = OmegaConf.load(path)
+        cfg = check_loaded(read_config_file(path), str(path))
         OmegaConf.set_struct(cfg, True)
-        return cfg  # type: ignore[return-value]
+        return cfg
 
     @property
     def status(self) -> str:
+        if self.problem is not None:
+            return "unreadable"
         if self.results is not None:
             return str(self.results.get("status", "unknown"))
         log = self.path / "train.log"
@@ -50,16 +134,22 @@ class Run:
 
     @property
     def started(self) -> datetime:
-        return datetime.fromtimestamp((self.path / CONFIG).stat().st_mtime)
+        try:
+            return datetime.fromtimestamp((self.path / CONFIG).stat().st_mtime)
+        except OSError:  # a dangling link: sorts first, shown as unreadable
+            return datetime.fromtimestamp(0)
 
     def metrics(self) -> list[dict[str, Any]]:
+        from contrastive_cli.report import read_metrics
+
         path = self.path / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        return read_metrics(path) if path.exists() else []
 
 
 def load_run(path: Path) -> Run:
+    """The run directory at ``path``. Its side files (hydra.yaml, overrides.yaml,
+    results.json) are read leniently: a damaged one leaves ``problem`` set and the rest
+    usable; the config itself is read when asked for (``Run.config``)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ConfigError(f"RUN_DIR={path}: no such folder")
@@ -67,24 +157,40 @@ def load_run(path: Path) -> Run:
         raise ConfigError(
             f"RUN_DIR={path}: not a run directory (no {CONFIG}); `contrast runs` lists them"
         )
+    problems: list[str] = []
     choices: dict[str, str] = {}
     hydra_file = path / ".hydra" / "hydra.yaml"
     if hydra_file.is_file():
-        hydra_cfg = OmegaConf.load(hydra_file)
-        raw = OmegaConf.to_container(hydra_cfg.hydra.runtime.choices, resolve=False) or {}
-        choices = {
-            k: str(v) for k, v in raw.items() if not k.startswith("hydra/") and v is not None
-        }
-    overrides_file = path / ".hydra" / "overrides.yaml"
-    overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
-    results_file = path / "results.json"
-    results = None
-    if results_file.is_file():
         try:
-            results = json.loads(results_file.read_text())
-        except json.JSONDecodeError:
-            results = {"status": "unreadable"}
-    return Run(path=path, choices=choices, overrides=overrides, results=results)
+            raw = OmegaConf.select(read_config_file(hydra_file), "hydra.runtime.choices")
+            raw = OmegaConf.to_container(raw, resolve=False) if raw is not None else {}
+            choices = {
+                str(k): str(v)
+                for k, v in raw.items()
+                if not str(k).startswith("hydra/") and isinstance(v, (str, int, float))
+            }
+        except (ConfigError, ValueError, AttributeError) as e:
+            problems.append(str(e))
+    overrides: list[str] = []
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    if overrides_file.is_file():
+        try:
+            loaded = read_config_file(overrides_file)
+            if not isinstance(loaded, ListConfig):
+                raise ConfigError(f"{overrides_file} is not a list of overrides")
+            overrides = [str(o) for o in OmegaConf.to_container(loaded, resolve=False)]
+        except ConfigError as e:
+            problems.append(str(e))
+    results, problem = read_results(path / "results.json")
+    if problem:
+        problems.append(problem)
+    return Run(
+        path=path,
+        choices=choices,
+        overrides=overrides,
+        results=results,
+        problem="; ".join(problems) or None,
+    )
 
 
 def find_runs(roots: Iterable[Path]) -> list[Run]:
@@ -96,5 +202,10 @@ def find_runs(roots: Iterable[Path]) -> list[Run]:
             raise UserError(f"{root} does not exist")
         for config in sorted(root.rglob(str(CONFIG))):
             run_dir = config.parent.parent
-            seen.setdefault(run_dir.resolve(), load_run(run_dir))
+            key = run_dir.resolve()
+            if key not in seen:
+                try:
+                    seen[key] = load_run(run_dir)
+                except UserError as e:  # listed as unreadable; the rest of the tree still shows
+                    seen[key] = Run(path=run_dir, problem=str(e))
     return sorted(seen.values(), key=lambda r: (r.started, str(r.path)))

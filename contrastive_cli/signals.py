@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 
@@ -32,7 +33,8 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint: Path | None = None) -> None:
+        self.checkpoint = checkpoint  # what an immediate stop leaves to resume from
         self.signum: int | None = None
         self.graceful = False
         self._previous: dict[int, object] = {}
@@ -44,9 +46,17 @@ class GracefulStop:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None or not self.graceful:
             self.signum = signum
+            saved = self.checkpoint is not None and (
+                self.checkpoint.exists() or self.checkpoint.with_name("prev.pt").exists()
+            )
             raise Interrupted(
                 signum,
-                f"stopped at once by {signal.Signals(signum).name}; the last checkpoint is intact",
+                f"stopped at once by {signal.Signals(signum).name}; "
+                + (
+                    "the last checkpoint is intact"
+                    if saved
+                    else "no checkpoint had been written yet (the run starts over when resumed)"
+                ),
             )
         self.signum = signum
         print(

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from contrastive_cli.errors import UserError
 from contrastive_cli.rundirs import Run
 
 COLUMNS = [
@@ -49,13 +50,21 @@ def run_row(run: Run) -> dict[str, Any]:
         row[column] = metrics.get(key)
     if results.get("error") and run.status != "completed":
         row["error"] = results["error"]
+    if run.problem:
+        row["error"] = run.problem
     return row
 
 
 def matches(run: Run, row: dict[str, Any], condition: str) -> bool:
     """``key=value``: a column (loss=moco) or a dotted config key (optim.optimizer.lr=0.001)."""
     key, _, wanted = condition.partition("=")
-    actual = row[key] if key in row else OmegaConf.select(run.config(), key, default=None)
+    if key in row:
+        actual = row[key]
+    else:
+        try:
+            actual = OmegaConf.select(run.config(), key, default=None)
+        except UserError:  # an unreadable config matches no condition on its keys
+            return False
     return _same(actual, wanted)
 
 

@@ -54,6 +54,7 @@ class Hooks:
 
 def train(
     method: nn.Module,
+    forward: Callable[..., Tensor],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: Batches,
@@ -66,7 +67,9 @@ def train(
     log_every: int = 10,
     grad_clip: float = 0.0,
 ) -> Progress:
-    """Train ``method`` from ``progress`` to ``epochs``.
+    """Train ``method`` from ``progress`` to ``epochs``; ``forward`` computes its loss (the
+    method itself, or it compiled and/or wrapped for several processes), while ``method``'s
+    own ``after_step`` updates its state (EMA copies, queue) after each optimizer step.
 
     Raises ``Diverged`` (step not applied) on a non-finite loss or gradient, and
     ``hooks.interrupted(progress)`` after saving when ``hooks.stop_requested()``.
@@ -102,7 +105,7 @@ def train(
             # 2. loss, backward, optimizer and schedule step
             forward_state.save()
             with autocast:
-                loss = method(view1, view2, labels)
+                loss = forward(view1, view2, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])

@@ -219,6 +219,8 @@ RULES: list[tuple[str, Rule]] = [
     ("data.source.workers", optional(integer(0))),
     ("data.extensions", list_of(TEXT)),
     ("data.source.extensions", list_of(TEXT)),
+    ("data.max_pixels", integer(1)),
+    ("data.source.max_pixels", integer(1)),
     ("data.pretrain_split", choice("unlabeled", "train", "train+unlabeled")),
     ("data.source.pretrain_split", choice("unlabeled", "train", "train+unlabeled")),
     ("data.source.image_size", integer(1)),
@@ -428,7 +430,13 @@ COMBINATIONS: list[Callable[[DictConfig], str | None]] = [
 
 # --------------------------------------------------------------------------- validate
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError (one line: key, value, what is allowed) for the first bad setting."""
+    """Raise ConfigError (one line: key, value, what is allowed) for the first bad setting.
+
+    First of all, every ``_target_`` must be one contrast ships for its slot (nothing else is
+    imported, not even to read its signature; see ``contrastive_cli.safety``)."""
+    from contrastive_cli.safety import check_targets
+
+    check_targets(cfg)
     for key in REQUIRED:
         if "." not in key and not _has(cfg, key):
             _missing(key)
@@ -469,6 +477,12 @@ def _missing(key: str) -> None:
 def check_data(cfg: DictConfig, data: ImageData) -> None:
     """What can only be checked once the data is loaded (called right after loading)."""
     n, batch = len(data.pretrain), cfg.trainer.batch_size
+    if n < 2:
+        raise ConfigError(
+            f"data={cfg.data.name} has {n} training image{'s' if n != 1 else ''}; contrastive "
+            "training compares images within a batch, so it needs at least 2 "
+            "(trainer.batch_size >= 2 images)"
+        )
     if batch > n:
         raise ConfigError(
             f"trainer.batch_size={batch} is larger than the {n} training images of "
@@ -687,6 +701,7 @@ def check_command_line(args: Sequence[str]) -> None:
     values are validated per job as it starts, so one bad job does not stop the others.
     Other Hydra flags (--help, --cfg, ...) and ``debug=true`` are left to Hydra as they are.
     """
+    _check_config_name(args)
     if any(a.startswith("-") and a not in _HYDRA_FLAGS for a in args):
         return
     multirun = any(a in _HYDRA_FLAGS for a in args)
@@ -719,6 +734,32 @@ def check_command_line(args: Sequence[str]) -> None:
         check_output_dir(cfg, "hydra.sweep.dir")
 
 
+def _flag_value(args: Sequence[str], *names: str) -> str | None:
+    for i, a in enumerate(args):
+        for name in names:
+            if a == name and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(name + "="):
+                return a.split("=", 1)[1]
+    return None
+
+
+def _check_config_name(args: Sequence[str]) -> None:
+    """``--config-name X`` must name a config in the config folder (``--config-dir`` or
+    contrast's own), else Hydra prints a multi-line error and its search path."""
+    name = _flag_value(args, "--config-name", "-cn")
+    if name is None:
+        return
+    folder = Path(_flag_value(args, "--config-dir", "-cd") or CONF_DIR).expanduser()
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if not (folder / f"{stem}.yaml").is_file():
+        found = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        raise ConfigError(
+            f"--config-name={name} is not allowed: no {stem}.yaml in {folder}; allowed: "
+            f"{', '.join(found) or '(no configs there)'}"
+        )
+
+
 def _parse(overrides: list[str]) -> list:  # list[Override]
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -735,6 +776,12 @@ def _parse(overrides: list[str]) -> list:  # list[Override]
                 if ln.strip() and not ln.strip().startswith(("See https", "^"))
             ]
             detail = lines[-1] if lines else "cannot parse it"
+            if not text.isascii():
+                key, _, value = text.partition("=")
+                raise ConfigError(
+                    f"{text!r} is not a valid override: unquoted values must be ASCII; allowed: "
+                    f"quote the value, {key}='{value}' (in a shell: \"{key}='{value}'\")"
+                ) from None
             raise ConfigError(
                 f"{text!r} is not a valid override ({detail}); allowed: key=value, "
                 "e.g. trainer.epochs=20 or eval.knn_k=[200,20]"
@@ -845,6 +892,12 @@ def check_output_dir(cfg: DictConfig, key: str) -> None:
     literal part, up to the first interpolation, is checked, which covers the usual case of
     a run directory under a file or a read-only folder.
     """
+    subdir = OmegaConf.select(cfg, "hydra.output_subdir", throw_on_resolution_failure=False)
+    if not isinstance(subdir, str) or not subdir.strip():
+        raise ConfigError(
+            f"hydra.output_subdir={_show(subdir)} is not allowed; allowed: a folder name such as "
+            ".hydra (a run directory keeps its config there for resume and reproduce)"
+        )
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key, throw_on_resolution_failure=False)
     # Not `leaf in parent`: OmegaConf's `in` resolves the value, and resolving unique_dir
@@ -856,7 +909,12 @@ def check_output_dir(cfg: DictConfig, key: str) -> None:
     )
     if node is None:
         return
-    raw = str(node._value())
+    raw = str(node._value()) if node._value() is not None else ""
+    if not raw.strip():
+        raise ConfigError(
+            f"{key}={_show(node._value())} is not allowed; allowed: a folder path (the default "
+            "makes a new folder under outputs/ for every run)"
+        )
     while re.match(r"\$\{[\w.]+:", raw):  # ${resolver:path...}: the path is the argument
         raw = re.sub(r"^\$\{[\w.]+:", "", raw)
     literal = raw.split("${")[0]

@@ -50,6 +50,7 @@ def _train(cfg, hooks):
     try:
         train(
             method,
+            method,
             optimizer,
             scheduler,
             batches,

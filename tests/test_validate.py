@@ -75,7 +75,7 @@ BAD = [
     (["eval.probe.weight_decays=[-1e-4]"], "eval.probe.weight_decays"),
     (
         ["encoder._target_=tests.faults.UnpaddedConvNet", "~encoder.strides"],
-        "cannot take 1x8x8 images",
+        "encoder._target_='tests.faults.UnpaddedConvNet' in the config is not allowed; allowed: ",
     ),
     (["encoder._target_=no.such.Encoder"], "encoder._target_='no.such.Encoder'"),
     (["data.augment.crop_scale=[0.9,0.2]"], "data.augment.crop_scale=[0.9,0.2]"),
@@ -124,6 +124,17 @@ def test_bad_config_in_process(case, capsys):
     assert cli.main(["train", *case[0]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and case[1] in err, err
+
+
+def test_an_own_encoder_allowed_on_this_machine_is_validated_like_a_shipped_one(
+    monkeypatch, capsys
+):
+    """CONTRAST_EXTRA_TARGETS is the extension point for one's own code; what it allows is
+    then checked like a shipped encoder (here: it cannot take the digits' 8x8 images)."""
+    monkeypatch.setenv("CONTRAST_EXTRA_TARGETS", "encoder=tests.faults.UnpaddedConvNet")
+    args = ["train", "encoder._target_=tests.faults.UnpaddedConvNet", "~encoder.strides"]
+    assert cli.main(args) == 2
+    assert "cannot take 1x8x8 images" in capsys.readouterr().err
 
 
 def test_unknown_option_lists_the_valid_options():

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from contrastive_cli.config import apply_overrides, build
 from contrastive_cli.errors import ConfigError, DataError
 from contrastive_cli.rundirs import load_run
+from contrastive_cli.validate import validate
 
 HELP = "write a trained encoder's embeddings of a dataset (.parquet, .npy or .csv)"
 FORMATS = (".parquet", ".npy", ".csv")
@@ -72,6 +73,8 @@ def main(args: list[str]) -> int:
     run_dir = Path(opts.run_dir).expanduser()
     run_cfg = load_run(run_dir).config(interpolated=True)
     cfg = apply_overrides(run_cfg, opts.overrides, GROUPS, KEYS, "contrast embed")
+    validate(run_cfg)  # what builds the encoder
+    validate(cfg)  # what loads the data
     rows = embed(run_dir, run_cfg, cfg)
     write(out, rows, {"run_dir": str(run_dir.resolve()), "data": str(cfg.data.name)})
     n, dim = rows["embedding"].shape
@@ -100,9 +103,7 @@ def _check_out(out: Path) -> None:
 def load_encoder(run_dir: Path, run_cfg: DictConfig) -> torch.nn.Module:
     """The run's encoder, rebuilt from its config as ``contrast train`` built it, with the
     trained weights from ``encoder.safetensors`` (no pickles)."""
-    from safetensors.torch import load_file
-
-    from contrastive_cli.run import build_encoder
+    from contrastive_cli.run import build_encoder, load_weights, read_weights
 
     path = run_dir / "encoder.safetensors"
     if not path.is_file():
@@ -110,12 +111,7 @@ def load_encoder(run_dir: Path, run_cfg: DictConfig) -> torch.nn.Module:
             f"{path} is missing: the run has not finished (see {run_dir / 'results.json'})"
         )
     encoder = build_encoder(run_cfg, run_cfg.trainer.seed)
-    try:
-        encoder.load_state_dict(load_file(str(path)))
-    except RuntimeError as e:
-        raise DataError(
-            f"{path} does not fit the run's encoder config: {str(e).splitlines()[0]}"
-        ) from None
+    load_weights(encoder, read_weights(path), path)
     return encoder
 
 

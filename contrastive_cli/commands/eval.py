@@ -8,10 +8,10 @@ import json
 import logging
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from contrastive_cli.config import apply_overrides, build, compose
 from contrastive_cli.errors import ConfigError, UserError
@@ -26,6 +26,58 @@ HELP = (
 )
 
 
+ENCODER_FORMAT = "contrast-encoder-v1"
+
+
+def read_encoder_metadata(path: Path) -> dict[str, Any]:
+    """The metadata of a bare encoder file, parsed against a fixed schema: format, encoder
+    (a JSON object naming a shipped encoder), data (a shipped data option), channels,
+    image_size and seed (integers in range). Anything else is one UserError line."""
+    from contrastive_cli.config import config_groups
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # SafetensorError: bad header, sizes, not a safetensors file
+        raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+    if meta.get("format") != ENCODER_FORMAT:
+        raise UserError(f"{path} has no contrast metadata; evaluate it through its run directory")
+
+    def integer(key: str, lo: int, hi: int) -> int:
+        text = meta.get(key, "")
+        if not (isinstance(text, str) and text.isdigit() and lo <= int(text) <= hi):
+            raise UserError(
+                f"{path}: metadata {key}={text[:40]!r} is not allowed; allowed: an integer in "
+                f"[{lo}, {hi}]"
+            )
+        return int(text)
+
+    data_options = config_groups()["data"]
+    if meta.get("data") not in data_options:
+        raise UserError(
+            f"{path}: metadata data={str(meta.get('data'))[:40]!r} is not allowed; allowed: "
+            f"{', '.join(data_options)}"
+        )
+    try:
+        encoder = json.loads(meta.get("encoder", ""))
+    except (json.JSONDecodeError, RecursionError):
+        encoder = None
+    if not isinstance(encoder, dict) or not isinstance(encoder.get("_target_"), str):
+        raise UserError(f"{path}: metadata encoder is not a JSON object with a _target_")
+    return {
+        "encoder": encoder,
+        "data": meta["data"],
+        "channels": integer("channels", 1, 4),
+        "image_size": integer("image_size", 1, 4096),
+        "seed": integer("seed", 0, 2**63 - 1),
+    }
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
 def _source(
     path: Path, overrides: list[str]
 ) -> tuple[Path, DictConfig, DictConfig, dict[str, str]]:
@@ -33,8 +85,13 @@ def _source(
 
     A run directory (or an encoder file inside one): the run's config with ``overrides``
     applied. A bare encoder file: a fresh config from ``overrides`` (data defaults to the
-    dataset it trained on) with the encoder and seed from the file's metadata.
+    dataset it trained on) with the encoder and seed from the file's metadata. Either way
+    the config is checked as data (``contrastive_cli.safety``) and validated before anything
+    in it is built.
     """
+    from contrastive_cli.safety import check_targets
+    from contrastive_cli.validate import validate
+
     run_dir = path if path.is_dir() else path.parent
     if path.is_dir() or (
         path.suffix == ".safetensors" and (run_dir / ".hydra" / "config.yaml").is_file()
@@ -44,34 +101,31 @@ def _source(
         if not weights.is_file():
             raise UserError(f"{path} has no encoder.safetensors (the run did not finish training)")
         saved = run.config(interpolated=True)
-        return (
-            weights,
-            apply_overrides(saved, overrides, GROUPS, KEYS, "contrast eval"),
-            saved,
-            run.choices,
-        )
+        cfg = apply_overrides(saved, overrides, GROUPS, KEYS, "contrast eval")
+        validate(cfg)
+        return weights, cfg, saved, run.choices
     if path.suffix != ".safetensors" or not path.is_file():
         raise UserError(f"{path} is neither a run directory nor an .safetensors encoder file")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != "contrast-encoder-v1":
-        raise UserError(f"{path} has no contrast metadata; evaluate it through its run directory")
+    meta = read_encoder_metadata(path)
     saved = OmegaConf.create(
         {
-            "encoder": json.loads(meta["encoder"]),
-            "trainer": {"seed": int(meta["seed"])},
+            "encoder": meta["encoder"],
+            "trainer": {"seed": meta["seed"]},
             "data": {
                 "name": meta["data"],
-                "channels": int(meta["channels"]),
-                "image_size": int(meta["image_size"]),
+                "channels": meta["channels"],
+                "image_size": meta["image_size"],
             },
         }
     )
+    check_targets(saved, f"the metadata of {path}")
     chosen = [o for o in overrides if o.split("=", 1)[0] == "data"] or [f"data={meta['data']}"]
     cfg = compose([*chosen, *(o for o in overrides if o.split("=", 1)[0] != "data")])
     with open_dict(cfg):
+        cfg.pop("hydra", None)
         cfg.encoder = saved.encoder
         cfg.trainer.seed = saved.trainer.seed
+    validate(cfg)
     return path, cfg, saved, {"data": meta["data"]}
 
 
@@ -93,21 +147,20 @@ def main(args: list[str]) -> int:
             f"{trained_on.name} with {trained_on.channels}; choose data with {trained_on.channels}"
         )
 
-    from contrastive_cli.run import build_encoder, evaluate_encoder, load_data
+    from contrastive_cli.run import (
+        build_encoder,
+        evaluate_encoder,
+        load_data,
+        load_weights,
+        read_weights,
+    )
 
     runtime = build(cfg.device)
     data = load_data(cfg)
     if not data.labelled:
         raise UserError(f"data={cfg.data.name} has no labels to evaluate with")
     encoder = build_encoder(cfg, cfg.trainer.seed)
-    try:
-        encoder.load_state_dict(load_file(str(weights)))
-    except RuntimeError as e:
-        raise ConfigError(
-            f"the encoder in {weights} does not fit data={cfg.data.name} "
-            f"({cfg.data.image_size}px; trained at {trained_on.image_size}px): "
-            f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
-        ) from None
+    load_weights(encoder, read_weights(weights), weights)
     encoder.to(runtime.device)
     augment = build(cfg.data.augment)
     metrics, baselines = evaluate_encoder(cfg, encoder, data, augment, runtime, cfg.trainer.seed)

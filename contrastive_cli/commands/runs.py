@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from contrastive_cli.errors import ConfigError
+from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.rundirs import find_runs
 from contrastive_cli.tables import COLUMNS, format_table, matches, run_row, sort_rows, to_csv
 
@@ -62,5 +62,11 @@ def main(args: list[str]) -> int:
 def _write(target: str, text: str) -> None:
     if target == "-":
         sys.stdout.write(text)
-    else:
-        Path(target).write_text(text)
+        return
+    path = Path(target).expanduser()
+    if path.is_dir():
+        raise UserError(f"{target} is a folder; give a file name, e.g. {path / 'runs.csv'}")
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise UserError(f"cannot write {target} ({e.strerror or e})") from None

@@ -23,6 +23,10 @@ from contrastive_cli.errors import DataError
 log = logging.getLogger(__name__)
 
 MODES = {1: "L", 3: "RGB"}
+# PIL's own decompression-bomb warning threshold (~89 megapixels, 0.25 GiB as RGB): a larger
+# image is skipped by default, so a small file that declares a huge image cannot stall
+# every epoch (data.max_pixels raises or lowers the cap).
+MAX_PIXELS = 89_478_485
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -35,7 +39,19 @@ def default_workers() -> int:
     return max(1, min(8, cores - 1))
 
 
-def decode(path: str, image_size: int, channels: int) -> np.ndarray:
+class TooLarge(ValueError):
+    """An image whose header declares more pixels than the cap."""
+
+
+def _check_pixels(img: Image.Image, max_pixels: int) -> None:
+    w, h = img.size
+    if w * h > max_pixels:
+        raise TooLarge(
+            f"declares {w}x{h} = {w * h:,} pixels, more than data.max_pixels={max_pixels:,}"
+        )
+
+
+def decode(path: str, image_size: int, channels: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """One image file -> (channels, image_size, image_size) uint8.
 
     EXIF rotation is applied; transparency is composited onto white; 16-bit greyscale is
@@ -45,6 +61,7 @@ def decode(path: str, image_size: int, channels: int) -> np.ndarray:
     """
     mode = MODES[channels]
     with Image.open(path) as img:
+        _check_pixels(img, max_pixels)
         img.draft(mode, (image_size, image_size))
         if (
             img.getexif().get(ExifTags.Base.Orientation, 1) != 1
@@ -69,12 +86,15 @@ def _convert(img: Image.Image, mode: str) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def probe(path: str) -> str | None:
-    """None when PIL recognises the file as an image (header only), else the reason."""
+def probe(path: str, max_pixels: int = MAX_PIXELS) -> str | None:
+    """None when PIL recognises the file as an image of at most ``max_pixels`` (header
+    only), else the reason."""
     try:
         with Image.open(path) as img:
-            img.size  # noqa: B018 - the header is parsed on open; touch it for clarity
+            _check_pixels(img, max_pixels)
         return None
+    except TooLarge as e:
+        return str(e)
     except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ...)
         return _reason(e)
 
@@ -87,15 +107,17 @@ def _reason(e: Exception) -> str:
 class _Decoder(Dataset):
     """What the workers run: index -> (uint8 image, decoded ok, reason if not)."""
 
-    def __init__(self, paths: Sequence[str], image_size: int, channels: int):
+    def __init__(self, paths: Sequence[str], image_size: int, channels: int, max_pixels: int):
         self.paths, self.image_size, self.channels = paths, image_size, channels
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Tensor, bool, str]:
         try:
-            return torch.from_numpy(decode(self.paths[i], self.image_size, self.channels)), True, ""
+            image = decode(self.paths[i], self.image_size, self.channels, self.max_pixels)
+            return torch.from_numpy(image), True, ""
         except Exception as e:  # reported by the main process
             return (
                 torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8),
@@ -112,11 +134,17 @@ class ImageFiles:
     """
 
     def __init__(
-        self, paths: Sequence[str], image_size: int, channels: int, workers: int | None = None
+        self,
+        paths: Sequence[str],
+        image_size: int,
+        channels: int,
+        workers: int | None = None,
+        max_pixels: int = MAX_PIXELS,
     ):
         self.paths = list(paths)
         self.image_size = image_size
         self.channels = channels
+        self.max_pixels = max_pixels
         self.workers = default_workers() if workers is None else workers
         self._warned: set[str] = set()
 
@@ -132,7 +160,7 @@ class ImageFiles:
             paths = self.paths[idx]
         else:
             paths = [self.paths[i] for i in torch.as_tensor(idx).tolist()]
-        return ImageFiles(paths, self.image_size, self.channels, self.workers)
+        return ImageFiles(paths, self.image_size, self.channels, self.workers, self.max_pixels)
 
     def split(self, batch_size: int) -> Iterator[Tensor]:
         """Consecutive batches of ``batch_size`` (the last one shorter), decoded."""
@@ -181,7 +209,7 @@ class ImageFiles:
         self, index_batches: Iterable[list[int]], pin_memory: bool = False
     ) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
         loader = DataLoader(
-            _Decoder(self.paths, self.image_size, self.channels),
+            _Decoder(self.paths, self.image_size, self.channels, self.max_pixels),
             batch_sampler=index_batches,
             num_workers=self.workers,
             pin_memory=pin_memory,
@@ -196,8 +224,9 @@ class ImageFiles:
             )
         for step in range(1, min(len(self), 100)):
             try:
+                path = self.paths[(i + step) % len(self)]
                 return torch.from_numpy(
-                    decode(self.paths[(i + step) % len(self)], self.image_size, self.channels)
+                    decode(path, self.image_size, self.channels, self.max_pixels)
                 )
             except Exception:  # try the next one
                 continue

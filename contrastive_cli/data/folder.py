@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from contrastive_cli.data.datasets import ImageData, Split, stratified_test_mask
-from contrastive_cli.data.files import MODES, ImageFiles, probe
+from contrastive_cli.data.files import MAX_PIXELS, MODES, ImageFiles, probe
 from contrastive_cli.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,14 @@ def load_folder(
         "pbm",
         "pnm",
     ),
+    max_pixels: int = MAX_PIXELS,
 ) -> ImageData:
     """The images under ``path`` (and ``eval_path``), as the module docstring describes."""
     _check(image_size, channels, test_fraction, workers)
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
+        raise ConfigError(
+            f"data.max_pixels={max_pixels!r} is not allowed; allowed: a positive number of pixels"
+        )
     if path is None:
         raise ConfigError("data.path is not set: data=folder needs data.path=<folder of images>")
     read = dict(
@@ -79,6 +84,7 @@ def load_folder(
         cache_dir=cache_dir,
         workers=workers,
         extensions=extensions,
+        max_pixels=max_pixels,
     )
     found = _read("data.path", path, **read)
     if eval_path is not None:
@@ -144,6 +150,7 @@ def _read(
     cache_dir: str | None,
     workers: int | None,
     extensions: Sequence[str],
+    max_pixels: int,
 ) -> _Found:
     root = Path(path).expanduser().absolute()
     if not root.exists():
@@ -160,13 +167,19 @@ def _read(
     images: Tensor | ImageFiles | None = None
     if cache:
         images, rels, skipped = _cached(
-            setting, root, files, image_size, channels, cache_dir, workers
+            setting, root, files, image_size, channels, cache_dir, workers, max_pixels
         )
     if images is None:  # streamed: drop what PIL cannot even open now, decode per epoch
-        skipped = [(rel, why) for rel in all_rels if (why := probe(str(root / rel))) is not None]
+        skipped = [
+            (rel, why)
+            for rel in all_rels
+            if (why := probe(str(root / rel), max_pixels)) is not None
+        ]
         bad = {rel for rel, _ in skipped}
         rels = [rel for rel in all_rels if rel not in bad]
-        images = ImageFiles([str(root / rel) for rel in rels], image_size, channels, workers)
+        images = ImageFiles(
+            [str(root / rel) for rel in rels], image_size, channels, workers, max_pixels
+        )
     if skipped:
         named = ", ".join(f"{rel} ({why})" for rel, why in skipped[:SHOW])
         log.warning(
@@ -179,10 +192,25 @@ def _read(
 
 
 def scan(root: Path, extensions: Sequence[str]) -> list[tuple[str, int, int]]:
-    """Image files under ``root``: sorted (relative posix path, size, mtime in ns)."""
+    """Image files under ``root``: sorted (relative posix path, size, mtime in ns).
+
+    Symbolic links are followed, but each real folder is entered once (a link back to a
+    parent cannot loop) and each real file counted once, under the first of its paths in
+    sorted order, so no image is trained on twice or lands in both train and test.
+    """
     wanted = {e.lower().lstrip(".") for e in extensions}
+    seen_dirs: set[tuple[int, int]] = set()
     found = []
     for directory, dirs, names in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(directory)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:  # reached again through a link
+            dirs[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in names:
             if name.startswith(".") or name.rsplit(".", 1)[-1].lower() not in wanted:
@@ -192,8 +220,14 @@ def scan(root: Path, extensions: Sequence[str]) -> list[tuple[str, int, int]]:
                 st = full.stat()
             except OSError:  # a dangling link: not an image
                 continue
-            found.append((full.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
-    return sorted(found)
+            rel = full.relative_to(root).as_posix()
+            found.append((rel, st.st_size, st.st_mtime_ns, (st.st_dev, st.st_ino)))
+    files, seen_files = [], set()
+    for rel, size, mtime, inode in sorted(found):
+        if inode not in seen_files:
+            seen_files.add(inode)
+            files.append((rel, size, mtime))
+    return files
 
 
 # --------------------------------------------------------------------------- labels and splits
@@ -250,6 +284,7 @@ def _cached(
     channels: int,
     cache_dir: str | None,
     workers: int | None,
+    max_pixels: int,
 ) -> tuple[Tensor | None, list[str], list[tuple[str, str]]]:
     """(images, their paths, skipped) from the cache file, decoding and writing it when
     stale or missing; (None, [], []) when the decoded images would not fit in memory."""
@@ -262,7 +297,7 @@ def _cached(
         )
         return None, [], []
     key = hashlib.sha256(
-        json.dumps([CACHE_FORMAT, image_size, channels, files]).encode()
+        json.dumps([CACHE_FORMAT, image_size, channels, max_pixels, files]).encode()
     ).hexdigest()
     file = cache_file(root, image_size, channels, cache_dir)
     hit = _read_cache(file, key)
@@ -271,7 +306,7 @@ def _cached(
         return hit
     rels = [rel for rel, _, _ in files]
     decoded, kept, failed = ImageFiles(
-        [str(root / r) for r in rels], image_size, channels, workers
+        [str(root / r) for r in rels], image_size, channels, workers, max_pixels
     ).decode_all(f"decoding {root.name} for the cache")
     kept_rels = [rels[i] for i in kept]
     skipped = [(rels[i], why) for i, why in failed]

@@ -1,0 +1,171 @@
+"""A config from a run directory or from file metadata is data, never code.
+
+Hydra's ``instantiate`` imports and calls whatever a ``_target_`` names. A run directory or
+an ``encoder.safetensors`` file may come from someone else, so before anything is built:
+
+- every ``_target_`` must sit in an object slot of the shipped configs (``encoder``,
+  ``loss.projector``, ``data.source``, ...) and name a callable that some shipped option puts
+  in that slot, or one the user allowed for that slot on this machine
+  (``CONTRAST_EXTRA_TARGETS``, see ``extra_targets``). A ``_target_`` anywhere else, such as
+  inside a mapping placed where a plain value belongs (``device.type``), is refused;
+- a config read from a file may interpolate other keys (``${..root}``) and the environment
+  (``${oc.env:...}``), nothing else: no resolver with side effects (``unique_dir`` creates
+  folders) and no custom resolver.
+
+Nothing here imports a target; the checks look at strings only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from contrastive_cli.errors import ConfigError
+
+EXTRA_ENV = "CONTRAST_EXTRA_TARGETS"
+# Resolvers a config read from a file may use: OmegaConf's environment lookup (the shipped
+# configs use it for data.root) and plain key references, which need no resolver.
+FILE_RESOLVERS = frozenset({"oc.env"})
+_RESOLVER = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:")
+
+
+def _walk_raw(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, raw value) of every leaf, interpolations unresolved."""
+    if isinstance(node, DictConfig):
+        for key in node:
+            child = node._get_node(key)
+            yield from _walk_raw(child, f"{prefix}{key}.")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield from _walk_raw(node._get_node(i), f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], node._value() if hasattr(node, "_value") else node
+
+
+def _slots(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(slot, raw ``_target_`` value) of every node holding a ``_target_``; the slot is the
+    node's dotted path (list items by index)."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node.keys():  # noqa: SIM118 - `in node` would resolve the value
+            raw = node._get_node("_target_")
+            yield prefix.rstrip("."), raw._value() if hasattr(raw, "_value") else raw
+        for key in node:
+            yield from _slots(node._get_node(key), f"{prefix}{key}.")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield from _slots(node._get_node(i), f"{prefix}{i}.")
+
+
+@functools.cache
+def shipped_targets() -> dict[str, frozenset[str]]:
+    """{slot: the targets shipped options put there}, read from the package's conf/."""
+    from contrastive_cli.config import CONF_DIR, config_groups
+
+    found: dict[str, set[str]] = {}
+    root = OmegaConf.load(CONF_DIR / "config.yaml")
+    with_prefix: list[tuple[str, Any]] = [
+        ("", OmegaConf.masked_copy(root, [k for k in root if k not in ("hydra", "defaults")]))
+    ]
+    for group, options in config_groups().items():
+        for option in options:
+            with_prefix.append((f"{group}.", OmegaConf.load(CONF_DIR / group / f"{option}.yaml")))
+    for prefix, cfg in with_prefix:
+        for slot, target in _slots(cfg, prefix):
+            found.setdefault(slot, set()).add(str(target))
+    return {slot: frozenset(targets) for slot, targets in found.items()}
+
+
+def extra_targets() -> dict[str, frozenset[str]]:
+    """Targets this machine's user allows besides the shipped ones, for their own encoders,
+    methods, optimizers...: ``CONTRAST_EXTRA_TARGETS="encoder=mypkg.nets.Wide,loss=mypkg.M"``
+    (comma-separated ``slot=dotted.path``). An environment variable, never a file a run
+    directory could carry."""
+    extra: dict[str, set[str]] = {}
+    for item in os.environ.get(EXTRA_ENV, "").split(","):
+        if not item.strip():
+            continue
+        slot, sep, target = item.strip().partition("=")
+        if not sep or not slot or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+", target):
+            raise ConfigError(
+                f"{EXTRA_ENV} item {item.strip()!r} is not allowed; allowed: slot=module.callable, "
+                "e.g. encoder=mypkg.nets.Wide (comma-separated)"
+            )
+        extra.setdefault(slot, set()).add(target)
+    return {slot: frozenset(t) for slot, t in extra.items()}
+
+
+def allowed_targets() -> dict[str, frozenset[str]]:
+    allowed = dict(shipped_targets())
+    for slot, targets in extra_targets().items():
+        allowed[slot] = allowed.get(slot, frozenset()) | targets
+    return allowed
+
+
+def check_targets(cfg: DictConfig, source: str = "the config") -> None:
+    """ConfigError unless every ``_target_`` in ``cfg`` is allowed in its slot (see the
+    module docstring). Interpolated targets are resolved first (plain references only reach
+    here from files: ``check_interpolations`` runs before). A ``hydra`` node (Hydra's own
+    settings, present when the command line is checked) is Hydra's and skipped."""
+    allowed = allowed_targets()
+    keys = list(cfg)  # `"hydra" in cfg` would resolve it (and its run-dir resolver)
+    job = OmegaConf.masked_copy(cfg, [k for k in keys if k != "hydra"]) if "hydra" in keys else cfg
+    for slot, raw in _slots(job):
+        target = raw
+        if isinstance(raw, str) and "${" in raw:
+            target = OmegaConf.select(job, f"{slot}._target_" if slot else "_target_")
+        shown = f"{slot}._target_" if slot else "_target_"
+        if slot not in allowed:
+            raise ConfigError(
+                f"{shown}={target!r} in {source} is not allowed: {slot or 'the top level'} is a "
+                f"setting, not an object; allowed: a _target_ only under {', '.join(sorted(allowed))}"
+            )
+        if target not in allowed[slot]:
+            raise ConfigError(
+                f"{shown}={target!r} in {source} is not allowed; allowed: "
+                f"{', '.join(sorted(allowed[slot]))} (own code on this machine: "
+                f"{EXTRA_ENV}={slot}=module.callable)"
+            )
+
+
+def check_interpolations(cfg: DictConfig, source: str) -> None:
+    """ConfigError if a config read from ``source`` uses a resolver other than ``oc.env``."""
+    for key, raw in _walk_raw(cfg):
+        if not isinstance(raw, str) or "${" not in raw:
+            continue
+        for name in _RESOLVER.findall(raw):
+            if name not in FILE_RESOLVERS:
+                raise ConfigError(
+                    f"{key}={raw!r} in {source} is not allowed: a saved config may refer to other "
+                    f"keys (${{key}}) and to the environment (${{oc.env:NAME}}), not call "
+                    f"the resolver {name!r}"
+                )
+
+
+def check_buildable(node: Any) -> None:
+    """The last check before Hydra imports anything: every target in ``node`` is allowed in
+    some slot (``check_targets`` has checked each one's slot; this guards every build call,
+    whatever path a config took to get there)."""
+    if not isinstance(node, (DictConfig, ListConfig)):
+        return
+    everything = frozenset().union(*allowed_targets().values())
+    for slot, _ in _slots(node):
+        target = OmegaConf.select(node, f"{slot}._target_" if slot else "_target_")
+        if target not in everything:
+            raise ConfigError(
+                f"{(slot + '.') if slot else ''}_target_={target!r} is not allowed: not a callable "
+                f"that contrast ships (own code on this machine: {EXTRA_ENV}=slot=module.callable)"
+            )
+
+
+def check_loaded(cfg: Any, source: str) -> DictConfig:
+    """A config read from a file, checked before anything in it is used."""
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{source} is not a config mapping (it holds a {type(cfg).__name__})")
+    check_interpolations(cfg, source)
+    check_targets(cfg, source)
+    return cfg

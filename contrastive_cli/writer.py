@@ -1,0 +1,133 @@
+"""The one owner of a run directory's files while a command writes into it.
+
+A run directory may come from someone else, so nothing in it is trusted when writing:
+
+- no file or folder inside it is written through a symbolic link (a ``train.log`` linked to
+  ``~/.bashrc`` would otherwise be appended to); whole files are written to a temp file and
+  renamed over the name, which replaces a link instead of following it, and appended files
+  are opened with ``O_NOFOLLOW``;
+- one command at a time: ``lock()`` takes an OS lock on ``<run>/.lock`` (``flock``, which
+  the kernel releases when the process dies, also after kill -9), so a second ``resume`` of
+  the same run stops with one line instead of interleaving its checkpoints with the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from contrastive_cli.errors import UserError
+
+LOCK = ".lock"
+FILE_MODE = 0o644  # like every other output: readable by the group and others
+
+
+class UnsafePath(UserError):
+    """A run-directory path that would write through a symbolic link."""
+
+    exit_code = 2
+
+
+def safe_path(run_dir: Path, relative: str | Path) -> Path:
+    """``run_dir / relative`` after checking that neither it nor a folder between it and
+    ``run_dir`` is a symbolic link (folders are created as needed)."""
+    path = Path(run_dir) / relative
+    parts = Path(relative).parts
+    current = Path(run_dir)
+    for i, part in enumerate(parts):
+        current = current / part
+        if current.is_symlink():
+            raise UnsafePath(
+                f"{current} is a symbolic link; contrast does not write through links in a run "
+                f"directory (remove it, or copy the run to a new folder)"
+            )
+        if i < len(parts) - 1 and not current.exists():
+            current.mkdir()
+    return path
+
+
+def write_text_atomic(path: Path, text: str, mode: int = FILE_MODE) -> None:
+    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``: readers
+    never see half a file, a link at ``path`` is replaced rather than followed, and a failed
+    write leaves no temp file behind."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """JSON, atomically (see ``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def open_append(path: Path) -> int:
+    """A file descriptor appending to ``path``, refusing a symbolic link at ``path``."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(path, flags, FILE_MODE)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafePath(
+                f"{path} is a symbolic link; contrast does not write through links in a run "
+                "directory (remove it, or copy the run to a new folder)"
+            ) from None
+        raise
+
+
+class SafeFileHandler(logging.FileHandler):
+    """A logging FileHandler that will not follow a symbolic link (train.log)."""
+
+    def _open(self):  # type: ignore[override]
+        return os.fdopen(open_append(Path(self.baseFilename)), "a", encoding=self.encoding)
+
+
+@contextlib.contextmanager
+def lock(run_dir: Path, command: str) -> Iterator[None]:
+    """Hold the run directory's lock for the duration; UserError (one line) if another
+    process holds it. Without ``fcntl`` (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    path = safe_path(run_dir, LOCK)
+    fd = open_append(path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = _read_holder(path)
+            raise UserError(
+                f"{run_dir} is in use by another contrast command{holder}; wait for it to finish "
+                "(two commands writing one run directory would mix their checkpoints)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {command}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        pid, _, command = path.read_text(errors="replace").strip().partition(" ")
+    except OSError:
+        return ""
+    return f" (`contrast {command}`, pid {pid})" if pid.isdigit() else ""
