@@ -38,9 +38,9 @@ def contrastive_loss(
     d is one of:
       - ``euclidean``: ||a - b|| of the L2-normalised embeddings, in [0, 2] (margin <= 2);
       - ``cosine``: 1 - cos(a, b), in [0, 2].
-    The euclidean positive term d^2 = 2 - 2 cos is computed without the square root; the
-    negative term's root is taken of max(d^2, 1e-12), so two identical negatives give a zero
-    gradient rather than an infinite one.
+    The euclidean positive term d^2 = 2 - 2 cos is computed without the square root; where
+    d = 0 the negative term's root is left out, so two identical negatives give a zero
+    gradient (there is no direction to push them apart) rather than an infinite one.
 
     Args:
         embeddings: (N, D) local embeddings.
@@ -70,7 +70,8 @@ def contrastive_loss(
         if distance == "euclidean":
             squared = (2 - 2 * similarity).clamp_min(0)
             positive_term = squared
-            d = squared.clamp_min(1e-12).sqrt()
+            positive_d2 = squared > 0
+            d = torch.where(positive_d2, torch.where(positive_d2, squared, 1.0).sqrt(), 0.0)
         else:
             d = 1 - similarity
             positive_term = d.pow(2)
