@@ -291,6 +291,9 @@ RULES: list[tuple[str, Rule]] = [
     ("optim.optimizer.betas", list_of(number(0, 1, hi_open=True), length=2)),
     ("optim.optimizer.eps", POSITIVE),
     ("optim.optimizer.amsgrad", BOOL),
+    ("optim.optimizer.trust_coefficient", POSITIVE),
+    ("optim.optimizer.clip_lr", BOOL),
+    ("optim.optimizer.exclude_bias_and_norm", BOOL),
     ("optim.scheduler.warmup_epochs", NON_NEGATIVE),
     ("optim.scheduler.final_lr_ratio", PROBABILITY),
     # device
