@@ -257,6 +257,9 @@ RULES: list[tuple[str, Rule]] = [
     ("data.augment.blur_p", PROBABILITY),
     ("data.augment.blur_sigma", interval(0, None, lo_open=True)),
     ("data.augment.solarize_p", PROBABILITY),
+    ("data.augment.local_crops", integer(0)),
+    ("data.augment.local_crop_size", optional(integer(1))),
+    ("data.augment.local_crop_scale", interval(0, 1, lo_open=True)),
     # encoder
     ("encoder.widths", list_of(integer(1))),
     ("encoder.strides", list_of(integer(1))),
