@@ -259,6 +259,9 @@ RULES: list[tuple[str, Rule]] = [
     ("data.augment.blur_p", PROBABILITY),
     ("data.augment.blur_sigma", interval(0, None, lo_open=True)),
     ("data.augment.solarize_p", PROBABILITY),
+    ("data.augment.local_crops", integer(0)),
+    ("data.augment.local_crop_size", optional(integer(1))),
+    ("data.augment.local_crop_scale", interval(0, 1, lo_open=True)),
     # encoder
     ("encoder.widths", list_of(integer(1))),
     ("encoder.strides", list_of(integer(1))),
@@ -293,6 +296,9 @@ RULES: list[tuple[str, Rule]] = [
     ("optim.optimizer.betas", list_of(number(0, 1, hi_open=True), length=2)),
     ("optim.optimizer.eps", POSITIVE),
     ("optim.optimizer.amsgrad", BOOL),
+    ("optim.optimizer.trust_coefficient", POSITIVE),
+    ("optim.optimizer.clip_lr", BOOL),
+    ("optim.optimizer.exclude_bias_and_norm", BOOL),
     ("optim.scheduler.warmup_epochs", NON_NEGATIVE),
     ("optim.scheduler.final_lr_ratio", PROBABILITY),
     # device

@@ -16,7 +16,10 @@ from torch import Tensor
 
 
 def run_ranks(
-    fn: Callable[..., Any], per_rank: Sequence[Sequence[Any]], timeout: float = 30
+    fn: Callable[..., Any],
+    per_rank: Sequence[Sequence[Any]],
+    timeout: float = 30,
+    carry_grad: bool = False,
 ) -> list[Any]:
     """Run ``fn(gather, *per_rank[r])`` for every rank r at once, in threads.
 
@@ -25,6 +28,10 @@ def run_ranks(
     concatenated in rank order (this rank's own tensor in its place, so gradients reach
     it) and this rank's offset. A real concurrent exchange, so code whose later gathers
     depend on earlier results (ids offset by rank) is simulated faithfully.
+
+    With ``carry_grad`` the other ranks' rows keep their autograd graphs too: a backward
+    through every rank's loss then sums each row's gradient over the ranks, as the real
+    all-gather's backward does (see ``mean_over_ranks``).
     """
     world = len(per_rank)
     barrier = threading.Barrier(world, timeout=timeout)
@@ -38,7 +45,7 @@ def run_ranks(
             nonlocal calls
             index, calls = calls, calls + 1
             with lock:
-                slots.setdefault(index, [None] * world)[rank] = x.detach()
+                slots.setdefault(index, [None] * world)[rank] = x if carry_grad else x.detach()
             barrier.wait()
             parts = [x if r == rank else slots[index][r] for r in range(world)]
             offset = sum(p.shape[0] for p in parts[:rank])
@@ -56,6 +63,22 @@ def run_ranks(
     with ThreadPoolExecutor(world) as pool:
         futures = [pool.submit(work, r) for r in range(world)]
         return [f.result() for f in futures]
+
+
+def mean_over_ranks(fn: Callable[..., Tensor], world: int, *tensors: Tensor) -> Tensor:
+    """The mean over ``world`` simulated processes of ``fn(gather, *chunks_r)``, where rank r
+    holds the r-th of ``world`` equal row blocks of each tensor.
+
+    The chunks are slices of the given tensors and each rank's gathered rows keep their
+    graphs, so the gradient of the result with respect to those tensors is what multi-process
+    training computes: the all-gather's backward sums each row's gradient over the processes,
+    and DDP averages the parameters' gradients over them (the mean here). A loss written for
+    that contract gives the single-process loss and gradient of the whole batch.
+    """
+    if any(len(t) % world for t in tensors):
+        raise ValueError(f"rows must split into {world} equal blocks")
+    per_rank = [tuple(t.chunk(world)[r] for t in tensors) for r in range(world)]
+    return torch.stack(run_ranks(fn, per_rank, carry_grad=True)).mean()
 
 
 # --------------------------------------------------------------------------- dataset files

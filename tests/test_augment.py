@@ -275,3 +275,81 @@ def test_solarize_inverts_the_pixels_above_one_half():
     xf = as_float(x)
     expected = torch.where(xf >= 0.5, 1 - xf, xf)
     assert torch.allclose(only(3, solarize_p=1.0)(x, gen()), expected, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- multi-crop views
+def test_views_without_local_crops_are_the_two_view_step():
+    """views() with local_crops=0 is exactly two calls, drawing the same random numbers."""
+    augment, x = Augment(**CIFAR, blur_p=0.5, solarize_p=0.2), images(8, 3, 16)
+    g1, g2 = gen(4), gen(4)
+    got = augment.views(x, g1)
+    expected = [augment(x, g2), augment(x, g2)]
+    assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.parametrize("c,size,local_size,expected_side", [(3, 32, None, 14), (1, 28, 10, 10)])
+def test_views_shapes_global_then_local(c, size, local_size, expected_side):
+    mean, std = (CIFAR["mean"], CIFAR["std"]) if c == 3 else ([0.1307], [0.3081])
+    augment = Augment(mean=mean, std=std, local_crops=4, local_crop_size=local_size)
+    x = images(5, c, size)
+    views = augment.views(x, gen())
+    assert [tuple(v.shape) for v in views] == [(5, c, size, size)] * 2 + [
+        (5, c, expected_side, expected_side)
+    ] * 4
+    assert all(v.dtype == torch.float32 for v in views)
+    # The globals are those of the two-view step: the locals are drawn after them.
+    two = Augment(mean=mean, std=std).views(x, gen())
+    assert torch.equal(views[0], two[0]) and torch.equal(views[1], two[1])
+
+
+def test_each_local_crop_comes_from_its_own_image_and_channel():
+    """Image i is constant, with value 10 i + 80 c in channel c: with colour off, every local
+    crop of image i holds exactly those values (rows and channels are not mixed up)."""
+    b = 6
+    values = torch.arange(b).view(b, 1) * 10 + torch.tensor([0, 80, 160]).view(1, 3)
+    x = values.view(b, 3, 1, 1).expand(b, 3, 12, 12).to(torch.uint8).contiguous()
+    augment = only(3, hflip=0.5, crop_scale=(0.2, 1.0), local_crops=3, local_crop_size=5)
+    for view in augment.views(x, gen()):
+        expected = as_float(values.view(b, 3, 1, 1)).expand_as(view)
+        assert torch.allclose(view, expected, atol=1e-6)
+
+
+def test_every_sample_and_every_local_crop_gets_its_own_parameters():
+    """One image repeated: all K x B local crops differ from each other."""
+    k, b = 4, 8
+    augment = Augment(**CIFAR, local_crops=k, local_crop_size=8)
+    local = torch.cat(augment.views(images(1, 3, 16).repeat(b, 1, 1, 1), gen())[2:]).flatten(1)
+    assert local.shape[0] == k * b
+    distances = torch.cdist(local, local) + torch.eye(k * b) * 1e9
+    assert distances.min() > 1e-3
+
+
+def test_local_crops_use_their_own_scale_and_size():
+    """A horizontal ramp of 4 levels per pixel; a local crop of a quarter of the area (32 px
+    of the 64) resized to 16 px rises 8 levels per output pixel. The global views, with the
+    full-image crop, keep the ramp's slope of 4."""
+    size = 64
+    ramp = (torch.arange(size) * 4).to(torch.uint8).expand(4, 1, size, size).contiguous()
+    augment = only(1, local_crops=2, local_crop_size=16, local_crop_scale=(0.25, 0.25))
+    views = augment.views(ramp, gen())
+    for local in views[2:]:
+        slopes = local[:, 0, 2:-2, 2:-2].diff(dim=-1) * 255
+        assert torch.allclose(slopes, torch.full_like(slopes, 8.0), atol=1e-3)
+    slopes = views[0][:, 0, 2:-2, 2:-2].diff(dim=-1) * 255
+    assert torch.allclose(slopes, torch.full_like(slopes, 4.0), atol=1e-3)
+
+
+def test_multi_crop_views_are_reproducible_by_seed():
+    augment = Augment(**CIFAR, blur_p=0.5, local_crops=3, local_crop_size=6)
+    x = images(4, 3, 16)
+    a, b, other = augment.views(x, gen(7)), augment.views(x, gen(7)), augment.views(x, gen(8))
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    assert not any(torch.allclose(p, q) for p, q in zip(a, other, strict=True))
+
+
+def test_bad_local_crop_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="local_crops"):
+        Augment(**CIFAR, local_crops=-1)
+    with pytest.raises(ConfigError, match="local_crop_size"):
+        Augment(**CIFAR, local_crops=2, local_crop_size=0)

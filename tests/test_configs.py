@@ -18,7 +18,7 @@ GROUPS = {
     "device": ["auto", "cpu", "cuda", "mps"],
     "encoder": ["cnn", "mlp", "resnet18"],
     "loss": ["byol", "moco", "ntxent", "triplet"],
-    "optim": ["adam", "sgd"],
+    "optim": ["adam", "lars", "sgd"],
 }
 OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
 SHAPES = {

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from contrastive_cli.losses import byol_loss, moco_infonce, nt_xent, triplet_loss
 from tests.fakes import run_ranks
+from tests.losscheck import assert_ranks_equal_whole
 
 SHAPES = [(2, 3), (5, 8), (16, 32)]  # (batch size, dimension)
 
@@ -78,6 +79,14 @@ def test_nt_xent_mean_over_ranks_equals_the_whole_batch(world):
     assert sum(loss.item() for loss in losses) / world == pytest.approx(whole, rel=1e-12)
     # Each rank's loss differs from a purely local loss: the other ranks' rows are negatives.
     assert losses[0].item() != pytest.approx(nt_xent(*per_rank[0], t).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_nt_xent_ranks_give_the_whole_batchs_loss_and_gradient(world):
+    """Simulated processes whose all-gather carries gradients (summed over processes in the
+    backward, then averaged as DDP does): the whole batch's gradient, not 1/world of it."""
+    z1, z2 = randn(3 * world, 5, seed=world), randn(3 * world, 5, seed=world + 1)
+    assert_ranks_equal_whole(lambda g, a, b: nt_xent(a, b, 0.2, g), world, z1, z2)
 
 
 @pytest.mark.parametrize("t", [0.0, -0.1])
@@ -237,6 +246,17 @@ def test_triplet_loss_mean_over_ranks_equals_the_whole_batch(mining):
     losses = run_ranks(lambda gather, x, i: triplet_loss(x, i, margin, mining, gather), per_rank)
     whole = triplet_loss(e, ids, margin, mining).item()
     assert sum(loss.item() for loss in losses) / world == pytest.approx(whole, rel=1e-12)
+
+
+@pytest.mark.parametrize("mining", ["hard", "semihard", "all"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_triplet_loss_ranks_give_the_whole_batchs_loss_and_gradient(mining, world):
+    """As above, with gradients: rank r holds both views (rows 2k, 2k+1) of its images."""
+    n = 3
+    e = randn(2 * world * n, 4, seed=world)
+    ids = torch.arange(world * n).repeat_interleave(2)
+    loss = lambda g, x, i: triplet_loss(x, i, 0.5, mining, g)  # noqa: E731
+    assert_ranks_equal_whole(loss, world, e, ids)
 
 
 def test_triplet_loss_rejects_bad_hyperparameters():

@@ -6,6 +6,10 @@ views and no per-sample Python runs. Geometry is a single affine grid +
 ``grid_sample``; colour operations are broadcasts and one batched 3x3 matrix for hue.
 Order: crop/flip/rotate -> colour jitter (brightness, contrast, saturation, hue) ->
 grayscale -> blur -> solarize -> normalise.
+
+``views`` gives the two views of a step, plus DINO's multi-crop local views (Caron et al.,
+2021) when ``local_crops`` > 0: smaller crops of a smaller part of the image, all K of them
+drawn in one batched pass.
 """
 
 from __future__ import annotations
@@ -53,6 +57,15 @@ class Augment:
         blur_p, blur_sigma: probability and sigma range (pixels) of a Gaussian blur whose
             kernel spans about 10% of the image.
         solarize_p: probability of inverting pixels above 0.5.
+        local_crops: number K of local crops ``views`` adds after the two global views
+            (0: none, the two-view recipe).
+        local_crop_size: side of the local crops in pixels; None: 3/7 of the image's
+            shorter side, DINO's 96 of 224.
+        local_crop_scale: range of a local crop's area as a fraction of the image (DINO's
+            (0.05, 0.4); the global crops use ``crop_scale``).
+    Local crops go through the same pipeline (flip, colour, blur, ...) at their own size.
+    Resampling is bilinear without antialiasing, for local crops too (a 0.4 area crop of a
+    32 px image at 14 px shrinks by about 1.4).
     """
 
     def __init__(
@@ -74,6 +87,9 @@ class Augment:
         blur_sigma: Sequence[float] = (0.1, 2.0),
         solarize_p: float = 0.0,
         channels: int | None = None,
+        local_crops: int = 0,
+        local_crop_size: int | None = None,
+        local_crop_scale: Sequence[float] = (0.05, 0.4),
     ):
         if len(mean) != len(std):
             raise ConfigError(
@@ -100,6 +116,14 @@ class Augment:
         self.blur_p = blur_p
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         self.solarize_p = solarize_p
+        if local_crops < 0 or (local_crop_size is not None and local_crop_size < 1):
+            raise ConfigError(
+                f"data.augment.local_crops={local_crops}, local_crop_size={local_crop_size} are "
+                "not allowed; allowed: local_crops >= 0, local_crop_size null or >= 1"
+            )
+        self.local_crops = local_crops
+        self.local_crop_size = local_crop_size
+        self.local_crop_scale = (float(local_crop_scale[0]), float(local_crop_scale[1]))
 
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 or [0, 1] float (B, C, H, W) -> normalised float32, no augmentation."""
@@ -111,9 +135,38 @@ class Augment:
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """x: uint8 (B, C, H, W) -> one augmented view, float32 (B, C, H, W), normalised."""
-        b, c = x.shape[:2]
+        return self._augment(x, generator, x.shape[-2:], self.crop_scale, copies=1)
+
+    def views(self, x: Tensor, generator: torch.Generator) -> list[Tensor]:
+        """x: uint8 (B, C, H, W) -> [global 1, global 2, local 1, ..., local K].
+
+        The globals are two calls of ``self`` (so with ``local_crops=0`` this is exactly the
+        two-view step); the K locals are float32 (B, C, s, s) with s = ``local_crop_size``,
+        each sample and crop with its own parameters, drawn in one pass after the globals'.
+        """
+        views = [self(x, generator), self(x, generator)]
+        if self.local_crops > 0:
+            side = self.local_crop_size or max(1, round(min(x.shape[-2:]) * 3 / 7))
+            local = self._augment(
+                x, generator, (side, side), self.local_crop_scale, self.local_crops
+            )
+            views += list(local.chunk(self.local_crops))  # (K*B, ...) -> K of (B, ...)
+        return views
+
+    def _augment(
+        self,
+        x: Tensor,
+        generator: torch.Generator,
+        size: Sequence[int],
+        crop_scale: tuple[float, float],
+        copies: int,
+    ) -> Tensor:
+        """uint8 (B, C, H, W) -> ``copies`` views of each image, float32 (copies*B, C, *size),
+        normalised; row k*B + i is copy k of image i."""
+        c = x.shape[1]
         if len(self.mean) not in (1, c):
             raise ValueError(f"images have {c} channels but data.mean has {len(self.mean)}")
+        b = x.shape[0] * copies  # one set of parameters per output row
         x = x.float().div_(255)
 
         def uniform(lo: float, hi: float) -> Tensor:
@@ -122,7 +175,7 @@ class Augment:
         def coin(p: float) -> Tensor:
             return torch.rand(b, generator=generator, device=x.device) < p
 
-        x = self._geometry(x, uniform, coin)
+        x = self._geometry(x, uniform, coin, (int(size[0]), int(size[1])), crop_scale, copies)
         if self.jitter_p > 0:
             x = self._jitter(x, coin(self.jitter_p), uniform)
         if self.grayscale_p > 0 and c == 3:
@@ -134,10 +187,13 @@ class Augment:
             x = torch.where(flip, 1 - x, x)
         return self.normalize(x)
 
-    def _geometry(self, x: Tensor, uniform, coin) -> Tensor:
-        """Random resized crop, flip, rotation and shift as one affine resampling."""
-        b = x.shape[0]
-        area = uniform(*self.crop_scale)
+    def _geometry(
+        self, x: Tensor, uniform, coin, size: tuple[int, int], crop_scale, copies: int
+    ) -> Tensor:
+        """Random resized crop, flip, rotation and shift as one affine resampling:
+        (B, C, H, W) -> (copies*B, C, *size)."""
+        b = x.shape[0] * copies
+        area = uniform(*crop_scale)
         log_ratio = uniform(math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
         ratio = log_ratio.exp()
         w = (area * ratio).sqrt().clamp(max=1.0)  # crop width / image width
@@ -162,11 +218,20 @@ class Augment:
                 torch.stack([h * sin * sign, h * cos, cy], dim=1),
             ],
             dim=1,
-        )  # (B, 2, 3): output -> input coords
-        grid = _affine_grid(theta, *x.shape[-2:])
+        )  # (copies*B, 2, 3): output -> input coords
+        h, w = size
+        grid = _affine_grid(theta, h, w)  # (copies*B, h, w, 2)
+        if copies > 1:
+            # Copy k of image i is rows k*h..(k+1)*h of image i's grid: grid_sample reads each
+            # image once, without repeating the batch in memory.
+            n = x.shape[0]
+            grid = grid.view(copies, n, h, w, 2).transpose(0, 1).reshape(n, copies * h, w, 2)
         # "border": a crop's outermost output pixels sample between the last image pixel and
         # the image edge; zero padding would darken them (by up to half on small crops).
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if copies > 1:
+            out = out.view(n, -1, copies, h, w).permute(2, 0, 1, 3, 4).reshape(b, -1, h, w)
+        return out
 
     def _jitter(self, x: Tensor, apply: Tensor, uniform) -> Tensor:
         b, c = x.shape[:2]

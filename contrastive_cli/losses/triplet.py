@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from contrastive_cli.distributed import Gather, local_only
+from contrastive_cli.losses.precision import full_precision, upcast
 
 Mining = Literal["hard", "semihard", "all"]
 MINING: tuple[str, ...] = ("hard", "semihard", "all")
@@ -43,6 +44,12 @@ def triplet_loss(
         raise ValueError(f"mining must be one of {MINING}, got {mining!r}")
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
+    # float32 even under bf16 autocast: rounded distances tie and change the mined negatives.
+    with full_precision(embeddings):
+        return _mined(upcast(embeddings), ids, margin, mining, gather)
+
+
+def _mined(embeddings: Tensor, ids: Tensor, margin: float, mining: str, gather: Gather) -> Tensor:
     e = F.normalize(embeddings, dim=1)
     all_e, offset = gather(e)
     all_ids, _ = gather(ids)
