@@ -37,7 +37,7 @@ from contrastive_cli.evaluate import KnnMonitor, evaluate_protocol, extract_feat
 from contrastive_cli.report import MetricsLog, results_table, versions
 from contrastive_cli.rundirs import Run
 from contrastive_cli.signals import GracefulStop, Interrupted
-from contrastive_cli.train import Hooks, Progress, train
+from contrastive_cli.train import Hooks, Progress, progress_from_state, train
 from contrastive_cli.validate import check_data, validate
 
 log = logging.getLogger(__name__)
@@ -290,8 +290,22 @@ class RunFiles:
     """The run directory's files, written only through here: no write follows a symbolic
     link (see ``contrastive_cli.writer``), whole files are replaced atomically."""
 
+    # Everything a run writes, checked for links before the run starts (not after training).
+    NAMES = (
+        "train.log",
+        "metrics.jsonl",
+        "results.json",
+        "encoder.safetensors",
+        "checkpoints/last.pt",
+        "checkpoints/prev.pt",
+        "plots/curves.png",
+        "plots/embedding.png",
+    )
+
     def __init__(self, path: Path):
         self.path = path
+        for name in self.NAMES:
+            writer.safe_path(path, name, create=False)
 
     def file(self, relative: str | Path) -> Path:
         return writer.safe_path(self.path, relative)
@@ -394,7 +408,13 @@ def restore(cfg: DictConfig, built: Built, files: RunFiles, resolved: dict) -> P
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        progress = Progress(**state["progress"])
+        progress = progress_from_state(state["progress"])
+        steps = len(built.training.batches)
+        if progress.batch >= steps or progress.step != progress.epoch * steps + progress.batch:
+            raise ValueError(
+                f"its position (epoch {progress.epoch}, step {progress.step}, batch "
+                f"{progress.batch}) does not fit {steps} steps per epoch"
+            )
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} does not fit the run's config: {problem}") from None

@@ -53,7 +53,10 @@ def _slots(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     if isinstance(node, DictConfig):
         if "_target_" in node.keys():  # noqa: SIM118 - `in node` would resolve the value
             raw = node._get_node("_target_")
-            yield prefix.rstrip("."), raw._value() if hasattr(raw, "_value") else raw
+            if isinstance(raw, (DictConfig, ListConfig)):
+                yield prefix.rstrip("."), raw  # not a name: refused by the caller
+            else:
+                yield prefix.rstrip("."), raw._value() if hasattr(raw, "_value") else raw
         for key in node:
             yield from _slots(node._get_node(key), f"{prefix}{key}.")
     elif isinstance(node, ListConfig):
@@ -119,6 +122,11 @@ def check_targets(cfg: DictConfig, source: str = "the config") -> None:
         if isinstance(raw, str) and "${" in raw:
             target = OmegaConf.select(job, f"{slot}._target_" if slot else "_target_")
         shown = f"{slot}._target_" if slot else "_target_"
+        if not isinstance(target, str):
+            raise ConfigError(
+                f"{shown} in {source} is not allowed: it holds a {type(target).__name__}; "
+                "allowed: the dotted name of a callable contrast ships for that slot"
+            )
         if slot not in allowed:
             raise ConfigError(
                 f"{shown}={target!r} in {source} is not allowed: {slot or 'the top level'} is a "
@@ -155,7 +163,7 @@ def check_buildable(node: Any) -> None:
     everything = frozenset().union(*allowed_targets().values())
     for slot, _ in _slots(node):
         target = OmegaConf.select(node, f"{slot}._target_" if slot else "_target_")
-        if target not in everything:
+        if not isinstance(target, str) or target not in everything:
             raise ConfigError(
                 f"{(slot + '.') if slot else ''}_target_={target!r} is not allowed: not a callable "
                 f"that contrast ships (own code on this machine: {EXTRA_ENV}=slot=module.callable)"

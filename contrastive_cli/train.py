@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,25 @@ class Progress:
     step_losses: list[float] = field(default_factory=list)  # that epoch's losses so far
     epoch_seconds: float = 0.0  # that epoch's training time so far
     train_seconds: float = 0.0  # all completed epochs' training time
+
+
+def progress_from_state(state: object) -> Progress:
+    """The Progress a checkpoint holds; ValueError when its fields are not what
+    ``dataclasses.asdict(Progress)`` wrote (a checkpoint from elsewhere)."""
+    if not isinstance(state, dict) or set(state) != {f.name for f in fields(Progress)}:
+        raise ValueError("its progress record has other fields than contrast writes")
+    ints = ("epoch", "step", "batch")
+    floats = ("epoch_seconds", "train_seconds")
+    if not all(
+        isinstance(state[k], int) and not isinstance(state[k], bool) and state[k] >= 0 for k in ints
+    ):
+        raise ValueError("its progress counters are not non-negative integers")
+    if not all(isinstance(state[k], (int, float)) for k in floats) or not (
+        isinstance(state["step_losses"], list)
+        and all(isinstance(v, (int, float)) for v in state["step_losses"])
+    ):
+        raise ValueError("its progress times or losses are not numbers")
+    return Progress(**state)
 
 
 def epoch_record(progress: Progress, steps_per_epoch: int, batch_size: int, lr: float) -> dict:

@@ -35,9 +35,9 @@ class UnsafePath(UserError):
     exit_code = 2
 
 
-def safe_path(run_dir: Path, relative: str | Path) -> Path:
+def safe_path(run_dir: Path, relative: str | Path, create: bool = True) -> Path:
     """``run_dir / relative`` after checking that neither it nor a folder between it and
-    ``run_dir`` is a symbolic link (folders are created as needed)."""
+    ``run_dir`` is a symbolic link (folders are created as needed, when ``create``)."""
     path = Path(run_dir) / relative
     parts = Path(relative).parts
     current = Path(run_dir)
@@ -48,7 +48,7 @@ def safe_path(run_dir: Path, relative: str | Path) -> Path:
                 f"{current} is a symbolic link; contrast does not write through links in a run "
                 f"directory (remove it, or copy the run to a new folder)"
             )
-        if i < len(parts) - 1 and not current.exists():
+        if create and i < len(parts) - 1 and not current.exists():
             current.mkdir()
     return path
 

@@ -37,6 +37,8 @@ def test_train_every_loss_writes_a_complete_run(tmp_path, loss):
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
     assert "random init encoder" in proc.stdout and f"{loss} encoder" in proc.stdout
+    first_epoch = next(ln for ln in proc.stdout.splitlines() if ln.startswith("epoch 1/2"))
+    assert "of training left" in first_epoch  # the first epoch line says how long the rest takes
 
 
 def test_default_ntxent_beats_random_init(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,3 +254,66 @@ def test_home_is_expanded_in_overrides():
     assert not home.startswith("~")
     assert expand_home("data.path=~/photos") == f"data.path={home}/photos"
     assert expand_home("~data.path") == "~data.path" and expand_home("loss=ntxent") == "loss=ntxent"
+
+
+# --------------------------------------------------------------------------- odd folders
+def _png_declaring(path, width: int, height: int) -> None:
+    """A 70-byte PNG whose header declares ``width`` x ``height`` pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_symlinks_are_followed_once_per_real_folder_and_file(tmp_path):
+    """A link back to a parent does not loop; a folder or file reached twice counts once, so
+    no image is trained on twice or sits in both train and test."""
+    root = tmp_path / "photos"
+    write_images(root, classes=("a", "b"), per_class=10, corrupt=False)
+    (root / "a" / "loop").symlink_to(root)  # a cycle
+    (root / "b" / "again").symlink_to(root / "b")  # the same folder twice
+    (root / "b" / "twin.png").symlink_to(root / "a" / "img000.png")  # one file in two classes
+    data = load(root)
+    paths = data.train.paths + data.test.paths
+    assert len(paths) == 20
+    real = [str(Path(p).resolve()) for p in paths]
+    assert len(set(real)) == len(real)
+    assert not {str(Path(p).resolve()) for p in data.train.paths} & {
+        str(Path(p).resolve()) for p in data.test.paths
+    }
+
+
+def test_an_image_declaring_too_many_pixels_is_skipped_with_a_clear_message(tmp_path, caplog):
+    root = tmp_path / "photos"
+    write_images(root, classes=("a", "b"), per_class=10, corrupt=False)
+    _png_declaring(root / "a" / "bomb.png", 60000, 60000)
+    with caplog.at_level(logging.WARNING):
+        data = load(root)
+    assert len(data.train) + len(data.test) == 20
+    assert "bomb.png (declares 60000x60000 = 3,600,000,000 pixels, more than data.max_pixels=" in (
+        caplog.text
+    )
+    with caplog.at_level(logging.WARNING):  # the cap is a setting; a lower one skips more
+        data = load(root, max_pixels=12 * 12 * 4)
+    assert len(data.train) + len(data.test) < 20
+    with pytest.raises(ConfigError, match=r"data.max_pixels=0 is not allowed"):
+        load(root, max_pixels=0)
+
+
+def test_a_one_image_folder_says_it_needs_two(tmp_path):
+    write_images(tmp_path / "one", classes=None, per_class=1, corrupt=False)
+    proc = run_cli(["train", *FOLDER_TINY, f"data.path={tmp_path / 'one'}"], cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "has 1 training image" in lines[0] and "at least 2" in lines[0]

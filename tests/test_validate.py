@@ -84,6 +84,14 @@ BAD = [
     (["+trainer.foo=1"], "trainer.foo"),
     (["loss=ntxent,moco"], "add -m"),
     (["data=null"], "data=null"),
+    (
+        ["data.name=café"],
+        "unquoted values must be ASCII; allowed: quote the value, data.name='café'",
+    ),
+    (["hydra.run.dir="], "hydra.run.dir='' is not allowed"),
+    (["hydra.output_subdir=null"], "hydra.output_subdir=null is not allowed"),
+    (["--config-name=nope"], "--config-name=nope is not allowed: no nope.yaml"),
+    (["--config-name", "nope"], "--config-name=nope is not allowed"),
 ]
 
 

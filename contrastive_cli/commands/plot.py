@@ -7,6 +7,7 @@ from pathlib import Path
 
 from contrastive_cli.plots import plot_curves, plot_sweep, run_label
 from contrastive_cli.rundirs import find_runs
+from contrastive_cli.writer import safe_path
 
 HELP = "loss and k-NN curves (several runs on one figure), embedding map, sweep metric vs value"
 
@@ -28,15 +29,26 @@ def main(args: list[str]) -> int:
         print("no run directories found under " + ", ".join(map(str, ns.paths)))
         return 1
     single_root = len(ns.paths) == 1
-    out = ns.out or ((ns.paths[0] / "plots") if single_root else Path("plots"))
-    written = [plot_curves([(run_label(r, runs), r.metrics()) for r in runs], out / "curves.png")]
-    if len(runs) > 1 and (sweep := plot_sweep(runs, out / "sweep.png")) is not None:
+    # Into a run or sweep directory only through safe_path: no write follows a link there.
+    if ns.out is None and single_root:
+        curves, sweep_png = (
+            safe_path(ns.paths[0], f"plots/{n}") for n in ("curves.png", "sweep.png")
+        )
+    else:
+        out = ns.out or Path("plots")
+        curves, sweep_png = out / "curves.png", out / "sweep.png"
+    written = [plot_curves([(run_label(r, runs), r.metrics()) for r in runs], curves)]
+    if len(runs) > 1 and (sweep := plot_sweep(runs, sweep_png)) is not None:
         written.append(sweep)
     if not ns.no_embedding:
         from contrastive_cli.run import embedding_map
 
         for run in runs:
-            target = (out if len(runs) == 1 else run.path / "plots") / "embedding.png"
+            target = (
+                curves.with_name("embedding.png")
+                if len(runs) == 1
+                else safe_path(run.path, "plots/embedding.png")
+            )
             if (path := embedding_map(run, target)) is not None:
                 written.append(path)
     for path in written:

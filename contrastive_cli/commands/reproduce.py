@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import OmegaConf, open_dict
 
 from contrastive_cli.config import claim_directory
+from contrastive_cli.errors import ConfigError
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.signals import Interrupted
 
@@ -70,11 +71,11 @@ def main(args: list[str]) -> int:
     ns = parser.parse_args(args)
     original = load_run(ns.run_dir)
     if original.status != "completed":
-        print(
-            f"error: {original.path} has status {original.status!r}; only completed runs can be reproduced "
-            f"(use `contrast resume {original.path}` for interrupted ones)"
+        why = f" ({original.problem})" if original.problem else ""
+        raise ConfigError(
+            f"{original.path} has status {original.status!r}{why}; only completed runs can be "
+            f"reproduced (use `contrast resume {original.path}` for interrupted ones)"
         )
-        return 2
     cfg = original.config()
     with open_dict(cfg):
         cfg.trainer.resume = False

@@ -7,6 +7,7 @@ never sees PIL objects, and a file that fails to decode is reported, not fatal.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,6 +44,19 @@ class TooLarge(ValueError):
     """An image whose header declares more pixels than the cap."""
 
 
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[Image.Image]:
+    """``Image.open`` with PIL's own decompression-bomb check off: ``max_pixels`` is the cap,
+    checked on the header before anything is decoded, with a message naming the setting."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as img:
+            yield img
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def _check_pixels(img: Image.Image, max_pixels: int) -> None:
     w, h = img.size
     if w * h > max_pixels:
@@ -60,7 +74,7 @@ def decode(path: str, image_size: int, channels: int, max_pixels: int = MAX_PIXE
     they are much larger than needed (PIL's draft mode), which is several times faster.
     """
     mode = MODES[channels]
-    with Image.open(path) as img:
+    with _open(path) as img:
         _check_pixels(img, max_pixels)
         img.draft(mode, (image_size, image_size))
         if (
@@ -90,7 +104,7 @@ def probe(path: str, max_pixels: int = MAX_PIXELS) -> str | None:
     """None when PIL recognises the file as an image of at most ``max_pixels`` (header
     only), else the reason."""
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
             _check_pixels(img, max_pixels)
         return None
     except TooLarge as e:
