@@ -17,6 +17,7 @@ from contrastive_cli.config import apply_overrides, build, compose
 from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.report import results_table, write_json
 from contrastive_cli.rundirs import load_run
+from contrastive_cli.writer import safe_path
 
 log = logging.getLogger(__name__)
 GROUPS = ("data", "device")  # what an override may switch
@@ -178,8 +179,9 @@ def main(args: list[str]) -> int:
     print(results_table(results))
     out = ns.out
     if out is None:
-        base = weights.parent if (weights.parent / ".hydra").is_dir() else Path(".")
-        out = base / "evals" / f"{cfg.data.name}_{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
+        name = f"evals/{cfg.data.name}_{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
+        in_run = (weights.parent / ".hydra").is_dir()  # into a run directory: never via a link
+        out = safe_path(weights.parent, name) if in_run else Path(name)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, results)
     print(f"results: {out}")
