@@ -94,6 +94,11 @@ class Replay:
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         return next(self._next)
 
+    def views(
+        self, images: Tensor, generator: torch.Generator, rows: object = None
+    ) -> list[Tensor]:
+        return [self(images, generator), self(images, generator)]
+
 
 class PerSampleViews(Dataset):
     """Conventional: one image at a time, as PIL, through a torchvision transform, twice."""
@@ -140,6 +145,11 @@ class PairViews:
     def __call__(self, pair: tuple[Tensor, Tensor], generator: torch.Generator) -> Tensor:
         view, self.which = pair[self.which], 1 - self.which
         return view
+
+    def views(
+        self, pair: tuple[Tensor, Tensor], generator: torch.Generator, rows: object = None
+    ) -> list[Tensor]:
+        return list(pair)
 
 
 def torchvision_transform(recipe: Augment, channels: int, size: int) -> Any:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
+import math
 import os
 import random
 import tempfile
@@ -24,6 +26,7 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 
 from contrastive_cli import writer
 from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
@@ -32,6 +35,7 @@ from contrastive_cli.data.augment import Augment
 from contrastive_cli.data.batches import Batches, derive_seed
 from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
+from contrastive_cli.distributed import SINGLE, Dist, convert_sync_batchnorm
 from contrastive_cli.errors import CheckpointError, ConfigError, DataError, Diverged, RunExists
 from contrastive_cli.evaluate import KnnMonitor, evaluate_protocol, extract_features
 from contrastive_cli.report import MetricsLog, results_table, versions
@@ -258,26 +262,68 @@ def load_weights(module: torch.nn.Module, state: dict[str, Any], source: Path) -
 
 
 class Training(NamedTuple):
-    method: torch.nn.Module  # on the device
-    step_fn: Callable[..., torch.Tensor]  # the method, or torch.compile(method)
+    method: torch.nn.Module  # on the device; what checkpoints and exports hold
+    step_fn: Callable[..., torch.Tensor]  # its forward: the method, DDP-wrapped, compiled
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     batches: Batches
 
 
+LR_SCALINGS = {"none": lambda r: 1.0, "linear": lambda r: r, "sqrt": math.sqrt}
+
+
+def lr_scale(cfg: DictConfig) -> float:
+    """The factor ``optim.lr_scaling`` applies to the configured learning rates for the
+    global batch: ``none`` (the rate is used as given), ``linear`` (x batch / reference,
+    Goyal et al. 2017, for SGD) or ``sqrt`` (x sqrt(batch / reference), for Adam and LARS)."""
+    return LR_SCALINGS[cfg.optim.lr_scaling](cfg.trainer.batch_size / cfg.optim.reference_batch)
+
+
 def build_training(
-    cfg: DictConfig, runtime: Runtime, data: ImageData, encoder: torch.nn.Module
+    cfg: DictConfig,
+    runtime: Runtime,
+    data: ImageData,
+    encoder: torch.nn.Module,
+    dist: Dist = SINGLE,
 ) -> Training:
-    """What ``train`` needs, built from ``cfg`` around ``encoder`` (also used by ``make bench``)."""
+    """What ``train`` needs, built from ``cfg`` around ``encoder`` (also used by ``make bench``).
+
+    With several processes: BatchNorm over the global batch (``trainer.sync_bn``), the
+    method's forward wrapped in DDP, and batches of this process's share of each step."""
     t = cfg.trainer
-    method = build(cfg.loss, encoder=encoder).to(runtime.device)
+    method = build(cfg.loss, encoder=encoder)
+    if dist.several and t.sync_bn:
+        method = convert_sync_batchnorm(method)
+    method = method.to(runtime.device)
     if runtime.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    step_fn = torch.compile(method) if runtime.compile else method
+    step_fn: Callable[..., torch.Tensor] = method
+    if dist.several:
+        # Synced BatchNorm keeps every buffer equal on every process; without it, rank 0's
+        # running statistics are the ones kept (sent to the others every step). torch 2.14
+        # renamed the switch; older releases (>= 2.10 is supported) only know the old name.
+        sync = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers"
+        )
+        step_fn = DistributedDataParallel(
+            method,
+            device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            **{sync: not t.sync_bn},
+        )
+    if runtime.compile:
+        step_fn = torch.compile(step_fn)
     optimizer = build(cfg.optim.optimizer)([p for p in method.parameters() if p.requires_grad])
+    for group in optimizer.param_groups:
+        group["lr"] *= lr_scale(cfg)
     try:
         batches = data.pretrain.batches(
-            t.batch_size, t.seed, runtime.device, runtime.data_on_device
+            t.batch_size,
+            t.seed,
+            runtime.device,
+            runtime.data_on_device,
+            shard=dist.shard(t.batch_size),
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -302,16 +348,20 @@ class RunFiles:
         "plots/embedding.png",
     )
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, writes: bool = True):
         self.path = path
+        self.writes = writes  # only one process of several writes the run directory
         for name in self.NAMES:
             writer.safe_path(path, name, create=False)
 
     def file(self, relative: str | Path) -> Path:
-        return writer.safe_path(self.path, relative)
+        return writer.safe_path(self.path, relative, create=self.writes)
 
     @contextlib.contextmanager
     def logging_to_train_log(self) -> Iterator[None]:
+        if not self.writes:
+            yield
+            return
         handler = writer.SafeFileHandler(self.file("train.log"))
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger = logging.getLogger("contrastive_cli")
@@ -323,11 +373,12 @@ class RunFiles:
             logger.removeHandler(handler)
             handler.close()
 
-    def metrics(self, keep_epochs: int) -> MetricsLog:
-        return MetricsLog(self.file("metrics.jsonl"), keep_epochs)
+    def metrics(self, keep_epochs: int) -> MetricsLog | None:
+        return MetricsLog(self.file("metrics.jsonl"), keep_epochs) if self.writes else None
 
     def results(self, results: dict[str, Any]) -> None:
-        writer.write_json(self.file("results.json"), results)
+        if self.writes:
+            writer.write_json(self.file("results.json"), results)
 
     def read_status(self) -> str | None:
         from contrastive_cli.rundirs import read_results
@@ -364,16 +415,20 @@ class Built:
     monitor: KnnMonitor | None
 
 
-def build_run(cfg: DictConfig) -> Built:
+def build_run(cfg: DictConfig, dist: Dist = SINGLE) -> Built:
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
     runtime: Runtime = build(cfg.device)
+    if dist.several and runtime.device.type == "cuda":  # one GPU per process on its node
+        runtime = dataclasses.replace(runtime, device=torch.device("cuda", dist.local_rank))
+        torch.cuda.set_device(runtime.device)
     data = load_data(cfg)
     check_data(cfg, data)
     augment = build(cfg.data.augment)
-    training = build_training(cfg, runtime, data, build_encoder(cfg, t.seed))
+    training = build_training(cfg, runtime, data, build_encoder(cfg, t.seed), dist)
     monitor = None
-    if data.train is not None and data.train.labels is not None and cfg.eval.every > 0:
+    labelled = data.train is not None and data.train.labels is not None
+    if dist.main and labelled and cfg.eval.every > 0:
         monitor = KnnMonitor(
             data.train.images,
             data.train.labels,
@@ -454,28 +509,37 @@ def _check_resumable(state: dict, resolved: dict, path: Path) -> None:
 
 
 def run_training(
-    cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    choices: dict[str, str] | None = None,
+    dist: Dist = SINGLE,
+    lock: bool = True,
 ) -> dict[str, Any]:
-    """Train and evaluate the run that ``cfg`` describes, in ``run_dir``. Returns results.json."""
+    """Train and evaluate the run that ``cfg`` describes, in ``run_dir``. Returns results.json
+    (on the main process; the others return an empty dict). ``lock``: hold the run
+    directory's lock (a launcher of several processes holds it for them)."""
     started = time.time()
     validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    files = RunFiles(run_dir)
-    with writer.lock(run_dir, "resume" if cfg.trainer.resume else "train"):
-        if not cfg.trainer.resume and any(
-            (run_dir / f).exists() for f in ("results.json", str(CHECKPOINT.parent))
+    files = RunFiles(run_dir, writes=dist.main)
+    held = writer.lock(run_dir, "resume" if cfg.trainer.resume else "train")
+    with held if lock else contextlib.nullcontext():
+        if (
+            dist.main
+            and not cfg.trainer.resume
+            and any((run_dir / f).exists() for f in ("results.json", str(CHECKPOINT.parent)))
         ):
             raise RunExists(
                 f"run directory {run_dir} already holds a run; resume it with `contrast resume "
                 f"{run_dir}` or choose a new directory"
             )
         with files.logging_to_train_log():
-            stop = GracefulStop(files.checkpoint())
+            stop = GracefulStop(run_dir / CHECKPOINT)
             try:
                 with stop:
-                    return _run(cfg, files, choices or {}, started, stop)
+                    return _run(cfg, files, choices or {}, started, stop, dist)
             except Interrupted as e:
-                if files.read_status() != "interrupted":  # stopped outside the loop
+                if dist.main and files.read_status() != "interrupted":  # stopped outside the loop
                     files.results(
                         {"status": "interrupted", "run_dir": str(run_dir), "error": str(e)}
                     )
@@ -484,12 +548,17 @@ def run_training(
 
 
 def _run(
-    cfg: DictConfig, files: RunFiles, choices: dict[str, str], started: float, stop: GracefulStop
+    cfg: DictConfig,
+    files: RunFiles,
+    choices: dict[str, str],
+    started: float,
+    stop: GracefulStop,
+    dist: Dist,
 ) -> dict[str, Any]:
     t = cfg.trainer
     run_dir = files.path
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    built = build_run(cfg)
+    built = build_run(cfg, dist)
     runtime, data, augment = built.runtime, built.data, built.augment
     method, step_fn, optimizer, scheduler, batches = built.training
     progress = restore(cfg, built, files, resolved)
@@ -497,6 +566,8 @@ def _run(
     digest = training_digest(resolved)
 
     def save(progress: Progress) -> None:
+        if not dist.main:
+            return
         save_checkpoint(
             files.checkpoint(),
             {
@@ -510,10 +581,13 @@ def _run(
         )
 
     def end_epoch(progress: Progress, record: dict) -> None:
+        if not dist.main:  # one process monitors, logs and saves; the others train on
+            return
         if built.monitor is not None and (
             progress.epoch % cfg.eval.every == 0 or progress.epoch == t.epochs
         ):
             record["knn"] = built.monitor(method.encoder)
+        assert metrics_log is not None
         metrics_log.append(record)
         left = (t.epochs - progress.epoch) * progress.train_seconds / max(progress.epoch, 1)
         log.info(
@@ -533,6 +607,7 @@ def _run(
         "epochs": t.epochs,
         "seed": t.seed,
         "device": runtime.describe(),
+        "processes": dist.world_size,
     }
 
     def stopped(status: str, progress: Progress, error: str) -> dict[str, Any]:
@@ -546,9 +621,10 @@ def _run(
             "versions": versions(),
         }
 
+    processes = f" x {dist.world_size} processes" if dist.several else ""
     log.info(
         f"training {choices.get('loss', '')} on {cfg.data.name} ({len(data.pretrain)} images, "
-        f"{len(batches)} steps/epoch) on {runtime.describe()}; run dir {run_dir}"
+        f"{len(batches)} steps/epoch) on {runtime.describe()}{processes}; run dir {run_dir}"
     )
 
     def interrupted(progress: Progress) -> Interrupted:
@@ -582,12 +658,16 @@ def _run(
             hooks,
             t.log_every,
             t.grad_clip,
+            dist,
         )
     except Diverged as e:
         files.results(stopped("diverged", progress, str(e)))
         raise
     finally:
         stop.graceful = False
+    if not dist.main:
+        return {}
+    assert metrics_log is not None
     return finish(cfg, built, files, choices, summary, progress, metrics_log.records(), started)
 
 

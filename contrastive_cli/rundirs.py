@@ -84,6 +84,22 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _with_new_settings(cfg: DictConfig) -> DictConfig:
+    """A run saved by an older contrast lacks settings added since (``trainer.devices``...):
+    they get the shipped defaults of ``conf/config.yaml``, which keep the old behaviour."""
+    from contrastive_cli.config import CONF_DIR
+
+    root = OmegaConf.load(CONF_DIR / "config.yaml")
+    for section in ("trainer", "eval", "optim"):
+        shipped, saved = root.get(section), cfg.get(section)
+        if not isinstance(shipped, DictConfig) or not isinstance(saved, DictConfig):
+            continue
+        for key in shipped:
+            if key not in saved.keys():  # noqa: SIM118 - `in saved` would resolve values
+                saved[key] = shipped[key]
+    return cfg
+
+
 def read_results(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(results, None), or (None, why it is unreadable); (None, None) when there is none."""
     if not path.is_file():
@@ -117,7 +133,7 @@ class Run:
         path = self.path / (
             INTERPOLATED if interpolated and (self.path / INTERPOLATED).is_file() else CONFIG
         )
-        cfg = check_loaded(read_config_file(path), str(path))
+        cfg = _with_new_settings(check_loaded(read_config_file(path), str(path)))
         OmegaConf.set_struct(cfg, True)
         return cfg
 

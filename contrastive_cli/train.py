@@ -14,6 +14,7 @@ from tqdm import tqdm
 from contrastive_cli.data.augment import Augment
 from contrastive_cli.data.batches import Batches, derive_seed
 from contrastive_cli.device import Runtime
+from contrastive_cli.distributed import SINGLE, Dist, reduce_flags
 from contrastive_cli.errors import Diverged
 
 
@@ -85,15 +86,22 @@ def train(
     hooks: Hooks,
     log_every: int = 10,
     grad_clip: float = 0.0,
+    dist: Dist = SINGLE,
 ) -> Progress:
     """Train ``method`` from ``progress`` to ``epochs``; ``forward`` computes its loss (the
     method itself, or it compiled and/or wrapped for several processes), while ``method``'s
     own ``after_step`` updates its state (EMA copies, queue) after each optimizer step.
 
+    With several processes (``dist``), ``batches`` yields this process's share of each
+    global batch, its views are augmented with the global batch's parameters, and one
+    all-reduce per step agrees on the step's loss (the global mean), on whether any process
+    saw a non-finite value, and on a stop request, so every process acts alike.
+
     Raises ``Diverged`` (step not applied) on a non-finite loss or gradient, and
-    ``hooks.interrupted(progress)`` after saving when ``hooks.stop_requested()``.
+    ``hooks.interrupted(progress)`` after saving when a stop was requested.
     """
     total_steps = epochs * len(batches)
+    rows = (dist.shard(batches.batch_size)[0], batches.batch_size)
     params = [p for p in method.parameters() if p.requires_grad]
     forward_state = ForwardState(method)
     generator = torch.Generator(device=runtime.device)
@@ -110,27 +118,28 @@ def train(
             initial=progress.batch,
             desc=f"epoch {epoch + 1}/{epochs}",
             leave=False,
-            disable=None,
+            disable=None if dist.main else True,
             dynamic_ncols=True,
         )
         start = time.perf_counter()
         for images, labels in batches.epoch(epoch, start=progress.batch):
-            # 1. two views, augmented on the device with parameters seeded by (seed, step)
+            # 1. views, augmented on the device with parameters seeded by (seed, step)
             generator.manual_seed(derive_seed(seed, "augment", progress.step))
-            view1, view2 = augment(images, generator), augment(images, generator)
+            views = augment.views(images, generator, rows)
             if runtime.channels_last:
-                view1 = view1.contiguous(memory_format=torch.channels_last)
-                view2 = view2.contiguous(memory_format=torch.channels_last)
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             # 2. loss, backward, optimizer and schedule step
             forward_state.save()
             with autocast:
-                loss = forward(view1, view2, labels)
+                loss = forward(views, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             # A non-finite step must never reach the weights: this check is one host sync
-            # per step (free on CPU; on CUDA it waits for the backward pass).
-            if not torch.isfinite(loss.detach() + grad_norm):
+            # per step (free on CPU; on CUDA it waits for the backward pass). With several
+            # processes the same sync is one all-reduce of (loss, gradient norm, stop).
+            loss, stop = _agree(loss.detach(), grad_norm, hooks.stop_requested, dist)
+            if not torch.isfinite(loss + grad_norm):
                 forward_state.restore()
                 raise Diverged(progress.step + 1, loss.item(), grad_norm.item())
             if grad_clip > 0:
@@ -141,17 +150,18 @@ def train(
             progress.batch += 1
             # 3. method state after the step: EMA targets, queue
             method.after_step(progress.step, total_steps)
-            losses.append(loss.detach())
-            # 4. progress bar; the only host sync in the loop, every `log_every` steps
+            losses.append(loss)
+            # 4. progress bar; the only other host sync in the loop, every `log_every` steps
             bar.update()
-            if progress.batch % log_every == 0:
+            if progress.batch % log_every == 0 and dist.main:
                 seconds = progress.epoch_seconds + time.perf_counter() - start
                 rate = (progress.batch * batches.batch_size) / max(seconds, 1e-9)
                 bar.set_postfix(loss=f"{losses[-1].item():.4f}", img_s=f"{rate:,.0f}")
-            if hooks.stop_requested():
+            if stop:
                 _bank(progress, losses, start)
                 bar.close()
-                hooks.save(progress)
+                if dist.main:
+                    hooks.save(progress)
                 raise hooks.interrupted(progress)
         bar.close()
         _bank(progress, losses, start)
@@ -163,6 +173,18 @@ def train(
         progress.batch, progress.step_losses, progress.epoch_seconds = 0, [], 0.0
         hooks.end_epoch(progress, record)
     return progress
+
+
+def _agree(
+    loss: Tensor, grad_norm: Tensor, stop_requested: Callable[[], bool], dist: Dist
+) -> tuple[Tensor, bool]:
+    """(the step's loss, whether to stop after it), the same on every process: the mean of
+    the processes' losses (a non-finite one makes it non-finite), and a stop if any asked."""
+    if not dist.several:
+        return loss, stop_requested()
+    flags = torch.stack([loss.float(), torch.tensor(float(stop_requested()), device=loss.device)])
+    flags = reduce_flags(flags)
+    return flags[0] / dist.world_size, bool(flags[1] > 0)
 
 
 class ForwardState:

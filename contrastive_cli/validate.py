@@ -183,6 +183,11 @@ RULES: list[tuple[str, Rule]] = [
     ("trainer.resume", BOOL),
     ("trainer.log_every", integer(1)),
     ("trainer.grad_clip", NON_NEGATIVE),
+    ("trainer.devices", integer(1, 1024)),
+    ("trainer.sync_bn", BOOL),
+    ("trainer.max_restarts", integer(0, 100)),
+    ("optim.lr_scaling", choice("none", "linear", "sqrt")),
+    ("optim.reference_batch", integer(1)),
     # evaluation
     ("eval.knn_k", list_of(integer(1))),
     ("eval.knn_temperature", POSITIVE),
@@ -424,7 +429,18 @@ def _shape_is_the_datasets(cfg: DictConfig) -> str | None:
     return None
 
 
+def _batch_splits_over_devices(cfg: DictConfig) -> str | None:
+    devices, batch = cfg.trainer.devices, cfg.trainer.batch_size
+    if batch % devices:
+        return (
+            f"trainer.batch_size={batch} is not allowed with trainer.devices={devices}; allowed: "
+            f"a multiple of {devices} (the batch is global, each process takes an equal slice)"
+        )
+    return None
+
+
 COMBINATIONS: list[Callable[[DictConfig], str | None]] = [
+    _batch_splits_over_devices,
     _shape_is_the_datasets,
     _queue_holds_a_step,
     _labels_as_positives,

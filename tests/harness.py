@@ -33,11 +33,11 @@ def kill_in_step(n: int) -> None:
     original = Augment.__call__
     calls = {"count": 0}
 
-    def patched(self, x, generator):
+    def patched(self, x, generator, *args, **kwargs):
         calls["count"] += 1
         if calls["count"] == 2 * (n - 1) + 2:  # the second view of step n
             _die()
-        return original(self, x, generator)
+        return original(self, x, generator, *args, **kwargs)
 
     Augment.__call__ = patched  # type: ignore[method-assign]
 

@@ -133,7 +133,7 @@ def test_every_loss_builds_its_method_around_an_encoder(compose_cfg, loss):
     method = build(cfg.loss, encoder=encoder)
     assert method.encoder is encoder
     views = torch.randn(2, 8, 1, 8, 8)
-    value = method(views[0], views[1], torch.arange(8) % 4)
+    value = method([views[0], views[1]], torch.arange(8) % 4)
     assert value.dim() == 0 and torch.isfinite(value)
     value.backward()
     method.after_step(1, 10)
@@ -159,7 +159,9 @@ def test_loss_defaults_are_the_papers(compose_cfg):
 def test_triplet_options_build(compose_cfg, override):
     cfg = compose_cfg("loss=triplet", "encoder=mlp", override)
     method = build(cfg.loss, encoder=build(cfg.encoder, in_channels=1, image_size=8))
-    assert method(torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8), torch.arange(8) % 2).dim() == 0
+    assert (
+        method([torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8)], torch.arange(8) % 2).dim() == 0
+    )
 
 
 # --------------------------------------------------------------------------- optim

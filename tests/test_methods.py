@@ -111,7 +111,7 @@ def test_moco_loss_uses_the_queue_read_before_this_steps_keys():
     moco = make_moco()
     v1, v2 = views(5)
     before = moco.queue.keys.clone()
-    loss = moco(v1, v2)
+    loss = moco([v1, v2])
     assert torch.equal(moco.queue.keys, before)  # forward leaves the queue
     with torch.no_grad():
         q = moco.projector(moco.encoder(v1))
@@ -128,7 +128,7 @@ def test_moco_loss_uses_the_queue_read_before_this_steps_keys():
 
 def test_moco_keys_carry_no_gradient():
     moco = make_moco()
-    loss = moco(*views(4))
+    loss = moco(list(views(4)))
     assert moco._keys is not None and not moco._keys.requires_grad
     loss.backward()
     frozen = [*moco.key_encoder.parameters(), *moco.key_projector.parameters()]
@@ -142,7 +142,7 @@ def test_moco_symmetric_averages_both_directions_and_enqueues_both_key_sets():
     moco = make_moco(symmetric=True)
     v1, v2 = views(3)
     before = moco.queue.keys.clone()
-    loss = moco(v1, v2)
+    loss = moco([v1, v2])
     with torch.no_grad():
         q1, q2 = moco.projector(moco.encoder(v1)), moco.projector(moco.encoder(v2))
         k1, k2 = moco.key_projector(moco.key_encoder(v1)), moco.key_projector(moco.key_encoder(v2))
@@ -224,8 +224,8 @@ def test_byol_after_step_moves_the_target_by_the_scheduled_amount(step):
 def test_byol_loss_is_symmetric_in_the_views_and_the_target_gets_no_gradient():
     byol = make_byol()
     v1, v2 = views(4)
-    loss = byol(v1, v2)
-    assert loss.item() == pytest.approx(byol(v2, v1).item(), rel=1e-6)
+    loss = byol([v1, v2])
+    assert loss.item() == pytest.approx(byol([v2, v1]).item(), rel=1e-6)
     loss.backward()
     assert all(
         p.grad is None
@@ -239,7 +239,7 @@ def test_triplet_positives_labels_uses_the_labels_as_ids():
     method = Triplet(Flat(), HEAD, margin=0.3, mining="all", positives="labels")
     v1, v2 = views(6)
     labels = torch.tensor([0, 1, 0, 2, 1, 2])
-    loss = method(v1, v2, labels)
+    loss = method([v1, v2], labels)
     z = method.projector(method.encoder(torch.cat([v1, v2])))
     assert loss.item() == pytest.approx(
         triplet_loss(z, torch.cat([labels, labels]), 0.3, "all").item(), rel=1e-6
@@ -247,7 +247,7 @@ def test_triplet_positives_labels_uses_the_labels_as_ids():
     by_views = triplet_loss(z, torch.arange(6).repeat(2), 0.3, "all").item()
     assert loss.item() != pytest.approx(by_views, rel=1e-4)
     with pytest.raises(ValueError, match="labels"):
-        method(v1, v2, None)
+        method([v1, v2], None)
 
 
 def test_triplet_positives_views_pairs_the_two_views_of_each_image():
@@ -256,7 +256,7 @@ def test_triplet_positives_views_pairs_the_two_views_of_each_image():
     v1, v2 = views(5)
     z = method.projector(method.encoder(torch.cat([v1, v2])))
     expected = triplet_loss(z, torch.arange(5).repeat(2), 0.3, "hard").item()
-    assert method(v1, v2, torch.zeros(5, dtype=torch.long)).item() == pytest.approx(
+    assert method([v1, v2], torch.zeros(5, dtype=torch.long)).item() == pytest.approx(
         expected, rel=1e-6
     )
 
@@ -284,7 +284,7 @@ def build(kind: str) -> nn.Module:
 def test_method_step_is_a_finite_scalar_that_trains_only_online_parameters(kind):
     method = build(kind)
     v1, v2 = views(8, shape=(1, 8, 8))
-    loss = method(v1, v2, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    loss = method([v1, v2], torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
     online = {n: p for n, p in method.named_parameters() if not n.startswith(("key_", "target_"))}
@@ -324,10 +324,10 @@ def test_method_mean_over_ranks_equals_the_whole_batch(make):
     def step(gather, a: Tensor, b: Tensor) -> float:
         replica = copy.deepcopy(method)
         replica.gather = gather
-        return replica(a, b).item()
+        return replica([a, b]).item()
 
     losses = run_ranks(step, per_rank)
-    assert sum(losses) / world == pytest.approx(method(v1, v2).item(), rel=1e-6)
+    assert sum(losses) / world == pytest.approx(method([v1, v2]).item(), rel=1e-6)
 
 
 def test_moco_enqueues_the_keys_of_every_rank_in_rank_order():
@@ -338,7 +338,7 @@ def test_moco_enqueues_the_keys_of_every_rank_in_rank_order():
     def step(gather, a: Tensor, b: Tensor) -> Tensor:
         replica = copy.deepcopy(moco)
         replica.gather = gather
-        replica(a, b)
+        replica([a, b])
         replica.after_step(1, 10)
         return replica.queue.keys
 

@@ -97,10 +97,10 @@ def main(args: list[str]) -> int:
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml", resolve=True)
     (out / "reproduces.txt").write_text(f"{original.path.resolve()}\n")
 
-    from contrastive_cli.run import run_training
+    from contrastive_cli.launch import run_job
 
     try:
-        run_training(cfg, out, original.choices)
+        run_job(cfg, out, original.choices)
     except Interrupted as e:
         return e.exit_code
     deterministic_cpu = bool(cfg.trainer.deterministic) and "cpu" in str(

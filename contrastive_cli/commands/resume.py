@@ -1,4 +1,5 @@
-"""``contrast resume RUN_DIR``: continue an interrupted run from its checkpoint."""
+"""``contrast resume RUN_DIR [overrides]``: continue an interrupted run from its checkpoint,
+on any number of processes (``trainer.devices=N``) and any device."""
 
 from __future__ import annotations
 
@@ -7,10 +8,24 @@ from pathlib import Path
 
 from omegaconf import open_dict
 
+from contrastive_cli.config import apply_overrides
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.signals import Interrupted
 
 HELP = "continue an interrupted run from checkpoints/last.pt, in its own directory"
+GROUPS = ("device",)  # what an override may switch: where it runs, not what it computes
+KEYS = (
+    "device.",
+    "trainer.devices",
+    "trainer.max_restarts",
+    "trainer.log_every",
+    "data.root",
+    "data.path",
+    "data.eval_path",
+    "data.download",
+    "data.workers",
+    "data.cache_dir",
+)
 
 
 def main(args: list[str]) -> int:
@@ -18,18 +33,26 @@ def main(args: list[str]) -> int:
     parser.add_argument(
         "run_dir", type=Path, help="a run directory (outputs/<date>/<time>_<loss>_<data>)"
     )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="where to continue: trainer.devices=N, device=..., data.root=... (not what it "
+        "computes: the checkpoint fixes that)",
+    )
     ns = parser.parse_args(args)
     run = load_run(ns.run_dir)
     if run.status == "completed":
         print(f"{run.path} already completed; nothing to resume (see its results.json)")
         return 0
-    from contrastive_cli.run import run_training
+    from contrastive_cli.launch import run_job
 
-    cfg = run.config()
+    cfg = apply_overrides(
+        run.config(interpolated=True), ns.overrides, GROUPS, KEYS, "contrast resume"
+    )
     with open_dict(cfg):
         cfg.trainer.resume = True
     try:
-        run_training(cfg, run.path, run.choices)
+        run_job(cfg, run.path, run.choices)
     except Interrupted as e:
         return e.exit_code
     return 0

@@ -15,7 +15,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from contrastive_cli.config import CONF_DIR, expand_home
-from contrastive_cli.errors import RunExists, UserError
+from contrastive_cli.distributed import place_from_env
+from contrastive_cli.errors import ConfigError, RunExists, UserError
 from contrastive_cli.signals import Interrupted
 from contrastive_cli.validate import check_command_line
 
@@ -31,21 +32,24 @@ def objective(results: dict) -> float:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _train_task(cfg: DictConfig) -> float:
-    from contrastive_cli.run import run_training
+    from contrastive_cli.launch import run_job
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    place = place_from_env()  # one of several processes started by torchrun or SLURM
+    main = place is None or place.rank == 0
     try:
-        # The saved config is complete and resolved: a later edit to conf/ or the
-        # environment cannot change what a rerun of this directory does.
-        OmegaConf.save(
-            cfg, run_dir / hc.output_subdir / "config_unresolved.yaml"
-        )  # for overrides later
-        OmegaConf.save(cfg, run_dir / hc.output_subdir / "config.yaml", resolve=True)
-        return objective(run_training(cfg, run_dir, dict(hc.runtime.choices)))
+        if main:
+            # The saved config is complete and resolved: a later edit to conf/ or the
+            # environment cannot change what a rerun of this directory does.
+            OmegaConf.save(
+                cfg, run_dir / hc.output_subdir / "config_unresolved.yaml"
+            )  # for overrides later
+            OmegaConf.save(cfg, run_dir / hc.output_subdir / "config.yaml", resolve=True)
+        return objective(run_job(cfg, run_dir, dict(hc.runtime.choices)))
     except UserError as e:
-        if not isinstance(e, RunExists) and not (run_dir / "results.json").exists():
+        if main and not isinstance(e, RunExists) and not (run_dir / "results.json").exists():
             _record_failure(run_dir, str(e))
         if cfg.get("debug"):
             raise
@@ -55,7 +59,8 @@ def _train_task(cfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:  # a bug: keep the traceback, but let a sweep's other jobs run
-        _record_failure(run_dir, f"{type(e).__name__}: {e}")
+        if main:
+            _record_failure(run_dir, f"{type(e).__name__}: {e}")
         if multirun and not cfg.get("debug"):
             log.exception("job failed")
             return math.nan
@@ -89,9 +94,16 @@ def main(args: list[str]) -> int:
     resuming = any(
         a.startswith("trainer.resume=") and a.split("=", 1)[1].lower() == "true" for a in args
     )
+    place = place_from_env()
+    if place is not None and explicit is None and not {"-m", "--multirun"} & set(args):
+        raise ConfigError(
+            f"this is one of {place.world_size} processes (torchrun or SLURM): they must share "
+            "one run directory; allowed: hydra.run.dir=<a folder every process can reach>"
+        )
     if (
         explicit is not None
         and not resuming
+        and (place is None or place.rank == 0)  # rank 0's own .hydra may already be there
         and any((explicit / f).exists() for f in ("results.json", "checkpoints", ".hydra"))
     ):
         raise RunExists(
@@ -105,6 +117,8 @@ def main(args: list[str]) -> int:
         args = [*args, "hydra.sweeper.direction=maximize"]
     sys.argv = ["contrast train", *args]
     check_command_line(sys.argv[1:])  # one line, exit 2, before Hydra creates a run directory
+    if place is not None and place.rank > 0:  # rank 0 alone writes the run directory
+        sys.argv.append("hydra.output_subdir=null")
     try:
         _train_task()
     except Interrupted as e:  # run.py has logged how to continue

@@ -133,22 +133,33 @@ class Augment:
         std = _constant(self.std, x.device, x.dtype).view(1, -1, 1, 1)
         return (x - mean) / std
 
-    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """x: uint8 (B, C, H, W) -> one augmented view, float32 (B, C, H, W), normalised."""
-        return self._augment(x, generator, x.shape[-2:], self.crop_scale, copies=1)
+    def __call__(
+        self, x: Tensor, generator: torch.Generator, rows: tuple[int, int] | None = None
+    ) -> Tensor:
+        """x: uint8 (B, C, H, W) -> one augmented view, float32 (B, C, H, W), normalised.
 
-    def views(self, x: Tensor, generator: torch.Generator) -> list[Tensor]:
+        ``rows=(offset, total)``: ``x`` is rows offset..offset+B of a global batch of
+        ``total`` images (one process's share); parameters are drawn for the whole global
+        batch and this share's are used, so each image is augmented the same whatever the
+        number of processes.
+        """
+        return self._augment(x, generator, x.shape[-2:], self.crop_scale, 1, rows)
+
+    def views(
+        self, x: Tensor, generator: torch.Generator, rows: tuple[int, int] | None = None
+    ) -> list[Tensor]:
         """x: uint8 (B, C, H, W) -> [global 1, global 2, local 1, ..., local K].
 
         The globals are two calls of ``self`` (so with ``local_crops=0`` this is exactly the
         two-view step); the K locals are float32 (B, C, s, s) with s = ``local_crop_size``,
         each sample and crop with its own parameters, drawn in one pass after the globals'.
+        ``rows``: as for ``__call__``.
         """
-        views = [self(x, generator), self(x, generator)]
+        views = [self(x, generator, rows), self(x, generator, rows)]
         if self.local_crops > 0:
             side = self.local_crop_size or max(1, round(min(x.shape[-2:]) * 3 / 7))
             local = self._augment(
-                x, generator, (side, side), self.local_crop_scale, self.local_crops
+                x, generator, (side, side), self.local_crop_scale, self.local_crops, rows
             )
             views += list(local.chunk(self.local_crops))  # (K*B, ...) -> K of (B, ...)
         return views
@@ -160,20 +171,37 @@ class Augment:
         size: Sequence[int],
         crop_scale: tuple[float, float],
         copies: int,
+        rows: tuple[int, int] | None = None,
     ) -> Tensor:
         """uint8 (B, C, H, W) -> ``copies`` views of each image, float32 (copies*B, C, *size),
         normalised; row k*B + i is copy k of image i."""
         c = x.shape[1]
         if len(self.mean) not in (1, c):
             raise ValueError(f"images have {c} channels but data.mean has {len(self.mean)}")
-        b = x.shape[0] * copies  # one set of parameters per output row
+        n = x.shape[0]
+        b = n * copies  # one set of parameters per output row
         x = x.float().div_(255)
+        offset, total = rows or (0, n)
+        # Parameters are drawn for every row of the global batch; this share's rows are kept.
+        share = (
+            None
+            if (offset, total) == (0, n)
+            else (
+                torch.arange(copies, device=x.device)[:, None] * total
+                + offset
+                + torch.arange(n, device=x.device)
+            ).flatten()
+        )
+
+        def draw() -> Tensor:
+            values = torch.rand(total * copies, generator=generator, device=x.device)
+            return values if share is None else values[share]
 
         def uniform(lo: float, hi: float) -> Tensor:
-            return torch.rand(b, generator=generator, device=x.device).mul_(hi - lo).add_(lo)
+            return draw().mul_(hi - lo).add_(lo)
 
         def coin(p: float) -> Tensor:
-            return torch.rand(b, generator=generator, device=x.device) < p
+            return draw() < p
 
         x = self._geometry(x, uniform, coin, (int(size[0]), int(size[1])), crop_scale, copies)
         if self.jitter_p > 0:

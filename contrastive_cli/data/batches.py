@@ -30,9 +30,11 @@ def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
 
 
 class Batches(Protocol):
-    """What the training loop iterates: ``len()`` steps per epoch of ``batch_size`` images."""
+    """What the training loop iterates: ``len()`` steps per epoch of ``batch_size`` images
+    (the global batch), of which each step yields this process's ``shard`` (offset, rows)."""
 
     batch_size: int
+    shard: tuple[int, int]
 
     def __len__(self) -> int: ...
 
@@ -49,13 +51,20 @@ class InMemoryBatches:
     """
 
     def __init__(
-        self, split: Split, batch_size: int, seed: int, device: torch.device, on_device: bool = True
+        self,
+        split: Split,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        on_device: bool = True,
+        shard: tuple[int, int] | None = None,
     ):
         if batch_size > len(split):
             raise ValueError(
                 f"trainer.batch_size={batch_size} is larger than the {len(split)} training images"
             )
         self.batch_size = batch_size
+        self.shard = shard or (0, batch_size)
         self.seed = seed
         self.device = device
         self.pin = device.type == "cuda" and not on_device
@@ -69,8 +78,10 @@ class InMemoryBatches:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
         """Batches ``start, start+1, ...`` of ``epoch``: uint8 images and labels on device."""
         order = epoch_order(self.seed, epoch, len(self.images)).to(self.images.device)
+        offset, rows = self.shard
         for b in range(start, len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            first = b * self.batch_size + offset
+            idx = order[first : first + rows]
             images = self.images[idx]
             labels = self.labels[idx] if self.labels is not None else None
             if self.images.device != self.device:
@@ -96,7 +107,14 @@ class StreamingBatches:
     pinned memory on CUDA).
     """
 
-    def __init__(self, split: Split, batch_size: int, seed: int, device: torch.device):
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        shard: tuple[int, int] | None = None,
+    ):
         if batch_size > len(split):
             raise ValueError(
                 f"trainer.batch_size={batch_size} is larger than the {len(split)} training images"
@@ -104,6 +122,7 @@ class StreamingBatches:
         self.files: ImageFiles = split.images  # type: ignore[assignment]
         self.labels = split.labels
         self.batch_size = batch_size
+        self.shard = shard or (0, batch_size)
         self.seed = seed
         self.device = device
 
@@ -113,8 +132,10 @@ class StreamingBatches:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
         """Batches ``start, start+1, ...`` of ``epoch``: uint8 images and labels on device."""
         order = epoch_order(self.seed, epoch, len(self.files))
+        offset, rows = self.shard
         idx = [
-            order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(start, len(self))
+            order[b * self.batch_size + offset : b * self.batch_size + offset + rows]
+            for b in range(start, len(self))
         ]
         decoded = self.files.batches(
             [i.tolist() for i in idx], pin_memory=self.device.type == "cuda"

@@ -46,15 +46,21 @@ class Split:
         )
 
     def batches(
-        self, batch_size: int, seed: int, device: torch.device, on_device: bool = True
+        self,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        on_device: bool = True,
+        shard: tuple[int, int] | None = None,
     ) -> InMemoryBatches | StreamingBatches:
         """The training batch stream: tensors are indexed in memory (on the device when
-        ``on_device``); files stream through DataLoader workers that only decode."""
+        ``on_device``); files stream through DataLoader workers that only decode. With
+        ``shard=(offset, rows)``, each step yields only those rows of its global batch."""
         from contrastive_cli.data.batches import InMemoryBatches, StreamingBatches
 
         if isinstance(self.images, ImageFiles):
-            return StreamingBatches(self, batch_size, seed, device)
-        return InMemoryBatches(self, batch_size, seed, device, on_device)
+            return StreamingBatches(self, batch_size, seed, device, shard)
+        return InMemoryBatches(self, batch_size, seed, device, on_device, shard)
 
 
 @dataclass(frozen=True)

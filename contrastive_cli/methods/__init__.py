@@ -4,7 +4,8 @@ Every method is an ``nn.Module`` with the same small surface, so the training lo
 needs to know which one it runs:
 
 - ``encoder``: the network that is evaluated and exported;
-- ``forward(view1, view2, labels) -> loss``: one training step's loss;
+- ``forward(views, labels) -> loss``: one training step's loss from the step's views
+  (two global views, then any local crops: ``data.augment.local_crops``);
 - ``after_step(step, total_steps)``: state updates after the optimizer step (EMA, queue).
 
 State (momentum copies, the queue) lives in buffers and submodules, so it is saved in
@@ -13,6 +14,7 @@ checkpoints and follows ``.to(device)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from torch import Tensor, nn
@@ -21,6 +23,6 @@ from torch import Tensor, nn
 class Method(Protocol):
     encoder: nn.Module
 
-    def __call__(self, view1: Tensor, view2: Tensor, labels: Tensor | None) -> Tensor: ...
+    def __call__(self, views: Sequence[Tensor], labels: Tensor | None) -> Tensor: ...
 
     def after_step(self, step: int, total_steps: int) -> None: ...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,11 +28,11 @@ class BYOL(nn.Module):
         self.target_projector = frozen_copy(self.projector)
         self.base_momentum = base_momentum
 
-    def forward(self, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
-        views = torch.cat([view1, view2])
-        p1, p2 = self.predictor(self.projector(self.encoder(views))).chunk(2)
+    def forward(self, views: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
+        both = torch.cat([views[0], views[1]])
+        p1, p2 = self.predictor(self.projector(self.encoder(both))).chunk(2)
         with torch.no_grad():
-            t1, t2 = self.target_projector(self.target_encoder(views)).chunk(2)
+            t1, t2 = self.target_projector(self.target_encoder(both)).chunk(2)
         return byol_loss(p1, t2) + byol_loss(p2, t1)
 
     @torch.no_grad()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastive_cli.distributed import Gather, local_only
+from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.moco import moco_infonce
 from contrastive_cli.methods.momentum import frozen_copy, update_momentum
 
@@ -44,7 +44,7 @@ class MoCo(nn.Module):
         out_dim: int = 128,
         key_bn_splits: int = 4,
         symmetric: bool = False,
-        gather: Gather = local_only,
+        gather: Gather = all_gather,  # the identity in one process
     ):
         super().__init__()
         self.encoder = encoder
@@ -80,7 +80,8 @@ class MoCo(nn.Module):
         )
         return torch.empty_like(keys).index_copy_(0, order, keys)
 
-    def forward(self, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, views: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
+        view1, view2 = views[0], views[1]
         queue = self.queue.keys.clone()  # read before this batch's keys go in
         q1 = self.projector(self.encoder(view1))
         k2 = self._keys_of(view2)

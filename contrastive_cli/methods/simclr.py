@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from contrastive_cli.distributed import Gather, local_only
+from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.ntxent import nt_xent
 
 
@@ -17,7 +17,7 @@ class SimCLR(nn.Module):
         encoder: nn.Module,
         projector: Callable[[int], nn.Module],
         temperature: float = 0.5,
-        gather: Gather = local_only,
+        gather: Gather = all_gather,  # the identity in one process
     ):
         super().__init__()
         self.encoder = encoder
@@ -25,8 +25,8 @@ class SimCLR(nn.Module):
         self.temperature = temperature
         self.gather = gather
 
-    def forward(self, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
-        z1, z2 = self.projector(self.encoder(torch.cat([view1, view2]))).chunk(2)
+    def forward(self, views: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
+        z1, z2 = self.projector(self.encoder(torch.cat([views[0], views[1]]))).chunk(2)
         return nt_xent(z1, z2, self.temperature, self.gather)
 
     def after_step(self, step: int, total_steps: int) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from contrastive_cli.distributed import Gather, local_only
+from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.triplet import Mining, triplet_loss
 
 
@@ -22,7 +22,7 @@ class Triplet(nn.Module):
         margin: float = 0.2,
         mining: Mining = "semihard",
         positives: str = "views",
-        gather: Gather = local_only,
+        gather: Gather = all_gather,  # the identity in one process
     ):
         super().__init__()
         if positives not in ("views", "labels"):
@@ -34,7 +34,8 @@ class Triplet(nn.Module):
         self.positives = positives
         self.gather = gather
 
-    def forward(self, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, views: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
+        view1, view2 = views[0], views[1]
         n = view1.shape[0]
         if self.positives == "labels":
             if labels is None:

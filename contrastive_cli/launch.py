@@ -1,0 +1,260 @@
+"""Where a run's processes come from: one process, ``trainer.devices=N`` processes started
+here by torch's elastic launcher, or processes started by torchrun / SLURM.
+
+``run_job`` is what every command that trains calls (train, resume, reproduce):
+
+- started by torchrun or as SLURM tasks (``place_from_env``): this process joins the group
+  and trains its share; the processes check that they agree on the run directory;
+- ``trainer.devices=N`` > 1: this process holds the run directory's lock and starts N workers
+  with ``torch.distributed.launcher`` (elastic: a lost worker stops the others, and
+  ``trainer.max_restarts`` restarts them all from the last checkpoint);
+- otherwise: one process, as always.
+
+A worker that fails leaves its one-line error in a file for the launcher, which prints the
+first failure (naming the rank) and exits with its code; no worker prints a traceback for
+an error a user can fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from contrastive_cli.distributed import Dist, Place, init_process_group, place_from_env
+from contrastive_cli.errors import ConfigError, UserError
+from contrastive_cli.signals import Interrupted
+
+log = logging.getLogger(__name__)
+SHUTDOWN_S = 120  # how long a stopping worker may take to save its checkpoint
+
+
+def run_job(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir`` on as many processes as configured (module docstring)."""
+    from contrastive_cli.run import run_training
+
+    place = place_from_env()
+    if place is not None:
+        if cfg.trainer.devices > 1:
+            raise ConfigError(
+                f"trainer.devices={cfg.trainer.devices} is not allowed under torchrun or SLURM "
+                f"(this job already has {place.world_size} processes); allowed: 1, and the "
+                "launcher's own settings (--nproc-per-node, tasks per node) for the count"
+            )
+        dist = _join(place, cfg)
+        _agree_on_run_dir(dist, run_dir)
+        return run_training(cfg, run_dir, choices, dist=dist, lock=dist.main)
+    if cfg.trainer.devices > 1:
+        from contrastive_cli import writer
+
+        with writer.lock(run_dir, "resume" if cfg.trainer.resume else "train"):
+            return launch(cfg, run_dir, choices)
+    return run_training(cfg, run_dir, choices)
+
+
+def _join(place: Place, cfg: DictConfig) -> Dist:
+    from contrastive_cli.config import build
+
+    device = build(cfg.device).device
+    if device.type == "cpu":  # N processes share the cores instead of each taking all of them
+        import torch
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", place.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+    return init_process_group(place, device.type)
+
+
+def _agree_on_run_dir(dist: Dist, run_dir: Path) -> None:
+    import torch.distributed as torch_dist
+
+    dirs: list[str | None] = [None] * dist.world_size
+    torch_dist.all_gather_object(dirs, str(run_dir.resolve()))
+    if len(set(dirs)) > 1:
+        raise ConfigError(
+            f"the processes disagree on the run directory ({dirs[0]} on rank 0, {run_dir} on "
+            f"rank {dist.rank}); allowed: the same hydra.run.dir=<shared folder> on every process"
+        )
+
+
+# --------------------------------------------------------------------------- trainer.devices=N
+def launch(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, Any]:
+    """Start ``trainer.devices`` workers with torch's elastic launcher; rank 0's results."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    n = int(cfg.trainer.devices)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=n,
+        run_id=f"contrast-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",  # a free port
+        max_restarts=int(cfg.trainer.max_restarts),
+        monitor_interval=0.1,
+        start_method="spawn",
+        shutdown_timeout=SHUTDOWN_S,
+    )
+    errors = Path(tempfile.mkdtemp(prefix="contrast-workers-"))
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    log.info(f"starting {n} processes (torch.distributed, elastic launcher)")
+    try:
+        with _quiet_elastic():
+            results = elastic_launch(config, worker)(
+                config_dict, str(run_dir), choices, str(errors)
+            )
+    except ChildFailedError as e:
+        raise _first_failure(e, errors, n, run_dir) from None
+    except SignalException as e:
+        raise Interrupted(
+            int(e.sigval),
+            f"stopped by {signal.Signals(e.sigval).name}; continue with: contrast resume {run_dir}",
+        ) from None
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
+    return results.get(0) or {}
+
+
+@contextlib.contextmanager
+def _quiet_elastic():
+    """torch elastic logs every worker failure with a traceback; ours is one line."""
+    logger = logging.getLogger("torch.distributed.elastic")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class WorkerFailed(UserError):
+    """A worker process failed; the message names its rank."""
+
+
+def _first_failure(error: Any, errors: Path, n: int, run_dir: Path) -> BaseException:
+    """The one line for the worker whose failure came first: one killed by a signal (the
+    others then lose contact with it), else the earliest message a worker left; a group
+    that stopped on SIGINT/SIGTERM is an interruption, not a failure."""
+    failures = dict(error.failures)
+    codes = {p.exitcode for p in failures.values()}
+    if codes and codes <= {128 + signal.SIGINT, 128 + signal.SIGTERM}:
+        return Interrupted(max(codes) - 128, f"stopped; continue with: contrast resume {run_dir}")
+    reported = {}
+    for path in errors.glob("rank*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            record = json.loads(path.read_text())
+            reported[int(record["rank"])] = record
+    killed = sorted(r for r, p in failures.items() if p.exitcode < 0 and r not in reported)
+    if reported and not killed:
+        first = min(reported.values(), key=lambda r: r["time"])
+        failure = UserError(f"{first['message']} (rank {first['rank']} of {n})")
+        failure.exit_code = int(first["exit_code"])
+        return failure
+    rank = killed[0] if killed else min(failures, key=lambda r: (failures[r].timestamp, r))
+    code = failures[rank].exitcode
+    how = (
+        f"was killed by {signal.Signals(-code).name}"
+        if code < 0 and -code in signal.Signals._value2member_map_
+        else f"exited with code {code}"
+    )
+    failure = WorkerFailed(
+        f"rank {rank} of {n} {how}; the other processes were stopped; continue with: "
+        f"contrast resume {run_dir}"
+    )
+    failure.exit_code = 1
+    return failure
+
+
+def worker(config: dict, run_dir: str, choices: dict[str, str], errors: str) -> dict | None:
+    """One of the N processes ``launch`` starts (rank and rendezvous from the environment).
+
+    It leaves the terminal's process group, so Ctrl-C reaches only the launcher, which
+    passes it on once; and it asks the kernel for SIGTERM if the launcher dies, so no worker
+    outlives it. A restarted group (``trainer.max_restarts``) resumes from the checkpoint.
+    """
+    from contrastive_cli.run import run_training
+
+    _detach()
+    place = place_from_env()
+    assert place is not None, "started without torch elastic's environment"
+    _worker_logging(place.rank)
+    cfg = OmegaConf.create(config)
+    OmegaConf.set_struct(cfg, True)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        cfg.trainer.resume = True
+    try:
+        dist = _join(place, cfg)
+        return run_training(cfg, Path(run_dir), choices, dist=dist, lock=False) or None
+    except Interrupted as e:
+        sys.exit(e.exit_code)
+    except UserError as e:
+        _report(errors, place.rank, str(e), e.exit_code)
+        sys.exit(e.exit_code)
+    except Exception as e:
+        if _lost_a_peer(e):
+            _report(errors, place.rank, f"lost contact with another process ({_line(e)})", 1)
+            sys.exit(1)
+        raise
+    finally:
+        _leave()
+
+
+def _detach() -> None:
+    with contextlib.suppress(OSError):
+        os.setsid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _worker_logging(rank: int) -> None:
+    """Rank 0 logs to the console as one process would; the others only warn."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+def _report(errors: str, rank: int, message: str, code: int) -> None:
+    with contextlib.suppress(OSError):
+        record = {"rank": rank, "message": message, "exit_code": code, "time": time.time()}
+        (Path(errors) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def _lost_a_peer(e: BaseException) -> bool:
+    """A collective that failed because another process went away (gloo/NCCL)."""
+    import torch.distributed as torch_dist
+
+    text = str(e)
+    return isinstance(e, getattr(torch_dist, "DistError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo")
+    )
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _leave() -> None:
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        with contextlib.suppress(Exception):
+            torch_dist.destroy_process_group()
