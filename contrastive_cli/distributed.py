@@ -81,6 +81,16 @@ def all_gather(x: Tensor) -> tuple[Tensor, int]:
     return gathered, dist.get_rank() * x.shape[0]
 
 
+def global_mean(total: Tensor, count: Tensor, gather: Gather, processes: int) -> Tensor:
+    """This process's share of a mean over every process's terms: its ``total`` divided by
+    the ``count`` of terms summed over all processes, times the number of processes, so
+    that the processes' mean (what DDP optimises) is sum(totals) / sum(counts). A plain
+    local mean would weight each process's terms by its own count, which differs between
+    processes whenever the number of terms does (same-class pairs, valid anchors)."""
+    counts, _ = gather(count.reshape(1))
+    return total * processes / counts.sum().clamp_min(1)
+
+
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
@@ -148,13 +158,15 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
         module, SyncBatchNorm
     ):
+        like = next((t for t in module.state_dict().values() if t.is_floating_point()), None)
         synced = SyncBatchNorm(
             module.num_features,
             module.eps,
             module.momentum,
             module.affine,
             module.track_running_stats,
-            device=next(iter(module.state_dict().values())).device if module.state_dict() else None,
+            device=like.device if like is not None else None,
+            dtype=like.dtype if like is not None else None,
         )
         synced.load_state_dict(module.state_dict())
         if module.affine:

@@ -52,9 +52,16 @@ def run_job(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str
                 f"(this job already has {place.world_size} processes); allowed: 1, and the "
                 "launcher's own settings (--nproc-per-node, tasks per node) for the count"
             )
-        dist = _join(place, cfg)
-        _agree_on_run_dir(dist, run_dir)
-        return run_training(cfg, run_dir, choices, dist=dist, lock=dist.main)
+        try:
+            dist = _join(place, cfg)
+            _agree_on_run_dir(dist, run_dir)
+            return run_training(cfg, run_dir, choices, dist=dist, lock=dist.main)
+        except Exception as e:
+            if _lost_a_peer(e):
+                raise UserError(f"lost contact with another process ({_line(e)})") from None
+            raise
+        finally:
+            _leave()
     if cfg.trainer.devices > 1:
         from contrastive_cli import writer
 
@@ -72,7 +79,13 @@ def _join(place: Place, cfg: DictConfig) -> Dist:
 
         local = int(os.environ.get("LOCAL_WORLD_SIZE", place.world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
-    return init_process_group(place, device.type)
+    try:
+        return init_process_group(place, device.type)
+    except (RuntimeError, ValueError, OSError) as e:  # port in use, host unreachable, timeout
+        raise UserError(
+            f"cannot join the process group at {place.master_addr}:{place.master_port} as rank "
+            f"{place.rank} of {place.world_size} ({_line(e)})"
+        ) from None
 
 
 def _agree_on_run_dir(dist: Dist, run_dir: Path) -> None:

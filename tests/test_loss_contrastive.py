@@ -119,3 +119,20 @@ def test_contrastive_rejects_bad_hyperparameters():
         contrastive_loss(e, ids, 0.0)
     with pytest.raises(ValueError, match="ids"):
         contrastive_loss(e, ids[:3], 1.0)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_contrastive_with_class_ids_is_the_whole_batchs_over_ranks(distance, world):
+    """Same-class positives give ranks different numbers of pairs; the means are over every
+    rank's pairs, so the ranks still give the whole batch's loss and gradient."""
+    n = 4
+    e = randn(2 * world * n, 5, seed=world + 20)
+    ids = torch.tensor(
+        [0] * (2 * n - 1)
+        + [1]
+        + [1, 2, 2] * (2 * n * (world - 1) // 3)
+        + [1] * (2 * n * (world - 1) % 3)
+    )
+    loss = lambda g, x, y: contrastive_loss(x, y, 1.0, distance, g)  # noqa: E731
+    assert_ranks_equal_whole(loss, world, e, ids)

@@ -265,3 +265,16 @@ def test_triplet_loss_rejects_bad_hyperparameters():
         triplet_loss(e, ids, 0.2, "hardest")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="margin"):
         triplet_loss(e, ids, -0.1, "hard")
+
+
+@pytest.mark.parametrize("mining", ["hard", "semihard", "all"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_triplet_loss_with_class_ids_is_the_whole_batchs_over_ranks(mining, world):
+    """Same-class positives: ranks hold different numbers of pairs and triplets (rank 0 has
+    most of class 0 here), so a per-rank mean would weight them wrongly; the mean is taken
+    over every rank's terms, and the ranks still give the whole batch's loss and gradient."""
+    n = 4
+    e = randn(2 * world * n, 4, seed=world + 10)
+    ids = torch.tensor([0] * (2 * n - 1) + [1] + [1, 2] * (n * (world - 1)))
+    loss = lambda g, x, i: triplet_loss(x, i, 0.5, mining, g)  # noqa: E731
+    assert_ranks_equal_whole(loss, world, e, ids)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from contrastive_cli.distributed import Gather, local_only
+from contrastive_cli.distributed import Gather, global_mean, local_only
 from contrastive_cli.losses.precision import full_precision, upcast
 
 Distance = Literal["euclidean", "cosine"]
@@ -48,9 +48,10 @@ def contrastive_loss(
             two-view positives (as ``methods.triplet`` makes them).
         margin: m > 0.
         distance: one of ``DISTANCES``.
-        gather: candidates and their ids come from every process. The mean of the
-            processes' losses is the whole batch's when every process has as many positive
-            and as many negative pairs (two views per image, equal local batches).
+        gather: candidates and their ids come from every process, and each mean is over
+            every process's pairs (``distributed.global_mean``), so the mean of the
+            processes' losses is the whole batch's, also when same-class positives make
+            the number of pairs differ between processes.
     A kind of pair that does not occur contributes 0.
     """
     if distance not in DISTANCES:
@@ -79,11 +80,11 @@ def contrastive_loss(
         same = ids[:, None] == all_ids[None, :]  # (N, M)
         local = torch.arange(n, device=e.device)
         is_self = torch.zeros_like(same).index_put((local, local + offset), same.new_ones(()))
-        return 0.5 * _masked_mean(positive_term, same & ~is_self) + 0.5 * _masked_mean(
-            negative_term, ~same
-        )
+        processes = all_e.shape[0] // max(n, 1)
 
+        def mean(values: Tensor, mask: Tensor) -> Tensor:
+            """Over every process's pairs (``global_mean``); 0 where ``mask`` holds nowhere."""
+            total = torch.where(mask, values, torch.zeros_like(values)).sum()
+            return global_mean(total, mask.sum(), gather, processes)
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` where ``mask``; 0 (with a zero gradient) where it holds nowhere."""
-    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp_min(1)
+        return 0.5 * mean(positive_term, same & ~is_self) + 0.5 * mean(negative_term, ~same)

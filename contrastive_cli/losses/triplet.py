@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from contrastive_cli.distributed import Gather, local_only
+from contrastive_cli.distributed import Gather, global_mean, local_only
 from contrastive_cli.losses.precision import full_precision, upcast
 
 Mining = Literal["hard", "semihard", "all"]
@@ -64,10 +64,18 @@ def _mined(embeddings: Tensor, ids: Tensor, margin: float, mining: str, gather: 
     valid_anchor = pos_mask.any(1) & neg_mask.any(1)
     # Hard and semi-hard mining stay on the device: no data-dependent shapes or branches, so
     # no host sync per step on a GPU. Empty selections give 0 (with a zero gradient).
+    processes = all_e.shape[0] // max(n, 1)
+
+    def mean(values: Tensor, mask: Tensor) -> Tensor:
+        """Over every process's terms (``global_mean``); 0 where ``mask`` holds nowhere
+        (values there may be inf, so they are replaced rather than multiplied by 0)."""
+        total = torch.where(mask, values, torch.zeros_like(values)).sum()
+        return global_mean(total, mask.sum(), gather, processes)
+
     if mining == "hard":
         d_ap = dist.masked_fill(~pos_mask, float("-inf")).amax(1)
         d_an = dist.masked_fill(~neg_mask, float("inf")).amin(1)
-        return _masked_mean(F.relu(d_ap - d_an + margin), valid_anchor)
+        return mean(F.relu(d_ap - d_an + margin), valid_anchor)
     pairs = pos_mask & valid_anchor[:, None]  # (N, M) anchor-positive pairs
     if mining == "semihard":
         # Per anchor, its negatives' distances in ascending order (non-negatives last, as inf):
@@ -78,20 +86,13 @@ def _mined(embeddings: Tensor, ids: Tensor, margin: float, mining: str, gather: 
         nearest_farther = neg_sorted.gather(1, first.clamp(max=dist.shape[1] - 1))
         farthest = neg_sorted.gather(1, (n_neg - 1).clamp(min=0)).expand_as(dist)
         d_neg = torch.where(first < n_neg, nearest_farther, farthest)
-        return _masked_mean(F.relu(dist - d_neg + margin), pairs)
+        return mean(F.relu(dist - d_neg + margin), pairs)
 
     # "all": (N, M_pos, M_neg) would be cubic; work per (anchor, positive) pair instead.
-    if not valid_anchor.any():
-        return embeddings.sum() * 0.0
+    # No early return when there are none: every process must make the same gathers.
     a_idx, p_idx = pairs.nonzero(as_tuple=True)
     d_ap = dist[a_idx, p_idx]  # (P,)
     d_an = dist[a_idx]  # (P, M)
     negs = neg_mask[a_idx]  # (P, M)
     losses = F.relu(d_ap[:, None] - d_an + margin)
-    return (losses * negs).sum() / negs.sum()
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` where ``mask`` holds; 0 where it holds nowhere (values there may be
-    inf, so they are replaced rather than multiplied by 0)."""
-    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp_min(1)
+    return mean(losses, negs) + 0.0 * embeddings.sum()  # a graph even when P = 0
