@@ -7,6 +7,7 @@ compares them with one process given the whole global batch.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -214,7 +215,7 @@ def _three_steps(rank: int, overrides: list[str], world: int) -> dict:
         stop_requested=lambda: progress.step >= STEPS - 1,
         interrupted=lambda p: Stop(),
     )
-    try:
+    with contextlib.suppress(Stop):
         train(
             method,
             forward,
@@ -229,8 +230,6 @@ def _three_steps(rank: int, overrides: list[str], world: int) -> dict:
             hooks,
             dist=d,
         )
-    except Stop:
-        pass
     return {
         "method": {k: v.clone() for k, v in method.state_dict().items()},
         "optimizer": optimizer.state_dict(),
