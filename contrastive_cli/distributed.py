@@ -270,20 +270,31 @@ TIMEOUT = datetime.timedelta(minutes=10)  # a collective that waits longer means
 
 
 def init_process_group(place: Place, device_type: str) -> Dist:
-    """Join the process group (NCCL on CUDA, gloo elsewhere) at ``place``."""
+    """Join the process group (NCCL on CUDA, gloo elsewhere) at ``place``.
+
+    The rendezvous store's keys are prefixed with the elastic restart count: a group that
+    torch elastic restarts (``trainer.max_restarts``) may be handed the store of the failed
+    attempt, whose stale addresses would otherwise make the new processes wait for peers
+    that are gone."""
+    if dist.is_initialized():
+        return Dist(place.rank, place.world_size, place.local_rank)
     backend = "nccl" if device_type == "cuda" else "gloo"
-    os.environ.setdefault("MASTER_ADDR", place.master_addr)
-    os.environ.setdefault("MASTER_PORT", str(place.master_port))
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend,
-            rank=place.rank,
-            world_size=place.world_size,
-            timeout=TIMEOUT,
-            init_method=f"tcp://{place.master_addr}:{place.master_port}"
-            if "TORCHELASTIC_RUN_ID" not in os.environ
-            else "env://",
-        )
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        place.master_addr,
+        place.master_port,
+        place.world_size,
+        is_master=place.rank == 0 and not agent_store,
+        timeout=TIMEOUT,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"contrast/attempt_{attempt}", store),
+        rank=place.rank,
+        world_size=place.world_size,
+        timeout=TIMEOUT,
+    )
     return Dist(place.rank, place.world_size, place.local_rank)
 
 

@@ -142,14 +142,19 @@ def launch(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str,
 
 @contextlib.contextmanager
 def _quiet_elastic():
-    """torch elastic logs every worker failure with a traceback; ours is one line."""
-    logger = logging.getLogger("torch.distributed.elastic")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """torch elastic logs every worker failure with a traceback, and multiprocessing's
+    resource tracker warns about the semaphore a killed worker held; ours is one line."""
+    loggers = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    # The tracker is a child process: it takes its warning filters from the environment.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 class WorkerFailed(UserError):
