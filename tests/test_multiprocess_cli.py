@@ -112,7 +112,7 @@ def test_a_signal_to_the_launcher_stops_every_rank_with_one_checkpoint(
     proc = _start(["train", *CFG, "trainer.devices=2", f"hydra.run.dir={run}"], tmp_path)
     _wait_for_epoch(run, 1, proc)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert "Traceback" not in err
     results = read_results(run)
@@ -130,7 +130,7 @@ def test_a_killed_worker_stops_the_job_and_resume_on_one_process_finishes_it(ref
     _wait_for_epoch(run, 1, proc)
     os.kill(_workers(proc.pid)[1], signal.SIGKILL)
     started = time.monotonic()
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert time.monotonic() - started < 60
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert proc.returncode == 1 and len(lines) == 1, err
@@ -161,7 +161,7 @@ def test_with_max_restarts_the_group_restarts_from_the_checkpoint(reference, tmp
     proc = _start(args, tmp_path)
     _wait_for_epoch(run, 1, proc)
     os.kill(_workers(proc.pid)[1], signal.SIGKILL)
-    out, err = proc.communicate(timeout=600)
+    _out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert_same_run(run, reference)
 
@@ -229,7 +229,7 @@ def test_under_torchrun_a_rank_that_fails_at_start_up_is_one_line_and_nobody_han
             )
         )
     outs = [p.communicate(timeout=180) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         lines = [ln for ln in err.splitlines() if ln.strip() and "Warning" not in ln]
         assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), err
         assert "Traceback" not in err
