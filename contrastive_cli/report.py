@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -13,22 +14,37 @@ from typing import Any
 import torch
 
 import contrastive_cli
+from contrastive_cli.tables import knn_keys
 
-METRIC_LABELS = {
-    "knn_k200": "k-NN k=200",
-    "knn_k20": "k-NN k=20",
-    "linear_top1": "linear",
-    "linear_top5": "linear top-5",
-}
+LINEAR_LABELS = {"linear_top1": "linear", "linear_top5": "linear top-5"}
+# The process's umask, read once at import (os.umask can only be read by setting it, which
+# must not race with files other threads create).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def metric_label(key: str) -> str:
+    """knn_k50 -> 'k-NN k=50', linear_top1 -> 'linear'."""
+    if key.startswith("knn_k"):
+        return f"k-NN k={key.removeprefix('knn_k')}"
+    return LINEAR_LABELS.get(key, key)
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename), so readers never see half a file."""
+    """Write JSON atomically (temp file + rename), so readers never see half a file. The file
+    gets the permissions of any other output (0644 under the usual umask), not mkstemp's 0600,
+    and a failed write leaves no temp file behind."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class MetricsLog:
@@ -101,9 +117,7 @@ def results_table(results: dict) -> str:
     """The table printed at the end of a run: trained encoder beside its baselines."""
     metrics = results.get("metrics") or {}
     baselines = results.get("baselines") or {}
-    keys = [k for k in METRIC_LABELS if k in metrics] + [
-        k for k in metrics if k.startswith("knn_k") and k not in METRIC_LABELS
-    ]
+    keys = knn_keys(metrics) + [k for k in LINEAR_LABELS if k in metrics]
     title = f"{results.get('loss', '?')} encoder"
     rows = [
         ("raw pixels", baselines.get("raw_pixels")),
@@ -112,7 +126,7 @@ def results_table(results: dict) -> str:
     ]
     rows = [(name, m) for name, m in rows if m]
     width = max(len(name) for name, _ in rows)
-    header = " " * width + "".join(f"  {METRIC_LABELS.get(k, k):>12}" for k in keys)
+    header = " " * width + "".join(f"  {metric_label(k):>12}" for k in keys)
     lines = [header]
     for name, m in rows:
         lines.append(

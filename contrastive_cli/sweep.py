@@ -31,8 +31,7 @@ class SweepSummary(Callback):
                     "encoder",
                     "overrides",
                     "epochs",
-                    "knn",
-                    "knn20",
+                    "knn",  # and knn<k> for the other k of eval.knn_k
                     "linear",
                     "wall_s",
                     "status",
