@@ -25,11 +25,12 @@ from contrastive_cli.config import build
 from contrastive_cli.data.batches import Batches, derive_seed
 from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
-from contrastive_cli.errors import ConfigError, DataError, Diverged, RunExists
+from contrastive_cli.errors import ConfigError, DataError, Diverged, RunExists, UserError
 from contrastive_cli.evaluate import KnnMonitor, evaluate_protocol, extract_features
 from contrastive_cli.report import MetricsLog, results_table, versions, write_json
 from contrastive_cli.rundirs import Run
 from contrastive_cli.signals import GracefulStop, Interrupted
+from contrastive_cli.tracking import EmbeddingSample, Trackers, build_trackers  # [tracking]
 from contrastive_cli.train import Hooks, Progress, train
 from contrastive_cli.validate import check_data, validate
 
@@ -126,18 +127,11 @@ def evaluate_encoder(
     return evaluated.pop("trained"), evaluated
 
 
-def plot_embedding_of(
-    encoder: torch.nn.Module,
-    data: ImageData,
-    augment: Any,
-    runtime: Runtime,
-    cfg: DictConfig,
-    out: Path,
-    title: str,
-) -> Path | None:
-    """The embedding map of up to ``eval.embedding_points`` test images (a fixed subset)."""
-    from contrastive_cli.plots import plot_embedding
-
+def embedding_sample(
+    encoder: torch.nn.Module, data: ImageData, augment: Any, runtime: Runtime, cfg: DictConfig
+) -> EmbeddingSample | None:
+    """Up to ``eval.embedding_points`` test images (a fixed subset) and their features: what
+    the embedding map and TensorBoard's projector show. None without labelled test images."""
     if data.test is None or data.test.labels is None or cfg.eval.embedding_points <= 0:
         return None
     g = torch.Generator().manual_seed(derive_seed(cfg.trainer.seed, "embedding"))
@@ -151,8 +145,29 @@ def plot_embedding_of(
         runtime.channels_last,
         runtime.autocast,
     )
+    return EmbeddingSample(
+        features.float().cpu(), data.test.labels[idx], data.test.images[idx], data.class_names
+    )
+
+
+def plot_embedding_of(
+    encoder: torch.nn.Module,
+    data: ImageData,
+    augment: Any,
+    runtime: Runtime,
+    cfg: DictConfig,
+    out: Path,
+    title: str,
+    sample: EmbeddingSample | None = None,
+) -> Path | None:
+    """The embedding map of ``sample`` (default: ``embedding_sample`` of the encoder)."""
+    from contrastive_cli.plots import plot_embedding
+
+    sample = sample or embedding_sample(encoder, data, augment, runtime, cfg)
+    if sample is None:
+        return None
     return plot_embedding(
-        features.cpu().numpy(), data.test.labels[idx].numpy(), out, title, cfg.trainer.seed
+        sample.features.numpy(), sample.labels.numpy(), out, title, cfg.trainer.seed
     )
 
 
@@ -217,9 +232,16 @@ def run_training(
             "or choose a new directory"
         )
     handler = _log_to(run_dir / "train.log")
+    # [tracking] trackers start once the run directory exists and finish on every way out
+    trackers = build_trackers(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    trackers.start(run_dir, resolved, choices or {}, bool(cfg.trainer.resume))
+    outcome: tuple[str, dict[str, Any]] = ("failed", {})
     try:
         with GracefulStop() as stop:
-            return _run(cfg, run_dir, choices or {}, started, stop)
+            results = _run(cfg, run_dir, choices or {}, started, stop, trackers)
+            outcome = ("completed", results)
+            return results
     except Interrupted as e:
         status = (
             json.loads((run_dir / "results.json").read_text())
@@ -227,19 +249,41 @@ def run_training(
             else {}
         )
         if status.get("status") != "interrupted":  # stopped outside the loop: nothing new to save
-            write_json(
-                run_dir / "results.json",
-                {"status": "interrupted", "run_dir": str(run_dir), "error": str(e)},
-            )
+            status = {"status": "interrupted", "run_dir": str(run_dir), "error": str(e)}
+            write_json(run_dir / "results.json", status)
             log.info(str(e))
+        outcome = ("interrupted", status)  # [tracking]
+        raise
+    except Diverged as e:  # [tracking]
+        outcome = ("diverged", _results_or(run_dir, {"error": str(e)}))
+        raise
+    except Exception as e:  # [tracking] commands/train.py records the failure in results.json
+        error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        outcome = ("failed", {"error": error})
         raise
     finally:
-        logging.getLogger("contrastive_cli").removeHandler(handler)
-        handler.close()
+        try:
+            trackers.finish(*outcome, run_dir)  # [tracking]
+        finally:
+            logging.getLogger("contrastive_cli").removeHandler(handler)
+            handler.close()
+
+
+def _results_or(run_dir: Path, default: dict[str, Any]) -> dict[str, Any]:
+    """results.json of ``run_dir`` ([tracking]: what a stopped run wrote), else ``default``."""
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return default
 
 
 def _run(
-    cfg: DictConfig, run_dir: Path, choices: dict[str, str], started: float, stop: GracefulStop
+    cfg: DictConfig,
+    run_dir: Path,
+    choices: dict[str, str],
+    started: float,
+    stop: GracefulStop,
+    trackers: Trackers,
 ) -> dict[str, Any]:
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
@@ -299,6 +343,7 @@ def _run(
         ):
             record["knn"] = monitor(method.encoder)
         metrics_log.append(record)
+        trackers.log_epoch(record)  # [tracking]
         log.info(
             f"epoch {record['epoch']}/{t.epochs}  step {record['step']}  loss {record['loss']:.4f}  "
             f"lr {record['lr']:.2e}  {record['images_per_s']:,.0f} img/s"
@@ -347,6 +392,7 @@ def _run(
         save=save,
         stop_requested=lambda: stop.requested,
         interrupted=interrupted,
+        log_step=trackers.log_step,  # [tracking]
     )
     stop.graceful = True
     try:
@@ -393,8 +439,15 @@ def _run(
         results["eval_skipped"] = "the data has no labels: k-NN and the linear probe are skipped"
         log.info(results["eval_skipped"])
     results["eval_time_s"] = time.perf_counter() - eval_start
+    # [tracking] one feature extraction for the embedding map and TensorBoard's projector
+    sample = None
+    if cfg.eval.plots or trackers:
+        sample = embedding_sample(encoder, data, augment, runtime, cfg)
+        trackers.log_embedding(sample, progress.step)
     if cfg.eval.plots:
-        _plot_run(run_dir, metrics_log.records(), encoder, data, augment, runtime, cfg, choices)
+        _plot_run(
+            run_dir, metrics_log.records(), encoder, data, augment, runtime, cfg, choices, sample
+        )
     results["wall_time_s"] = time.time() - started
     results["versions"] = versions()
     write_json(run_dir / "results.json", results)
@@ -413,6 +466,7 @@ def _plot_run(
     runtime: Runtime,
     cfg: DictConfig,
     choices: dict[str, str],
+    sample: EmbeddingSample | None = None,
 ) -> None:
     """plots/curves.png and plots/embedding.png; a failed plot is a warning, never a failed run."""
     from contrastive_cli.plots import plot_curves
@@ -427,6 +481,7 @@ def _plot_run(
             cfg,
             run_dir / "plots" / "embedding.png",
             f"{choices.get('loss', '')} on {cfg.data.name}",
+            sample,
         )
     except Exception as e:
         log.warning(f"plots were not written: {type(e).__name__}: {e}")
