@@ -148,14 +148,14 @@ class MlflowTracker:
     def finish(self, status: str, results: dict[str, Any], run_dir: Path) -> None:
         if self.run_id is None:
             return
+        tags = {"contrast.status": status}
+        if results.get("error"):
+            tags["contrast.error"] = str(results["error"])
+        if results.get("versions"):  # what results.json records (a resume may run newer code)
+            tags.update(version_tags(results["versions"]))
         self._log(
             metrics=final_metrics(results),
-            tags={"contrast.status": status}
-            | (
-                {"contrast.error": str(results["error"])[:MAX_TAG_LENGTH]}
-                if results.get("error")
-                else {}
-            ),
+            tags=tags,
             step=int(results.get("steps") or 0),
         )
         for name in RUN_ARTIFACTS:
@@ -364,10 +364,11 @@ def final_metrics(results: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def version_tags() -> dict[str, str]:
+def version_tags(found: dict[str, Any] | None = None) -> dict[str, str]:
+    """contrast.version.* and the git commit, of ``found`` (results.json's) or this process."""
     from contrastive_cli.report import versions
 
-    found = versions()
+    found = found if found is not None else versions()
     tags = {f"contrast.version.{k}": str(v) for k, v in found.items() if v and k != "git_sha"}
     if found.get("git_sha"):
         tags["contrast.git_sha"] = str(found["git_sha"])
