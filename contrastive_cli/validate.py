@@ -630,8 +630,10 @@ def _check_objects(cfg: DictConfig) -> None:
             )
     c, size = cfg.data.channels, cfg.data.image_size
     built("device", lambda: build(cfg.device))
-    for name in cfg.get("tracker") or {}:  # a tracker whose package is missing: one line
-        built(f"tracker.{name}", lambda name=name: build(cfg.tracker[name]))
+    if cfg.get("tracker"):  # a tracker whose package is missing: one line
+        from contrastive_cli.tracking import build_trackers
+
+        built("tracker", lambda: build_trackers(cfg, rank=0))
     augment = built("data.augment", lambda: build(cfg.data.augment))
     built(
         "data.augment",

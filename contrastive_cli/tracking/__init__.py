@@ -32,7 +32,7 @@ from contrastive_cli.errors import ConfigError
 log = logging.getLogger(__name__)
 STATE_FILE = "tracking.json"  # in a run directory: where the run is tracked (MLflow run id, ...)
 FINISH_TIMEOUT_S = 300.0  # longest wait, at the end of a run, for trackers to finish uploading
-STATUSES = ("completed", "interrupted", "diverged", "failed")
+METHODS = ("start", "log_step", "log_epoch", "log_embedding", "finish")  # of every Tracker
 
 
 @dataclass
@@ -131,7 +131,7 @@ class Trackers:
 
     @property
     def names(self) -> list[str]:
-        return [t.name for t in self.trackers]
+        return [_name(t) for t in self.trackers]
 
     def start(
         self, run_dir: Path, config: dict[str, Any], choices: dict[str, str], resumed: bool
@@ -199,10 +199,14 @@ class Trackers:
             active.remove(tracker)
             where = f" (results in {self.run_dir})" if self.run_dir else ""
             log.warning(
-                f"warning: tracker={tracker.name}: {one_line(e)}; the run goes on without it{where}"
+                f"warning: tracker={_name(tracker)}: {one_line(e)}; the run goes on without it{where}"
             )
             with contextlib.suppress(Exception):  # local resources only: no network
                 getattr(tracker, "close", lambda: None)()
+
+
+def _name(tracker: object) -> str:
+    return str(getattr(tracker, "name", type(tracker).__name__))
 
 
 def build_trackers(cfg: DictConfig, rank: int | None = None) -> Trackers:
@@ -215,4 +219,13 @@ def build_trackers(cfg: DictConfig, rank: int | None = None) -> Trackers:
     node = cfg.get("tracker")
     if not node or rank != 0:
         return Trackers()
-    return Trackers([build(node[name]) for name in node])
+    trackers = []
+    for name in node:
+        tracker = build(node[name])
+        if not all(callable(getattr(tracker, m, None)) for m in METHODS):
+            raise ConfigError(
+                f"tracker.{name} is not allowed: it builds no tracker (a _target_ whose object "
+                f"has {', '.join(METHODS)}); allowed: tracker=<option>, as in conf/tracker/"
+            )
+        trackers.append(tracker)
+    return Trackers(trackers)

@@ -299,8 +299,10 @@ def probe(uri: str, timeout_s: float) -> None:
         return  # it answered
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            reason = f"no answer within {timeout_s:g} s, tracker.mlflow.timeout_s"
         raise TrackingUnavailable(
-            f"cannot reach the MLflow server {shown(uri)} within {timeout_s:g} s ({reason})"
+            f"cannot reach the MLflow server {shown(uri)} ({reason})"
         ) from None
 
 
