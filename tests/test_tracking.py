@@ -265,6 +265,45 @@ def test_a_failed_results_write_leaves_no_temp_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_diverged_and_failed_runs_are_marked_in_mlflow(
+    stopped_and_resumed, compose_cfg, monkeypatch, tmp_path
+):
+    from contrastive_cli.errors import ConfigError, Diverged
+    from contrastive_cli.methods.simclr import SimCLR
+    from contrastive_cli.run import run_training
+
+    root = stopped_and_resumed[0]
+    store = [
+        "tracker=mlflow",
+        f"tracker.mlflow.tracking_uri=sqlite:///{root / 'outputs' / 'mlflow.db'}",
+        "tracker.mlflow.experiment=faults",
+    ]
+    original, calls = SimCLR.forward, {"n": 0}
+
+    def nan_at_step_3(self, view1, view2, labels=None):  # the fault test_divergence injects
+        calls["n"] += 1
+        loss = original(self, view1, view2, labels)
+        return loss * math.nan if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(SimCLR, "forward", nan_at_step_3)
+    with pytest.raises(Diverged):
+        run_training(compose_cfg(*TINY, *store), tmp_path / "diverged", {"loss": "ntxent"})
+    with pytest.raises(ConfigError, match="larger than"):  # fails after tracking started
+        run_training(
+            compose_cfg(*TINY, *store, "trainer.batch_size=100000"), tmp_path / "failed", {}
+        )
+    client = _store(root)
+    experiment = client.get_experiment_by_name("faults")
+    found = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(found) == {"diverged", "failed"}
+    assert found["diverged"].info.status == "FAILED"
+    assert found["diverged"].data.tags["contrast.status"] == "diverged"
+    assert "diverged at step 3" in found["diverged"].data.tags["contrast.error"]
+    assert found["failed"].info.status == "FAILED"
+    assert found["failed"].data.tags["contrast.status"] == "failed"
+    assert "larger than" in found["failed"].data.tags["contrast.error"]
+
+
 # --------------------------------------------------------------------------- a sweep
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
