@@ -233,11 +233,11 @@ def run_training(
         )
     handler = _log_to(run_dir / "train.log")
     # [tracking] trackers start once the run directory exists and finish on every way out
-    trackers = build_trackers(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    trackers.start(run_dir, resolved, choices or {}, bool(cfg.trainer.resume))
-    outcome: tuple[str, dict[str, Any]] = ("failed", {})
+    trackers, outcome = Trackers(), ("failed", {})
     try:
+        trackers = build_trackers(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        trackers.start(run_dir, resolved, choices or {}, bool(cfg.trainer.resume))
         with GracefulStop() as stop:
             results = _run(cfg, run_dir, choices or {}, started, stop, trackers)
             outcome = ("completed", results)
