@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(foreach p,$(TORCH),'$(p)')
-	$(BIN)/python -m pip install -q -e '.[dev,sweep,parquet]'
+	$(BIN)/python -m pip install -q -e '.[dev,sweep,parquet,tracking]'
 	touch $@
 
 run: install

@@ -92,12 +92,26 @@ def swept_keys(runs: Sequence[Run]) -> dict[str, list[str]]:
     }
 
 
-def plot_sweep(runs: Sequence[Run], out: Path, metric: str = "knn_k200") -> Path | None:
-    """The metric against each swept value (one panel per swept key); None if nothing was swept."""
+def sweep_scores(runs: Sequence[Run], metric: str | None = None) -> tuple[list[float], str]:
+    """Each run's ``metric`` (NaN where missing) and the axis label. ``metric`` None: each
+    run's headline k-NN accuracy, the first k of its ``eval.knn_k`` (what sweeps optimise)."""
+    from contrastive_cli.report import metric_label
+    from contrastive_cli.tables import knn_keys
+
+    all_metrics = [(r.results or {}).get("metrics") or {} for r in runs]
+    keys = [metric or next(iter(knn_keys(m)), "") for m in all_metrics]
+    scores = [float(m.get(k, math.nan)) for m, k in zip(all_metrics, keys, strict=True)]
+    named = {k for k in keys if k}
+    return scores, metric_label(named.pop()) if len(named) == 1 else "k-NN (first of eval.knn_k)"
+
+
+def plot_sweep(runs: Sequence[Run], out: Path, metric: str | None = None) -> Path | None:
+    """The metric against each swept value (one panel per swept key); None if nothing was
+    swept. ``metric`` None: the headline k-NN accuracy (see ``sweep_scores``)."""
     swept = swept_keys(runs)
     if not swept:
         return None
-    scores = [((r.results or {}).get("metrics") or {}).get(metric, math.nan) for r in runs]
+    scores, ylabel = sweep_scores(runs, metric)
     fig, axes = plt.subplots(1, len(swept), figsize=(4.5 * len(swept), 4), dpi=DPI, squeeze=False)
     for ax, (key, values) in zip(axes[0], swept.items(), strict=True):
         try:
@@ -110,7 +124,7 @@ def plot_sweep(runs: Sequence[Run], out: Path, metric: str = "knn_k200") -> Path
         ax.scatter(xs, scores)
         if numeric and len(set(xs)) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 100:
             ax.set_xscale("log")
-        ax.set(title=key, xlabel=key, ylabel=metric)
+        ax.set(title=key, xlabel=key, ylabel=ylabel)
         ax.grid(alpha=0.3)
     return _save(fig, out)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -12,16 +13,19 @@ import torch
 
 import contrastive_cli
 from contrastive_cli.errors import UserError
+from contrastive_cli.tables import knn_keys
 from contrastive_cli.writer import open_append, write_json, write_text_atomic
 
-__all__ = ["MetricsLog", "read_metrics", "results_table", "versions", "write_json"]
+__all__ = ["MetricsLog", "metric_label", "read_metrics", "results_table", "versions", "write_json"]
 
-METRIC_LABELS = {
-    "knn_k200": "k-NN k=200",
-    "knn_k20": "k-NN k=20",
-    "linear_top1": "linear",
-    "linear_top5": "linear top-5",
-}
+LINEAR_LABELS = {"linear_top1": "linear", "linear_top5": "linear top-5"}
+
+
+def metric_label(key: str) -> str:
+    """knn_k50 -> 'k-NN k=50', linear_top1 -> 'linear'."""
+    if key.startswith("knn_k"):
+        return f"k-NN k={key.removeprefix('knn_k')}"
+    return LINEAR_LABELS.get(key, key)
 
 
 class MetricsLog:
@@ -121,9 +125,7 @@ def results_table(results: dict) -> str:
     """The table printed at the end of a run: trained encoder beside its baselines."""
     metrics = results.get("metrics") or {}
     baselines = results.get("baselines") or {}
-    keys = [k for k in METRIC_LABELS if k in metrics] + [
-        k for k in metrics if k.startswith("knn_k") and k not in METRIC_LABELS
-    ]
+    keys = knn_keys(metrics) + [k for k in LINEAR_LABELS if k in metrics]
     title = f"{results.get('loss', '?')} encoder"
     rows = [
         ("raw pixels", baselines.get("raw_pixels")),
@@ -132,7 +134,7 @@ def results_table(results: dict) -> str:
     ]
     rows = [(name, m) for name, m in rows if m]
     width = max(len(name) for name, _ in rows)
-    header = " " * width + "".join(f"  {METRIC_LABELS.get(k, k):>12}" for k in keys)
+    header = " " * width + "".join(f"  {metric_label(k):>12}" for k in keys)
     lines = [header]
     for name, m in rows:
         lines.append(

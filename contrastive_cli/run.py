@@ -36,11 +36,19 @@ from contrastive_cli.data.batches import Batches, derive_seed
 from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
 from contrastive_cli.distributed import SINGLE, Dist, convert_sync_batchnorm
-from contrastive_cli.errors import CheckpointError, ConfigError, DataError, Diverged, RunExists
+from contrastive_cli.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    Diverged,
+    RunExists,
+    UserError,
+)
 from contrastive_cli.evaluate import KnnMonitor, evaluate_protocol, extract_features
 from contrastive_cli.report import MetricsLog, results_table, versions
 from contrastive_cli.rundirs import Run
 from contrastive_cli.signals import GracefulStop, Interrupted
+from contrastive_cli.tracking import EmbeddingSample, Trackers, build_trackers
 from contrastive_cli.train import Hooks, Progress, progress_from_state, train
 from contrastive_cli.validate import check_data, validate
 
@@ -170,18 +178,11 @@ def evaluate_encoder(
     return evaluated.pop("trained"), evaluated
 
 
-def plot_embedding_of(
-    encoder: torch.nn.Module,
-    data: ImageData,
-    augment: Any,
-    runtime: Runtime,
-    cfg: DictConfig,
-    out: Path,
-    title: str,
-) -> Path | None:
-    """The embedding map of up to ``eval.embedding_points`` test images (a fixed subset)."""
-    from contrastive_cli.plots import plot_embedding
-
+def embedding_sample(
+    encoder: torch.nn.Module, data: ImageData, augment: Any, runtime: Runtime, cfg: DictConfig
+) -> EmbeddingSample | None:
+    """Up to ``eval.embedding_points`` test images (a fixed subset) and their features: what
+    the embedding map and TensorBoard's projector show. None without labelled test images."""
     if data.test is None or data.test.labels is None or cfg.eval.embedding_points <= 0:
         return None
     g = torch.Generator().manual_seed(derive_seed(cfg.trainer.seed, "embedding"))
@@ -195,8 +196,29 @@ def plot_embedding_of(
         runtime.channels_last,
         runtime.autocast,
     )
+    return EmbeddingSample(
+        features.float().cpu(), data.test.labels[idx], data.test.images[idx], data.class_names
+    )
+
+
+def plot_embedding_of(
+    encoder: torch.nn.Module,
+    data: ImageData,
+    augment: Any,
+    runtime: Runtime,
+    cfg: DictConfig,
+    out: Path,
+    title: str,
+    sample: EmbeddingSample | None = None,
+) -> Path | None:
+    """The embedding map of ``sample`` (default: ``embedding_sample`` of the encoder)."""
+    from contrastive_cli.plots import plot_embedding
+
+    sample = sample or embedding_sample(encoder, data, augment, runtime, cfg)
+    if sample is None:
+        return None
     return plot_embedding(
-        features.cpu().numpy(), data.test.labels[idx].numpy(), out, title, cfg.trainer.seed
+        sample.features.numpy(), sample.labels.numpy(), out, title, cfg.trainer.seed
     )
 
 
@@ -534,17 +556,48 @@ def run_training(
                 f"{run_dir}` or choose a new directory"
             )
         with files.logging_to_train_log():
-            stop = GracefulStop(run_dir / CHECKPOINT)
-            try:
-                with stop:
-                    return _run(cfg, files, choices or {}, started, stop, dist)
-            except Interrupted as e:
-                if dist.main and files.read_status() != "interrupted":  # stopped outside the loop
-                    files.results(
-                        {"status": "interrupted", "run_dir": str(run_dir), "error": str(e)}
-                    )
-                    log.info(str(e))
-                raise
+            return _tracked(cfg, files, choices or {}, started, dist)
+
+
+def _tracked(
+    cfg: DictConfig, files: RunFiles, choices: dict[str, str], started: float, dist: Dist
+) -> dict[str, Any]:
+    """The run, with its trackers (rank 0's) started first and told how it ended, on
+    every way out: completed, interrupted, diverged or failed."""
+    run_dir = files.path
+    trackers, outcome = Trackers(), ("failed", {})
+    try:
+        trackers = build_trackers(cfg, rank=dist.rank)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        trackers.start(run_dir, resolved, choices, bool(cfg.trainer.resume))
+        stop = GracefulStop(run_dir / CHECKPOINT)
+        with stop:
+            results = _run(cfg, files, choices, started, stop, dist, trackers)
+        outcome = ("completed", results)
+        return results
+    except Interrupted as e:
+        if dist.main and files.read_status() != "interrupted":  # stopped outside the loop
+            files.results({"status": "interrupted", "run_dir": str(run_dir), "error": str(e)})
+            log.info(str(e))
+        outcome = ("interrupted", _results_or(run_dir, {"error": str(e)}))
+        raise
+    except Diverged as e:
+        outcome = ("diverged", _results_or(run_dir, {"error": str(e)}))
+        raise
+    except Exception as e:  # commands/train.py records the failure in results.json
+        error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        outcome = ("failed", {"error": error})
+        raise
+    finally:
+        trackers.finish(*outcome, run_dir)
+
+
+def _results_or(run_dir: Path, default: dict[str, Any]) -> dict[str, Any]:
+    """results.json of ``run_dir`` (what a stopped run wrote), else ``default``."""
+    from contrastive_cli.rundirs import read_results
+
+    results, _ = read_results(run_dir / "results.json")
+    return results if results is not None else default
 
 
 def _run(
@@ -554,6 +607,7 @@ def _run(
     started: float,
     stop: GracefulStop,
     dist: Dist,
+    trackers: Trackers,
 ) -> dict[str, Any]:
     t = cfg.trainer
     run_dir = files.path
@@ -589,6 +643,7 @@ def _run(
             record["knn"] = built.monitor(method.encoder)
         assert metrics_log is not None
         metrics_log.append(record)
+        trackers.log_epoch(record)
         left = (t.epochs - progress.epoch) * progress.train_seconds / max(progress.epoch, 1)
         log.info(
             f"epoch {record['epoch']}/{t.epochs}  step {record['step']}  loss {record['loss']:.4f}  "
@@ -641,6 +696,7 @@ def _run(
         save=save,
         stop_requested=lambda: stop.requested,
         interrupted=interrupted,
+        log_step=trackers.log_step,
     )
     stop.graceful = True
     try:
@@ -668,7 +724,9 @@ def _run(
     if not dist.main:
         return {}
     assert metrics_log is not None
-    return finish(cfg, built, files, choices, summary, progress, metrics_log.records(), started)
+    return finish(
+        cfg, built, files, choices, summary, progress, metrics_log.records(), started, trackers
+    )
 
 
 def finish(
@@ -680,6 +738,7 @@ def finish(
     progress: Progress,
     records: list[dict],
     started: float,
+    trackers: Trackers,
 ) -> dict[str, Any]:
     """Export the encoder, evaluate it beside the baselines, plot, write results.json."""
     encoder = built.training.method.encoder
@@ -700,8 +759,13 @@ def finish(
         results["eval_skipped"] = "the data has no labels: k-NN and the linear probe are skipped"
         log.info(results["eval_skipped"])
     results["eval_time_s"] = time.perf_counter() - eval_start
+    # One feature extraction for the embedding map and TensorBoard's projector.
+    sample = None
+    if cfg.eval.plots or trackers:
+        sample = embedding_sample(encoder, built.data, built.augment, built.runtime, cfg)
+        trackers.log_embedding(sample, progress.step)
     if cfg.eval.plots:
-        _plot_run(files, records, encoder, built, cfg, choices)
+        _plot_run(files, records, encoder, built, cfg, choices, sample)
     results["wall_time_s"] = time.time() - started
     results["versions"] = versions()
     files.results(results)
@@ -718,6 +782,7 @@ def _plot_run(
     built: Built,
     cfg: DictConfig,
     choices: dict,
+    sample: EmbeddingSample | None,
 ) -> None:
     """plots/curves.png and plots/embedding.png; a failed plot is a warning, never a failed run."""
     from contrastive_cli.plots import plot_curves
@@ -732,6 +797,7 @@ def _plot_run(
             cfg,
             files.file(Path("plots") / "embedding.png"),
             f"{choices.get('loss', '')} on {cfg.data.name}",
+            sample,
         )
     except Exception as e:
         log.warning(f"plots were not written: {type(e).__name__}: {e}")

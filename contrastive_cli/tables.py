@@ -1,9 +1,14 @@
-"""Tables of runs: one row per run directory, shared by `contrast runs` and sweep summaries."""
+"""Tables of runs: one row per run directory, shared by `contrast runs` and sweep summaries.
+
+k-NN columns follow each run's ``eval.knn_k``: ``knn`` is the headline accuracy (the first k,
+what sweepers optimise) and every other k gets a column ``knn<k>`` (``knn20`` by default).
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,21 +25,48 @@ COLUMNS = [
     "overrides",
     "epochs",
     "knn",
-    "knn20",
     "linear",
     "wall_s",
     "status",
     "path",
-]
-METRIC_COLUMNS = {"knn": "knn_k200", "knn20": "knn_k20", "linear": "linear_top1"}
-NUMERIC = {"epochs", "knn", "knn20", "linear", "wall_s"}
+]  # plus knn<k> after knn for each k-NN but the first that the runs measured
+METRIC_COLUMNS = ("knn", "linear")
+EXTRA_KNN = re.compile(r"knn(\d+)")  # knn20: the k-NN accuracy with k=20
+NUMERIC = {"epochs", "wall_s"}
+
+
+def knn_keys(metrics: dict[str, Any]) -> list[str]:
+    """The k-NN keys of a results.json ``metrics`` in ``eval.knn_k`` order (headline first)."""
+    return [k for k in metrics if re.fullmatch(r"knn_k\d+", k)]
+
+
+def is_metric(column: str) -> bool:
+    return column in METRIC_COLUMNS or EXTRA_KNN.fullmatch(column) is not None
+
+
+def is_column(column: str) -> bool:
+    """A column of `contrast runs`: one of COLUMNS or a k-NN column knn<k>."""
+    return column in COLUMNS or EXTRA_KNN.fullmatch(column) is not None
+
+
+def with_knn_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:
+    """``columns`` with the rows' other k-NN columns (knn<k>, first seen first) after knn."""
+    extra = list(dict.fromkeys(k for r in rows for k in r if EXTRA_KNN.fullmatch(k)))
+    out: list[str] = []
+    for c in columns:
+        out += [c, *extra] if c == "knn" else [c]
+    return out
 
 
 def run_row(run: Run) -> dict[str, Any]:
     results = run.results or {}
     metrics = results.get("metrics") or {}
     group_choices = {f"{group}={option}" for group, option in run.choices.items()}
-    overrides = [o for o in run.overrides if o not in group_choices and not o.startswith("hydra")]
+    overrides = [  # tracker=... says where the run was logged, not what it did
+        o
+        for o in run.overrides
+        if o not in group_choices and not o.lstrip("+~").startswith(("hydra", "tracker"))
+    ]
     row: dict[str, Any] = {
         "date": run.started.strftime("%Y-%m-%d %H:%M:%S"),
         "data": run.choices.get("data", results.get("data", "")),
@@ -46,8 +78,11 @@ def run_row(run: Run) -> dict[str, Any]:
         "status": run.status,
         "path": str(run.path),
     }
-    for column, key in METRIC_COLUMNS.items():
-        row[column] = metrics.get(key)
+    knn = knn_keys(metrics)
+    row["knn"] = metrics[knn[0]] if knn else None
+    for key in knn[1:]:
+        row[f"knn{key.removeprefix('knn_k')}"] = metrics[key]
+    row["linear"] = metrics.get("linear_top1")
     if results.get("error") and run.status != "completed":
         row["error"] = results["error"]
     if run.problem:
@@ -58,8 +93,8 @@ def run_row(run: Run) -> dict[str, Any]:
 def matches(run: Run, row: dict[str, Any], condition: str) -> bool:
     """``key=value``: a column (loss=moco) or a dotted config key (optim.optimizer.lr=0.001)."""
     key, _, wanted = condition.partition("=")
-    if key in row:
-        actual = row[key]
+    if is_column(key):
+        actual = row.get(key)
     else:
         try:
             actual = OmegaConf.select(run.config(), key, default=None)
@@ -79,7 +114,7 @@ def _same(actual: Any, wanted: str) -> bool:
 
 def sort_rows(rows: list[dict[str, Any]], key: str, reverse: bool = False) -> list[dict[str, Any]]:
     """Metrics sort best first; other columns ascending. Missing values go last."""
-    descending = key in METRIC_COLUMNS
+    descending = is_metric(key)
     present = [r for r in rows if r.get(key) is not None]
     missing = [r for r in rows if r.get(key) is None]
     present.sort(key=lambda r: r[key], reverse=descending != reverse)
@@ -89,7 +124,7 @@ def sort_rows(rows: list[dict[str, Any]], key: str, reverse: bool = False) -> li
 def _cell(value: Any, column: str) -> str:
     if value is None:
         return "-"
-    if column in ("knn", "knn20", "linear"):
+    if is_metric(column):
         return f"{value:.4f}"
     return str(value)
 
@@ -97,9 +132,10 @@ def _cell(value: Any, column: str) -> str:
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
     if not rows:
         return "(no runs)"
+    columns = with_knn_columns(rows, columns)
     cells = [[_cell(r.get(c), c) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    align = [(str.rjust if c in NUMERIC else str.ljust) for c in columns]
+    align = [(str.rjust if c in NUMERIC or is_metric(c) else str.ljust) for c in columns]
     lines = ["  ".join(a(c, w) for a, c, w in zip(align, columns, widths, strict=True)).rstrip()]
     lines += [
         "  ".join(a(v, w) for a, v, w in zip(align, row, widths, strict=True)).rstrip()
@@ -112,6 +148,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMN
 
 
 def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] = (*COLUMNS, "error")) -> str:
+    columns = with_knn_columns(rows, columns)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()

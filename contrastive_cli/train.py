@@ -70,6 +70,8 @@ class Hooks:
     save: Callable[[Progress], None]  # checkpoint mid-epoch (on a stop request)
     stop_requested: Callable[[], bool] = lambda: False
     interrupted: Callable[[Progress], BaseException] = lambda p: KeyboardInterrupt()
+    # every `log_every` steps: (step, {"loss", "lr"}) for the trackers (never blocks)
+    log_step: Callable[[int, dict[str, float]], None] = lambda step, values: None
 
 
 def train(
@@ -156,7 +158,9 @@ def train(
             if progress.batch % log_every == 0 and dist.main:
                 seconds = progress.epoch_seconds + time.perf_counter() - start
                 rate = (progress.batch * batches.batch_size) / max(seconds, 1e-9)
-                bar.set_postfix(loss=f"{losses[-1].item():.4f}", img_s=f"{rate:,.0f}")
+                step_loss = losses[-1].item()
+                bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{rate:,.0f}")
+                hooks.log_step(progress.step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0]})
             if stop:
                 _bank(progress, losses, start)
                 bar.close()

@@ -172,7 +172,19 @@ RULES: list[tuple[str, Rule]] = [
     # nodes: only reached when something other than a node was put there (trainer=3)
     *[
         (key, NODE)
-        for key in ("trainer", "eval", "eval.probe", "data", "encoder", "loss", "optim", "device")
+        for key in (
+            "trainer",
+            "eval",
+            "eval.probe",
+            "data",
+            "encoder",
+            "loss",
+            "optim",
+            "device",
+            "tracker",
+            "tracker.mlflow",
+            "tracker.tensorboard",
+        )
     ],
     # trainer
     ("trainer.epochs", integer(1)),
@@ -312,6 +324,12 @@ RULES: list[tuple[str, Rule]] = [
     ("device.channels_last", BOOL),
     ("device.compile", BOOL),
     ("device.data_on_device", BOOL),
+    # trackers (tracker=[mlflow,tensorboard])
+    ("tracker.mlflow.tracking_uri", optional(TEXT)),
+    ("tracker.mlflow.experiment", TEXT),
+    ("tracker.mlflow.log_encoder", BOOL),
+    ("tracker.mlflow.timeout_s", POSITIVE),
+    ("tracker.tensorboard.projector", BOOL),
     # Hydra's instantiation keys, anywhere
     ("*_target_", TARGET),
     ("*_partial_", BOOL),
@@ -648,6 +666,10 @@ def _check_objects(cfg: DictConfig) -> None:
             )
     c, size = cfg.data.channels, cfg.data.image_size
     built("device", lambda: build(cfg.device))
+    if cfg.get("tracker"):  # a tracker whose package is missing: one line
+        from contrastive_cli.tracking import build_trackers
+
+        built("tracker", lambda: build_trackers(cfg, rank=0))
     augment = built("data.augment", lambda: build(cfg.data.augment))
     built(
         "data.augment",

@@ -19,6 +19,7 @@ GROUPS = {
     "encoder": ["cnn", "mlp", "resnet18"],
     "loss": ["byol", "moco", "ntxent", "triplet"],
     "optim": ["adam", "lars", "sgd"],
+    "tracker": ["mlflow", "tensorboard"],  # none by default; several at once: tracker=[a,b]
 }
 OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
 SHAPES = {
@@ -39,17 +40,20 @@ def test_the_config_groups_and_their_options():
 def test_every_option_composes(compose_cfg, group, option):
     cfg = compose_cfg(f"{group}={option}")
     node = cfg[group]
-    targets = (
-        [node.source._target_, node.augment._target_]
-        if group == "data"
-        else (
-            [node.optimizer._target_, node.scheduler._target_]
-            if group == "optim"
-            else [node._target_]
-        )
-    )
+    targets = {
+        "data": lambda: [node.source._target_, node.augment._target_],
+        "optim": lambda: [node.optimizer._target_, node.scheduler._target_],
+        "tracker": lambda: [node[option]._target_],  # tracker.mlflow: a list may hold several
+    }.get(group, lambda: [node._target_])()
     assert all(targets)
-    assert set(cfg) == {*GROUPS, "trainer", "eval", "debug"}  # no group added or lost
+    defaults = {g for g in GROUPS if g != "tracker"}  # no tracker unless one is chosen
+    assert set(cfg) == {*defaults, group, "trainer", "eval", "debug"}  # no group added or lost
+
+
+def test_several_trackers_at_once(compose_cfg):
+    cfg = compose_cfg("tracker=[mlflow,tensorboard]")
+    assert list(cfg.tracker) == ["mlflow", "tensorboard"]
+    assert "tracker" not in compose_cfg("tracker=[]")
 
 
 def test_selecting_an_option_that_does_not_exist_lists_the_valid_ones(compose_cfg):

@@ -9,7 +9,15 @@ from pathlib import Path
 
 from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.rundirs import find_runs
-from contrastive_cli.tables import COLUMNS, format_table, matches, run_row, sort_rows, to_csv
+from contrastive_cli.tables import (
+    COLUMNS,
+    format_table,
+    is_column,
+    matches,
+    run_row,
+    sort_rows,
+    to_csv,
+)
 
 HELP = "table of runs under outputs/ (or given paths): data, encoder, loss, overrides, k-NN, linear, status"
 
@@ -26,7 +34,8 @@ def main(args: list[str]) -> int:
     parser.add_argument(
         "--sort",
         default="date",
-        help=f"column to sort by: {', '.join(COLUMNS)} (metrics best first)",
+        help=f"column to sort by: {', '.join(COLUMNS)}, or knn<k> for another k of eval.knn_k "
+        "(knn is the first k; metrics best first)",
     )
     parser.add_argument("--reverse", action="store_true", help="reverse the sort order")
     parser.add_argument(
@@ -40,8 +49,10 @@ def main(args: list[str]) -> int:
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV (- for stdout)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (- for stdout)")
     ns = parser.parse_args(args)
-    if ns.sort not in COLUMNS:
-        raise ConfigError(f"--sort={ns.sort!r} is not a column; allowed: {', '.join(COLUMNS)}")
+    if not is_column(ns.sort):
+        raise ConfigError(
+            f"--sort={ns.sort!r} is not a column; allowed: {', '.join(COLUMNS)}, knn<k> (e.g. knn20)"
+        )
     for condition in ns.where:
         if "=" not in condition:
             raise ConfigError(f"--where={condition!r} must look like key=value")

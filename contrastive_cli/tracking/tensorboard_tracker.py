@@ -1,0 +1,104 @@
+"""TensorBoard: event files in ``<run_dir>/tensorboard/``, so ``tensorboard --logdir outputs``
+shows every run and sweep job side by side.
+
+Scalars: ``train/loss`` and ``train/lr`` every ``trainer.log_every`` steps, ``epoch/loss``,
+``epoch/images_per_s`` and ``monitor/knn`` per epoch, ``final/<metric>`` and
+``baseline/<name>/<metric>`` at the end, all against the optimizer step. The projector gets
+the test features of the embedding map (``eval.embedding_points`` images) with their labels
+and thumbnails. A resumed run drops the events its previous attempt logged after the
+checkpoint (TensorBoard's ``purge_step``), so curves do not fold back on themselves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from contrastive_cli.tracking import EmbeddingSample, is_number, require
+
+SUBDIR = "tensorboard"
+
+
+class TensorboardTracker:
+    name = "tensorboard"
+
+    def __init__(self, projector: bool = True):
+        require("tensorboard", self.name)
+        self.projector = projector
+        self.writer: Any = None
+        self.logdir: Path | None = None
+        self.resumed = False
+        self.config_text = ""
+
+    def start(
+        self, run_dir: Path, config: dict[str, Any], choices: dict[str, str], resumed: bool
+    ) -> None:
+        import yaml
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (import now, not mid-training)
+
+        self.logdir = run_dir / SUBDIR
+        self.resumed = resumed
+        self.config_text = "```\n" + yaml.safe_dump(config, sort_keys=False) + "```"
+
+    def _writer(self, step: int) -> Any:
+        """The writer, opened at the first event (a resumed run's first step is its purge step)."""
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            assert self.logdir is not None, "start() first"
+            self.writer = SummaryWriter(str(self.logdir), purge_step=step if self.resumed else None)
+            if not self.resumed:
+                self.writer.add_text("config", self.config_text, 0)
+        return self.writer
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        writer = self._writer(step)
+        for key, value in values.items():
+            writer.add_scalar(f"train/{key}", value, step)
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        writer = self._writer(step)
+        writer.add_scalar("epoch/loss", record["loss"], step)
+        writer.add_scalar("epoch/images_per_s", record["images_per_s"], step)
+        if record.get("knn") is not None:
+            writer.add_scalar("monitor/knn", record["knn"], step)
+
+    def log_embedding(self, sample: EmbeddingSample, step: int) -> None:
+        """The projector: features, labels (and class names) and thumbnails in [0, 1]."""
+        if not self.projector:
+            return
+        labels = [int(v) for v in sample.labels.tolist()]
+        metadata: list[Any] = labels
+        header = None
+        if sample.class_names:
+            metadata = [[label, sample.class_names[label]] for label in labels]
+            header = ["label", "class"]
+        self._writer(step).add_embedding(
+            sample.features.float(),
+            metadata=metadata,
+            label_img=sample.images.float() / 255.0,
+            global_step=step,
+            tag="test_features",
+            metadata_header=header,
+        )
+
+    def finish(self, status: str, results: dict[str, Any], run_dir: Path) -> None:
+        step = int(results.get("steps") or 0)
+        writer = self._writer(step)
+        for key, value in (results.get("metrics") or {}).items():
+            if is_number(value):
+                writer.add_scalar(f"final/{key}", value, step)
+        for baseline, values in (results.get("baselines") or {}).items():
+            for key, value in (values or {}).items():
+                if is_number(value):
+                    writer.add_scalar(f"baseline/{baseline}/{key}", value, step)
+        writer.add_text(
+            "status", status + (f": {results['error']}" if results.get("error") else ""), step
+        )
+        self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
