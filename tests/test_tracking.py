@@ -280,9 +280,9 @@ def test_diverged_and_failed_runs_are_marked_in_mlflow(
     ]
     original, calls = SimCLR.forward, {"n": 0}
 
-    def nan_at_step_3(self, view1, view2, labels=None):  # the fault test_divergence injects
+    def nan_at_step_3(self, views, labels=None):  # the fault test_divergence injects
         calls["n"] += 1
-        loss = original(self, view1, view2, labels)
+        loss = original(self, views, labels)
         return loss * math.nan if calls["n"] == 3 else loss
 
     monkeypatch.setattr(SimCLR, "forward", nan_at_step_3)
