@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from contrastive_cli.errors import ConfigError
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16")
+DeviceType = Literal["auto", "cpu", "cuda", "mps"]
+Precision = Literal["fp32", "bf16"]
+DEVICES: tuple[str, ...] = get_args(DeviceType)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,8 @@ def _mps_available() -> bool:
 
 
 def resolve_device(
-    type: str = "auto",
-    precision: str = "bf16",
+    type: DeviceType = "auto",
+    precision: Precision = "bf16",
     channels_last: bool = True,
     compile: bool = False,
     data_on_device: bool = True,

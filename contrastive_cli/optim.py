@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from contrastive_cli.schema import Momentum, NonNegative, Positive
+
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step for each weight tensor w is rescaled by its trust ratio:
@@ -44,12 +46,12 @@ class LARS(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        trust_coefficient: float = 0.02,
+        lr: Positive,
+        momentum: Momentum = 0.9,
+        weight_decay: NonNegative = 1e-4,
+        trust_coefficient: Positive = 0.02,
         clip_lr: bool = True,
-        eps: float = 1e-8,
+        eps: Positive = 1e-8,
         exclude_bias_and_norm: bool = True,
     ):
         if lr <= 0:

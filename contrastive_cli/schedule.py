@@ -7,6 +7,8 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from contrastive_cli.schema import NonNegative, Probability
+
 
 class WarmupCosine:
     """Multiplier: linear warmup from ~0 to 1, then cosine decay to ``final_lr_ratio``.
@@ -33,8 +35,8 @@ def warmup_cosine(
     optimizer: torch.optim.Optimizer,
     steps_per_epoch: int,
     epochs: int,
-    warmup_epochs: float = 1,
-    final_lr_ratio: float = 0.0,
+    warmup_epochs: NonNegative = 1,
+    final_lr_ratio: Probability = 0.0,
 ) -> LambdaLR:
     warmup = min(round(warmup_epochs * steps_per_epoch), steps_per_epoch * epochs)
     return LambdaLR(optimizer, WarmupCosine(warmup, steps_per_epoch * epochs, final_lr_ratio))

@@ -2,14 +2,15 @@
 
 ``validate(cfg)`` checks, in order:
 
-1. every value against ``RULES``, a table of key pattern -> rule (type and range); a key
-   that no rule covers must be a parameter of the ``_target_`` it is passed to;
-2. the combinations in ``COMBINATIONS`` (MoCo queue vs batch, warmup vs epochs, ...);
-3. the objects themselves: the device exists, and encoder, method, optimizer and schedule
-   build from the config, the encoder on a dummy input of the configured image shape. They
-   are built on PyTorch's ``meta`` device, so no weights are allocated, whatever the sizes.
+1. every ``_target_`` against the allowlist of its slot (``contrastive_cli.safety``);
+2. every value against its type (``contrastive_cli.schema``): the annotation of the
+   constructor parameter it is passed to, or the field of a section schema (``trainer``,
+   ``eval``, ...); a key that is neither is unknown, with the nearest known key suggested;
+3. the combinations in ``COMBINATIONS`` (MoCo queue vs batch, warmup vs epochs, ...);
+4. the objects themselves: the device exists, the augmentation runs on a dummy batch, and
+   encoder, method, optimizer and schedule build from the config, the encoder on a dummy
+   input of the configured image shape, all on PyTorch's ``meta`` device (no memory).
 
-Steps 1 and 2 do not import torch, so a mistyped value is reported in well under a second.
 ``check_command_line`` runs before Hydra starts (so a bad config leaves no run directory):
 it turns Hydra's own override errors into one line too. ``check_data`` covers what is only
 known once the data is loaded.
@@ -18,16 +19,10 @@ known once the data is loaded.
 from __future__ import annotations
 
 import difflib
-import functools
-import importlib
-import inspect
-import logging
-import math
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from fnmatch import fnmatchcase
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,318 +31,33 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from contrastive_cli.config import CONF_DIR
 from contrastive_cli.errors import ConfigError, UserError
+from contrastive_cli.safety import _slots
+from contrastive_cli.schema import (
+    REQUIRED_IN,
+    IsNode,
+    _is_union,
+    _parts,
+    check,
+    describe,
+    section_types,
+    target_types,
+)
 
 if TYPE_CHECKING:
     from contrastive_cli.data.datasets import ImageData
 
-log = logging.getLogger(__name__)
+# Hydra's instantiation keys, in any object node.
+HYDRA_KEYS = {
+    "_target_": str,
+    "_partial_": bool,
+    "_recursive_": bool,
+    "_convert_": typing.Literal["none", "partial", "object", "all"],
+    "_args_": list,
+}
 
 
-# --------------------------------------------------------------------------- rules
-@dataclass(frozen=True)
-class Rule:
-    """``check(value)`` is True when the value is allowed; ``allowed`` says what is, in words."""
-
-    check: Callable[[Any], bool]
-    allowed: str
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _in_range(v: float, lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> bool:
-    above = lo is None or (v > lo if lo_open else v >= lo)
-    below = hi is None or (v < hi if hi_open else v <= hi)
-    return above and below
-
-
-def _range_words(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
-    if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo:g}"
-    if hi is not None:
-        return f"{'<' if hi_open else '<='} {hi:g}"
-    return ""
-
-
-def integer(lo: int | None = None, hi: int | None = None) -> Rule:
-    words = _range_words(lo, hi, False, False)
-    return Rule(
-        lambda v: _is_int(v) and _in_range(v, lo, hi, False, False), f"an integer {words}".strip()
-    )
-
-
-def number(
-    lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
-) -> Rule:
-    words = _range_words(lo, hi, lo_open, hi_open)
-    return Rule(
-        lambda v: _is_number(v) and _in_range(v, lo, hi, lo_open, hi_open),
-        f"a number {words}".strip(),
-    )
-
-
-def optional(rule: Rule) -> Rule:
-    """The rule, or null."""
-    return Rule(lambda v: v is None or rule.check(v), f"null or {rule.allowed}")
-
-
-def choice(*options: str) -> Rule:
-    return Rule(lambda v: v in options and isinstance(v, str), f"one of {', '.join(options)}")
-
-
-def list_of(item: Rule, min_len: int = 1, length: int | None = None) -> Rule:
-    def check(v: object) -> bool:
-        if not isinstance(v, list) or len(v) < min_len or (length is not None and len(v) != length):
-            return False
-        return all(item.check(x) for x in v)
-
-    items = re.sub(
-        r"\b(integer|number|string)\b", r"\1s", re.sub(r"^an? ", "", item.allowed), count=1
-    )
-    size = (
-        f"a list of {length}"
-        if length is not None
-        else "a list of"
-        if min_len == 0
-        else "a non-empty list of"
-    )
-    return Rule(check, f"{size} {items}")
-
-
-def interval(lo: float, hi: float | None, lo_open: bool = False) -> Rule:
-    """[low, high] with lo (<) <= low <= high <= hi."""
-    bound = number(lo, hi, lo_open=lo_open)
-
-    def check(v: object) -> bool:
-        return (
-            isinstance(v, list) and len(v) == 2 and all(bound.check(x) for x in v) and v[0] <= v[1]
-        )
-
-    return Rule(check, f"[low, high] with low <= high, both {_range_words(lo, hi, lo_open, False)}")
-
-
-BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
-TEXT = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
-TEXTS = list_of(TEXT, min_len=0)
-POSITIVE = number(0, lo_open=True)
-NON_NEGATIVE = number(0)
-PROBABILITY = number(0, 1)
-FRACTION = number(0, 1, lo_open=True, hi_open=True)
-NODE = Rule(lambda v: False, "a config node (keys under it), as in the shipped configs")
-
-
-def _is_dotted_path(v: object) -> bool:
-    return isinstance(v, str) and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", v) is not None
-
-
-def _locate(path: str) -> Callable[..., Any] | None:
-    """The callable at ``path`` (imports the longest module prefix), or None. Like Hydra's
-    own lookup, without its error logging."""
-    parts = path.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            found: Any = importlib.import_module(".".join(parts[:i]))
-            for attr in parts[i:]:
-                found = getattr(found, attr)
-        except Exception:  # ImportError, AttributeError, errors raised while importing
-            continue
-        return found if callable(found) else None
-    return None
-
-
-# Syntax only here (no imports); check_objects imports every target.
-TARGET = Rule(_is_dotted_path, "a dotted path to a Python callable (module.name)")
-
-# Key patterns (fnmatch, first match wins) -> rule. Every key of every shipped config option
-# has one (tests/test_validate.py checks); a key added with `+` that matches none must be a
-# parameter of the `_target_` it goes to.
-RULES: list[tuple[str, Rule]] = [
-    # nodes: only reached when something other than a node was put there (trainer=3)
-    *[
-        (key, NODE)
-        for key in (
-            "trainer",
-            "eval",
-            "eval.probe",
-            "data",
-            "encoder",
-            "loss",
-            "optim",
-            "device",
-            "tracker",
-            "tracker.mlflow",
-            "tracker.tensorboard",
-        )
-    ],
-    # trainer
-    ("trainer.epochs", integer(1)),
-    ("trainer.batch_size", integer(2)),  # contrastive losses need >= 2 samples per batch
-    ("trainer.seed", integer(0, 2**63 - 1)),
-    ("trainer.deterministic", BOOL),
-    ("trainer.checkpoint", BOOL),
-    ("trainer.resume", BOOL),
-    ("trainer.log_every", integer(1)),
-    ("trainer.grad_clip", NON_NEGATIVE),
-    ("trainer.devices", integer(1, 1024)),
-    ("trainer.sync_bn", BOOL),
-    ("trainer.max_restarts", integer(0, 100)),
-    ("optim.lr_scaling", choice("none", "linear", "sqrt")),
-    ("optim.reference_batch", integer(1)),
-    # evaluation
-    ("eval.knn_k", list_of(integer(1))),
-    ("eval.knn_temperature", POSITIVE),
-    ("eval.probe.weight_decays", list_of(NON_NEGATIVE)),
-    ("eval.probe.val_fraction", FRACTION),
-    ("eval.probe.max_iter", integer(1)),
-    ("eval.baselines", BOOL),
-    ("eval.every", integer(0)),
-    ("eval.monitor_bank", integer(1)),
-    ("eval.monitor_queries", integer(1)),
-    ("eval.batch_size", integer(1)),
-    ("eval.plots", BOOL),
-    ("eval.embedding_points", integer(0)),
-    ("debug", BOOL),
-    # data
-    ("data.name", TEXT),
-    ("data.root", TEXT),
-    ("data.download", BOOL),
-    ("data.channels", integer(1)),
-    ("data.image_size", integer(1)),
-    ("data.num_classes", integer(2)),
-    ("data.epochs", integer(1)),
-    # image folders and STL-10 (data=folder, data=stl10)
-    ("data.path", optional(TEXT)),
-    ("data.source.path", optional(TEXT)),
-    ("data.eval_path", optional(TEXT)),
-    ("data.source.eval_path", optional(TEXT)),
-    ("data.test_fraction", FRACTION),
-    ("data.cache", BOOL),
-    ("data.source.cache", BOOL),
-    ("data.cache_dir", optional(TEXT)),
-    ("data.source.cache_dir", optional(TEXT)),
-    ("data.workers", optional(integer(0))),
-    ("data.source.workers", optional(integer(0))),
-    ("data.extensions", list_of(TEXT)),
-    ("data.source.extensions", list_of(TEXT)),
-    ("data.max_pixels", integer(1)),
-    ("data.source.max_pixels", integer(1)),
-    ("data.pretrain_split", choice("unlabeled", "train", "train+unlabeled")),
-    ("data.source.pretrain_split", choice("unlabeled", "train", "train+unlabeled")),
-    ("data.source.image_size", integer(1)),
-    ("data.source.channels", integer(1)),
-    ("data.augment.channels", integer(1)),
-    ("data.source", NODE),
-    ("data.source.root", TEXT),
-    ("data.source.download", BOOL),
-    ("data.source.name", TEXT),
-    ("data.source.folder", TEXT),
-    ("data.source.url", Rule(lambda v: isinstance(v, str), "a string")),
-    ("data.source.extra_dirs", TEXTS),
-    ("data.source.train_files", list_of(TEXT)),
-    ("data.source.test_files", list_of(TEXT)),
-    ("data.source.label_key", TEXT),
-    ("data.source.num_classes", integer(2)),
-    ("data.source.test_fraction", FRACTION),
-    ("data.source.split_seed", integer(0)),
-    ("data.source.downloader", NODE),
-    ("data.augment", NODE),
-    ("data.mean", list_of(number())),
-    ("data.augment.mean", list_of(number())),
-    ("data.std", list_of(POSITIVE)),
-    ("data.augment.std", list_of(POSITIVE)),
-    ("data.augment.crop_scale", interval(0, 1, lo_open=True)),
-    ("data.augment.crop_ratio", interval(0, None, lo_open=True)),
-    ("data.augment.hflip", PROBABILITY),
-    ("data.augment.rotate", number(0, 180)),
-    ("data.augment.translate", number(0, 1)),
-    ("data.augment.jitter_p", PROBABILITY),
-    ("data.augment.brightness", NON_NEGATIVE),
-    ("data.augment.contrast", NON_NEGATIVE),
-    ("data.augment.saturation", NON_NEGATIVE),
-    ("data.augment.hue", number(0, 0.5)),
-    ("data.augment.grayscale_p", PROBABILITY),
-    ("data.augment.blur_p", PROBABILITY),
-    ("data.augment.blur_sigma", interval(0, None, lo_open=True)),
-    ("data.augment.solarize_p", PROBABILITY),
-    ("data.augment.local_crops", integer(0)),
-    ("data.augment.local_crop_size", optional(integer(1))),
-    ("data.augment.local_crop_scale", interval(0, 1, lo_open=True)),
-    # encoder
-    ("encoder.widths", list_of(integer(1))),
-    ("encoder.strides", list_of(integer(1))),
-    ("encoder.hidden_dims", list_of(integer(1))),
-    ("encoder.stem", choice("auto", "small", "imagenet")),
-    # loss (the method)
-    ("loss.temperature", POSITIVE),
-    ("loss.queue_size", integer(1)),
-    ("loss.momentum", number(0, 1, hi_open=True)),
-    ("loss.base_momentum", PROBABILITY),
-    ("loss.out_dim", integer(1)),
-    ("loss.projection_dim", integer(1)),
-    ("loss.key_bn_splits", integer(1)),
-    ("loss.symmetric", BOOL),
-    ("loss.margin", NON_NEGATIVE),
-    ("loss.mining", choice("hard", "semihard", "all")),
-    ("loss.positives", choice("views", "labels")),
-    ("loss.projector", NODE),
-    ("loss.predictor", NODE),
-    ("loss.*.hidden_dim", integer(1)),
-    ("loss.*.out_dim", integer(1)),
-    ("loss.*.batch_norm", BOOL),
-    # optimizer and schedule
-    ("optim.optimizer", NODE),
-    ("optim.scheduler", NODE),
-    ("optim.lr", POSITIVE),
-    ("optim.optimizer.lr", POSITIVE),
-    ("optim.optimizer.weight_decay", NON_NEGATIVE),
-    ("optim.optimizer.momentum", number(0, 1, hi_open=True)),
-    ("optim.optimizer.dampening", PROBABILITY),
-    ("optim.optimizer.nesterov", BOOL),
-    ("optim.optimizer.betas", list_of(number(0, 1, hi_open=True), length=2)),
-    ("optim.optimizer.eps", POSITIVE),
-    ("optim.optimizer.amsgrad", BOOL),
-    ("optim.optimizer.trust_coefficient", POSITIVE),
-    ("optim.optimizer.clip_lr", BOOL),
-    ("optim.optimizer.exclude_bias_and_norm", BOOL),
-    ("optim.scheduler.warmup_epochs", NON_NEGATIVE),
-    ("optim.scheduler.final_lr_ratio", PROBABILITY),
-    # device
-    ("device.type", choice("auto", "cpu", "cuda", "mps")),
-    ("device.precision", choice("fp32", "bf16")),
-    ("device.channels_last", BOOL),
-    ("device.compile", BOOL),
-    ("device.data_on_device", BOOL),
-    # trackers (tracker=[mlflow,tensorboard])
-    ("tracker.mlflow.tracking_uri", optional(TEXT)),
-    ("tracker.mlflow.experiment", TEXT),
-    ("tracker.mlflow.log_encoder", BOOL),
-    ("tracker.mlflow.timeout_s", POSITIVE),
-    ("tracker.tensorboard.projector", BOOL),
-    # Hydra's instantiation keys, anywhere
-    ("*_target_", TARGET),
-    ("*_partial_", BOOL),
-    ("*_recursive_", BOOL),
-    ("*_convert_", choice("none", "partial", "object", "all")),
-]
-
-# The config groups and the nodes the code reads directly must be present; so must every
-# trainer.* and eval.* key a shipped YAML sets (see _required).
-REQUIRED = [
-    "data",
-    "encoder",
-    "loss",
-    "optim",
-    "device",
-    "trainer",
-    "eval",
-    "debug",
+# What the code reads directly, besides the required sections' fields.
+REQUIRED_NODES = (
     "data.name",
     "data.channels",
     "data.image_size",
@@ -355,15 +65,127 @@ REQUIRED = [
     "data.augment",
     "optim.optimizer",
     "optim.scheduler",
-]
+)
 
 
-def _required() -> list[str]:
-    return REQUIRED + sorted(k for k in shipped_keys() if k.startswith(("trainer.", "eval.")))
+# --------------------------------------------------------------------------- validate
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line: key, value, what is allowed) for the first bad setting."""
+    from contrastive_cli.safety import check_targets
+
+    check_targets(cfg)
+    _walk(cfg, cfg, "")
+    for section in ("", *REQUIRED_IN):
+        types = section_types(section) or {}
+        node = cfg if not section else OmegaConf.select(cfg, section)
+        for key, tp in types.items():
+            if key not in node.keys() and not check(None, tp):  # noqa: SIM118 (no resolving)
+                _missing(f"{section}.{key}".lstrip("."), tp)
+    for key in REQUIRED_NODES:
+        if not _has(cfg, key):
+            _missing(key, None)
+    for combination in COMBINATIONS:
+        problem = combination(cfg)
+        if problem:
+            raise ConfigError(problem)
+    _check_objects(cfg)
 
 
-def rule_for(key: str) -> Rule | None:
-    return next((rule for pattern, rule in RULES if fnmatchcase(key, pattern)), None)
+def _walk(cfg: DictConfig, node: DictConfig, prefix: str) -> None:
+    """Check every key under ``node`` against its type, resolving values one by one."""
+    for key in node:
+        full = f"{prefix}{key}"
+        if full == "hydra":
+            continue
+        expected = _expected(cfg, node, prefix.rstrip("."), str(key))
+        child = node._get_node(key)
+        raw = str(child._value()) if child is not None and child._is_interpolation() else ""
+        try:
+            value = node[key]
+        except MissingMandatoryValue:
+            raise ConfigError(f"{full} has no value (???); allowed: set it, {full}=...") from None
+        except OmegaConfBaseException as e:
+            what = f"{full}={raw}" if raw else full
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"{what} cannot be resolved ({reason}); allowed: a value, or ${{key}} of an existing key"
+            ) from None
+        if isinstance(value, DictConfig) and _takes_node(expected):
+            _walk(cfg, value, f"{full}.")
+            continue
+        plain = _plain(value)
+        if not check(plain, expected):
+            source = f" (from {raw})" if raw else ""
+            raise ConfigError(
+                f"{full}={_show(plain)}{source} is not allowed; allowed: {describe(expected)}"
+            )
+
+
+def _takes_node(tp: Any) -> bool:
+    """Whether a key of this type holds a config node to descend into (an object, a section)."""
+    if _is_union(tp):
+        return any(_takes_node(a) for a in typing.get_args(tp))
+    base, meta = _parts(tp)
+    return any(isinstance(m, IsNode) for m in meta) or not _checkable(base)
+
+
+def _checkable(tp: Any) -> bool:
+    """A type the plain-value check says something about (not Any, a module or callable)."""
+    return check(object(), tp) is False  # only types that reject an arbitrary object
+
+
+def _expected(cfg: DictConfig, node: DictConfig, path: str, key: str) -> Any:
+    """The type of ``path.key``: from the constructor of the object ``node`` builds, or from
+    the schema of the section ``path``; ConfigError for a key that is neither."""
+    full = f"{path}.{key}".lstrip(".")
+    if "_target_" in node.keys():  # noqa: SIM118 - `in node` would resolve the value
+        if key in HYDRA_KEYS:
+            return HYDRA_KEYS[key]
+        target = str(node._get_node("_target_")._value())
+        params = target_types(target)
+        if params is None or key in params or "**" in params:
+            return (params or {}).get(key, Any)
+        names = ", ".join(p for p in params if p not in ("self", "**"))
+        value = _show(_plain(node._get_node(key)._value()))
+        raise ConfigError(
+            f"{full}={value} is not allowed: {target} takes no '{key}'; allowed keys: {names}"
+        )
+    types = section_types(path)
+    if types is not None and key in types:
+        return types[key]
+    if types is None and isinstance(node._get_node(key), DictConfig):
+        return Any  # an object node in a container of them (tracker.mlflow)
+    raise ConfigError(
+        f"{full} is not allowed: contrast has no setting {full}{_suggest(cfg, full)}; "
+        "see `contrast train --cfg job` for the settings"
+    )
+
+
+def _has(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node.keys()  # noqa: SIM118 (no resolving)
+
+
+def _missing(key: str, tp: Any) -> None:
+    from contrastive_cli.config import config_groups
+
+    options = config_groups().get(key)
+    if options:
+        allowed = f"{key}=<option>, one of {', '.join(options)}"
+    else:
+        allowed = describe(tp) if tp is not None else "the key, with a value"
+    raise ConfigError(f"{key} is missing (deleted with ~{key}?); allowed: {allowed}")
+
+
+def _suggest(cfg: DictConfig, key: str) -> str:
+    def keys(node: Any, prefix: str) -> list[str]:
+        if not isinstance(node, DictConfig):
+            return [prefix[:-1]]
+        return [k for name in node for k in keys(node._get_node(name), f"{prefix}{name}.")]
+
+    close = difflib.get_close_matches(key, [k for k in keys(cfg, "") if k != key], n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 # --------------------------------------------------------------------------- combinations
@@ -431,11 +253,10 @@ def _shape_is_the_datasets(cfg: DictConfig) -> str | None:
     """A built-in dataset's channels and image size are facts about its files; only a loader
     that converts images (one taking ``channels``/``image_size``, like data=folder) lets a
     user choose them. The shipped YAML of that dataset says what they are."""
-    loader = _locate(str(_get(cfg, "data.source._target_") or ""))
+    params = target_types(str(_get(cfg, "data.source._target_") or ""))
     shipped = CONF_DIR / "data" / f"{_get(cfg, 'data.name')}.yaml"
-    if loader is None or not shipped.is_file():
+    if params is None or not shipped.is_file():
         return None
-    params = inspect.signature(loader).parameters
     default = OmegaConf.load(shipped)
     for key in ("channels", "image_size"):
         value, fixed = _get(cfg, f"data.{key}"), default.get(key)
@@ -468,52 +289,7 @@ COMBINATIONS: list[Callable[[DictConfig], str | None]] = [
 ]
 
 
-# --------------------------------------------------------------------------- validate
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError (one line: key, value, what is allowed) for the first bad setting.
-
-    First of all, every ``_target_`` must be one contrast ships for its slot (nothing else is
-    imported, not even to read its signature; see ``contrastive_cli.safety``)."""
-    from contrastive_cli.safety import check_targets
-
-    check_targets(cfg)
-    for key in REQUIRED:
-        if "." not in key and not _has(cfg, key):
-            _missing(key)
-    for key, value, raw in _leaves(cfg):
-        rule = rule_for(key)
-        if rule is None and key in shipped_keys():
-            # A key a shipped YAML has but RULES lacks (a new setting): tests fail on it
-            # (test_every_key_of_every_option_has_a_rule), runs go on unchecked.
-            log.warning(f"warning: {key} has no validation rule; add one to RULES in {__name__}")
-        elif rule is None:
-            _check_unknown_key(cfg, key, value)
-        elif not rule.check(value):
-            source = f" (from {raw})" if raw else ""
-            raise ConfigError(
-                f"{key}={_show(value)}{source} is not allowed; allowed: {rule.allowed}"
-            )
-    for key in _required():
-        if not _has(cfg, key):
-            _missing(key)
-    for combination in COMBINATIONS:
-        problem = combination(cfg)
-        if problem:
-            raise ConfigError(problem)
-    _check_objects(cfg)
-
-
-def _missing(key: str) -> None:
-    from contrastive_cli.config import config_groups
-
-    rule, options = rule_for(key), config_groups().get(key)
-    if options:
-        allowed = f"{key}=<option>, one of {', '.join(options)}"
-    else:
-        allowed = rule.allowed if rule is not None and rule is not NODE else "the key, with a value"
-    raise ConfigError(f"{key} is missing (deleted with ~{key}?); allowed: {allowed}")
-
-
+# --------------------------------------------------------------------------- data, objects
 def check_data(cfg: DictConfig, data: ImageData) -> None:
     """What can only be checked once the data is loaded (called right after loading)."""
     n, batch = len(data.pretrain), cfg.trainer.batch_size
@@ -538,99 +314,6 @@ def check_data(cfg: DictConfig, data: ImageData) -> None:
                 f"trainer.batch_size={batch} is not allowed with loss.positives=labels; allowed: "
                 f">= {2 * data.num_classes} (2 x the {data.num_classes} classes of data={cfg.data.name})"
             )
-
-
-@functools.cache
-def shipped_keys() -> frozenset[str]:
-    """Every dotted key that some shipped YAML file sets (``loss.queue_size``, ...)."""
-    from contrastive_cli.config import CONF_DIR, config_groups
-
-    def flat(node: object, prefix: str) -> Iterator[str]:
-        if isinstance(node, DictConfig):
-            for k in node:
-                yield from flat(node._get_node(k), f"{prefix}{k}.")
-        else:
-            yield prefix[:-1]
-
-    keys: set[str] = set()
-    root = OmegaConf.load(CONF_DIR / "config.yaml")
-    for k in root:
-        if k not in ("defaults", "hydra"):
-            keys.update(flat(root._get_node(k), f"{k}."))
-    for group, options in config_groups().items():
-        for option in options:
-            keys.update(flat(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"), f"{group}."))
-    return frozenset(key for key in keys if not key.startswith("defaults"))
-
-
-def _has(cfg: DictConfig, key: str) -> bool:
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
-    return isinstance(node, DictConfig) and leaf in node
-
-
-def _leaves(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
-    """(dotted key, resolved plain value, the interpolation it came from or "")."""
-    for key in node:
-        full = f"{prefix}{key}"
-        if full == "hydra":
-            continue
-        raw = ""
-        child = node._get_node(key)
-        if child is not None and child._is_interpolation():
-            raw = str(child._value())
-        try:
-            value = node[key]
-            if isinstance(value, ListConfig):
-                value = OmegaConf.to_container(value, resolve=True)
-        except MissingMandatoryValue:
-            raise ConfigError(f"{full} has no value (???); allowed: set it, {full}=...") from None
-        except OmegaConfBaseException as e:
-            what = f"{full}={raw}" if raw else full
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(
-                f"{what} cannot be resolved ({reason}); allowed: a value, or ${{key}} of an existing key"
-            ) from None
-        if isinstance(value, DictConfig):
-            yield from _leaves(value, f"{full}.")
-        else:
-            yield full, value, raw
-
-
-def _check_unknown_key(cfg: DictConfig, key: str, value: Any) -> None:
-    """A key no rule covers (added with +): fine only if its ``_target_`` takes it."""
-    parent_key, _, name = key.rpartition(".")
-    parent = _get(cfg, parent_key) if parent_key else cfg
-    target = parent.get("_target_") if isinstance(parent, DictConfig) else None
-    found = _locate(target) if _is_dotted_path(target) else None
-    if found is not None:
-        try:
-            params = inspect.signature(found).parameters
-        except (TypeError, ValueError):  # no signature to read: let the target decide
-            return
-        if name in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return
-        names = ", ".join(p for p in params if p not in ("self", "args", "kwargs"))
-        raise ConfigError(
-            f"{key}={_show(value)} is not allowed: {target} takes no '{name}'; allowed keys: {names}"
-        )
-    raise ConfigError(
-        f"{key}={_show(value)} is not allowed: contrast has no setting {key}"
-        f"{_suggest(cfg, key)}; see `contrast train --cfg job` for the settings"
-    )
-
-
-def _suggest(cfg: DictConfig, key: str) -> str:
-    keys = [k for k, _, _ in _leaves_quiet(cfg) if k != key]
-    close = difflib.get_close_matches(key, keys, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
-def _leaves_quiet(cfg: DictConfig) -> list[tuple[str, Any, str]]:
-    try:
-        return list(_leaves(cfg))
-    except ConfigError:
-        return []
 
 
 def _check_objects(cfg: DictConfig) -> None:
@@ -659,10 +342,12 @@ def _check_objects(cfg: DictConfig) -> None:
         ) as e:
             raise ConfigError(f"{what} {problem}: {_reason(e)}") from None
 
-    for key, value, _ in _leaves(cfg):
-        if key.endswith("_target_") and _locate(value) is None:
+    for slot, _ in _slots(cfg):  # allowed by now; one of one's own may still not import
+        target = OmegaConf.select(cfg, f"{slot}._target_")
+        if slot != "hydra" and not slot.startswith("hydra.") and target_types(target) is None:
             raise ConfigError(
-                f"{key}={_show(value)} is not allowed; allowed: an importable Python callable"
+                f"{slot}._target_={_show(target)} is not allowed; allowed: an importable "
+                "Python callable"
             )
     c, size = cfg.data.channels, cfg.data.image_size
     built("device", lambda: build(cfg.device))

@@ -7,11 +7,19 @@ import string
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from contrastive_cli.config import compose, config_groups
 from contrastive_cli.errors import UserError
-from contrastive_cli.validate import _leaves, check_command_line
+from contrastive_cli.validate import check_command_line
+
+
+def _flat(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        return {
+            k: v for key, child in node.items() for k, v in _flat(child, f"{prefix}{key}.").items()
+        }
+    return {prefix[:-1]: node}
 
 
 def _real_settings() -> dict[str, object]:
@@ -22,7 +30,7 @@ def _real_settings() -> dict[str, object]:
             cfg = compose([f"{group}={option}"])
             with open_dict(cfg):
                 cfg.pop("hydra", None)
-            found.update((key, value) for key, value, _ in _leaves(cfg))
+            found.update(_flat(OmegaConf.to_container(cfg, resolve=True)))
     return dict(sorted(found.items()))
 
 

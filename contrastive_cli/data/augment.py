@@ -17,12 +17,23 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from contrastive_cli.errors import ConfigError
+from contrastive_cli.schema import (
+    Count,
+    Length,
+    NonNegative,
+    Ordered,
+    Positive,
+    PositiveInt,
+    Probability,
+    Range,
+)
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
@@ -70,26 +81,29 @@ class Augment:
 
     def __init__(
         self,
-        mean: Sequence[float],
-        std: Sequence[float],
-        crop_scale: Sequence[float] = (0.2, 1.0),
-        crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
-        hflip: float = 0.5,
-        rotate: float = 0.0,
-        translate: float = 0.0,
-        jitter_p: float = 0.8,
-        brightness: float = 0.4,
-        contrast: float = 0.4,
-        saturation: float = 0.4,
-        hue: float = 0.1,
-        grayscale_p: float = 0.2,
-        blur_p: float = 0.0,
-        blur_sigma: Sequence[float] = (0.1, 2.0),
-        solarize_p: float = 0.0,
-        channels: int | None = None,
-        local_crops: int = 0,
-        local_crop_size: int | None = None,
-        local_crop_scale: Sequence[float] = (0.05, 0.4),
+        mean: Annotated[Sequence[float], Length()],
+        std: Annotated[Sequence[Positive], Length()],
+        crop_scale: Annotated[Sequence[float], Ordered(), Range(0, 1, low_open=True)] = (0.2, 1.0),
+        crop_ratio: Annotated[Sequence[float], Ordered(), Range(0, low_open=True)] = (3 / 4, 4 / 3),
+        hflip: Probability = 0.5,
+        rotate: Annotated[float, Range(0, 180)] = 0.0,
+        translate: Annotated[float, Range(0, 1)] = 0.0,
+        jitter_p: Probability = 0.8,
+        brightness: NonNegative = 0.4,
+        contrast: NonNegative = 0.4,
+        saturation: NonNegative = 0.4,
+        hue: Annotated[float, Range(0, 0.5)] = 0.1,
+        grayscale_p: Probability = 0.2,
+        blur_p: Probability = 0.0,
+        blur_sigma: Annotated[Sequence[float], Ordered(), Range(0, low_open=True)] = (0.1, 2.0),
+        solarize_p: Probability = 0.0,
+        channels: PositiveInt | None = None,
+        local_crops: Count = 0,
+        local_crop_size: PositiveInt | None = None,
+        local_crop_scale: Annotated[Sequence[float], Ordered(), Range(0, 1, low_open=True)] = (
+            0.05,
+            0.4,
+        ),
     ):
         if len(mean) != len(std):
             raise ConfigError(

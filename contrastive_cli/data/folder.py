@@ -27,6 +27,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from torch import Tensor
 from contrastive_cli.data.datasets import ImageData, Split, stratified_test_mask
 from contrastive_cli.data.files import MAX_PIXELS, MODES, ImageFiles, probe
 from contrastive_cli.errors import ConfigError, DataError
+from contrastive_cli.schema import Count, Fraction, Length, PositiveInt, Text
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "contrast-folder-cache-v1"  # bump when decoding changes what a file becomes
@@ -44,15 +46,15 @@ SHOW = 3  # unreadable files named in the warning
 
 
 def load_folder(
-    path: str | None,
-    eval_path: str | None = None,
-    image_size: int = 64,
-    channels: int = 3,
+    path: Text | None,
+    eval_path: Text | None = None,
+    image_size: PositiveInt = 64,
+    channels: Literal[1, 3] = 3,
     cache: bool = False,
-    cache_dir: str | None = None,
-    workers: int | None = None,
-    test_fraction: float = 0.2,
-    extensions: Sequence[str] = (
+    cache_dir: Text | None = None,
+    workers: Count | None = None,
+    test_fraction: Fraction = 0.2,
+    extensions: Annotated[Sequence[Text], Length()] = (
         "jpg",
         "jpeg",
         "jfif",
@@ -67,7 +69,7 @@ def load_folder(
         "pbm",
         "pnm",
     ),
-    max_pixels: int = MAX_PIXELS,
+    max_pixels: PositiveInt = MAX_PIXELS,
 ) -> ImageData:
     """The images under ``path`` (and ``eval_path``), as the module docstring describes."""
     _check(image_size, channels, test_fraction, workers)

@@ -13,15 +13,17 @@ import pickle
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 
 from contrastive_cli.data.datasets import ImageData, Split, stratified_test_mask
 from contrastive_cli.errors import ConfigError, DataError
+from contrastive_cli.schema import Count, Fraction, Length, Range, Text
 
 
-def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> ImageData:
+def load_digits(test_fraction: Fraction = 0.2, split_seed: Count = 0) -> ImageData:
     """scikit-learn's 8x8 digits (1,797 images, ships with the package; no download).
 
     The data has no official split; a stratified ``test_fraction`` is held out with a fixed
@@ -77,12 +79,12 @@ def _find(name: str, dirs: Sequence[Path]) -> Path | None:
 
 
 def load_idx_dataset(
-    root: str,
+    root: Text,
     download: bool,
-    folder: str,
-    name: str,
+    folder: Text,
+    name: Text,
     downloader: Callable[..., object] | None = None,
-    extra_dirs: Sequence[str] = (),
+    extra_dirs: Sequence[Text] = (),
     url: str = "",
 ) -> ImageData:
     """MNIST or Fashion-MNIST from ``root/<folder>/raw`` (torchvision's layout),
@@ -167,14 +169,14 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
 
 
 def load_cifar(
-    root: str,
+    root: Text,
     download: bool,
-    folder: str,
-    name: str,
-    train_files: Sequence[str],
-    test_files: Sequence[str],
-    label_key: str,
-    num_classes: int,
+    folder: Text,
+    name: Text,
+    train_files: Annotated[Sequence[Text], Length()],
+    test_files: Annotated[Sequence[Text], Length()],
+    label_key: Text,
+    num_classes: Annotated[int, Range(2)],
     downloader: Callable[..., object] | None = None,
     url: str = "",
 ) -> ImageData:
@@ -249,11 +251,11 @@ def _read_stl10_images(path: Path) -> torch.Tensor:
 
 
 def load_stl10(
-    root: str,
+    root: Text,
     download: bool,
-    name: str,
-    folder: str = "stl10_binary",
-    pretrain_split: str = "unlabeled",
+    name: Text,
+    folder: Text = "stl10_binary",
+    pretrain_split: Literal["unlabeled", "train", "train+unlabeled"] = "unlabeled",
     downloader: Callable[..., object] | None = None,
     url: str = "",
 ) -> ImageData:

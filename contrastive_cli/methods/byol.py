@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from contrastive_cli.losses.byol import byol_loss
 from contrastive_cli.methods.momentum import cosine_momentum, frozen_copy, update_momentum
+from contrastive_cli.schema import PositiveInt, Probability
 
 
 class BYOL(nn.Module):
@@ -17,8 +18,8 @@ class BYOL(nn.Module):
         encoder: nn.Module,
         projector: Callable[[int], nn.Module],
         predictor: Callable[[int], nn.Module],
-        projection_dim: int = 256,
-        base_momentum: float = 0.996,
+        projection_dim: PositiveInt = 256,
+        base_momentum: Probability = 0.996,
     ):
         super().__init__()
         self.encoder = encoder

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.moco import moco_infonce
 from contrastive_cli.methods.momentum import frozen_copy, update_momentum
+from contrastive_cli.schema import Momentum, Positive, PositiveInt
 
 
 class KeyQueue(nn.Module):
@@ -38,11 +39,11 @@ class MoCo(nn.Module):
         self,
         encoder: nn.Module,
         projector: Callable[[int], nn.Module],
-        temperature: float = 0.2,
-        queue_size: int = 4096,
-        momentum: float = 0.99,
-        out_dim: int = 128,
-        key_bn_splits: int = 4,
+        temperature: Positive = 0.2,
+        queue_size: PositiveInt = 4096,
+        momentum: Momentum = 0.99,
+        out_dim: PositiveInt = 128,
+        key_bn_splits: PositiveInt = 4,
         symmetric: bool = False,
         gather: Gather = all_gather,  # the identity in one process
     ):

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.ntxent import nt_xent
+from contrastive_cli.schema import Positive
 
 
 class SimCLR(nn.Module):
@@ -16,7 +17,7 @@ class SimCLR(nn.Module):
         self,
         encoder: nn.Module,
         projector: Callable[[int], nn.Module],
-        temperature: float = 0.5,
+        temperature: Positive = 0.5,
         gather: Gather = all_gather,  # the identity in one process
     ):
         super().__init__()

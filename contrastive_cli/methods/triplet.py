@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.triplet import Mining, triplet_loss
+from contrastive_cli.schema import NonNegative
 
 
 class Triplet(nn.Module):
@@ -19,9 +21,9 @@ class Triplet(nn.Module):
         self,
         encoder: nn.Module,
         projector: Callable[[int], nn.Module],
-        margin: float = 0.2,
+        margin: NonNegative = 0.2,
         mining: Mining = "semihard",
-        positives: str = "views",
+        positives: Literal["views", "labels"] = "views",
         gather: Gather = all_gather,  # the identity in one process
     ):
         super().__init__()

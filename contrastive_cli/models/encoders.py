@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
+from contrastive_cli.schema import Length, PositiveInt
+
 
 class MLP(nn.Module):
     """Flattened pixels through fully connected layers with BatchNorm and ReLU."""
 
-    def __init__(self, in_channels: int, image_size: int, hidden_dims: Sequence[int] = (512, 512)):
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        hidden_dims: Annotated[Sequence[PositiveInt], Length()] = (512, 512),
+    ):
         super().__init__()
         dims = [in_channels * image_size * image_size, *hidden_dims]
         layers: list[nn.Module] = [nn.Flatten()]
@@ -41,8 +49,8 @@ class ConvNet(nn.Module):
         self,
         in_channels: int,
         image_size: int,
-        widths: Sequence[int] = (32, 64, 128, 256),
-        strides: Sequence[int] = (2, 2, 2, 2),
+        widths: Annotated[Sequence[PositiveInt], Length()] = (32, 64, 128, 256),
+        strides: Annotated[Sequence[PositiveInt], Length()] = (2, 2, 2, 2),
     ):
         super().__init__()
         if len(widths) != len(strides):
@@ -72,7 +80,9 @@ class ResNet18(nn.Module):
     max-pool are replaced by a 3x3/1 conv, as in the SimCLR and MoCo CIFAR recipes.
     """
 
-    def __init__(self, in_channels: int, image_size: int, stem: str = "auto"):
+    def __init__(
+        self, in_channels: int, image_size: int, stem: Literal["auto", "small", "imagenet"] = "auto"
+    ):
         super().__init__()
         if stem not in ("auto", "small", "imagenet"):
             raise ValueError(f"encoder.stem must be auto, small or imagenet, got {stem!r}")

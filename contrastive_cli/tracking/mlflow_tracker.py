@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from contrastive_cli.schema import Positive, Text
 from contrastive_cli.tracking import (
     EmbeddingSample,
     TrackingUnavailable,
@@ -68,10 +69,10 @@ class MlflowTracker:
 
     def __init__(
         self,
-        tracking_uri: str | None = None,
-        experiment: str = "contrast",
+        tracking_uri: Text | None = None,
+        experiment: Text = "contrast",
         log_encoder: bool = False,
-        timeout_s: float = 10.0,
+        timeout_s: Positive = 10.0,
     ):
         require("mlflow", self.name)
         self.tracking_uri = tracking_uri
