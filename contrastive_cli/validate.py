@@ -295,7 +295,7 @@ RULES: list[tuple[str, Rule]] = [
     ("optim.scheduler.final_lr_ratio", PROBABILITY),
     # device
     ("device.type", choice("auto", "cpu", "cuda", "mps")),
-    ("device.precision", choice("fp32", "bf16")),
+    ("device.precision", choice("auto", "bf16", "fp32")),
     ("device.channels_last", BOOL),
     ("device.compile", BOOL),
     ("device.data_on_device", BOOL),
