@@ -20,13 +20,19 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from contrastive_cli.baselines import BaselineCache, baseline_keys, cache_dir
 from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from contrastive_cli.config import build
 from contrastive_cli.data.batches import Batches, derive_seed
 from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
 from contrastive_cli.errors import ConfigError, DataError, Diverged, RunExists
-from contrastive_cli.evaluate import KnnMonitor, evaluate_protocol, extract_features
+from contrastive_cli.evaluate import (
+    PROTOCOL_VERSION,
+    KnnMonitor,
+    evaluate_protocol,
+    extract_features,
+)
 from contrastive_cli.report import MetricsLog, results_table, versions, write_json
 from contrastive_cli.rundirs import Run
 from contrastive_cli.signals import GracefulStop, Interrupted
@@ -98,12 +104,29 @@ def evaluate_encoder(
     augment: Any,
     runtime: Runtime,
     seed: int,
-) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, bool]]:
     """The evaluation protocol for ``encoder`` and, when ``eval.baselines``, for raw pixels and
-    the same encoder freshly initialised from ``seed`` (its weights before training)."""
+    the same encoder freshly initialised from ``seed`` (its weights before training).
+
+    Returns (metrics, baselines, {baseline: whether it came from the cache}). With
+    ``eval.cache_baselines`` a baseline computed once for the same data, settings and
+    encoder config is read from the cache (``contrastive_cli.baselines``) instead.
+    """
     assert data.train is not None and data.test is not None
+    cache, keys, cached = None, None, {}
+    if cfg.eval.baselines and cfg.eval.get("cache_baselines", True):
+        encoder_config = OmegaConf.to_container(cfg.encoder, resolve=True)
+        keys = baseline_keys(cfg, data, runtime, seed, encoder_config, PROTOCOL_VERSION)
+        cache = BaselineCache(cache_dir()) if keys is not None else None
+    if cache is not None and keys is not None:
+        for name in ("raw_pixels", "random_init"):
+            start = time.perf_counter()
+            found = cache.get(name, keys[name])
+            if found is not None:
+                cached[name] = found | {"seconds": time.perf_counter() - start}
+                log.info(f"{name} baseline: from the cache ({cache.path(name, keys[name])})")
     encoders = {"trained": encoder}
-    if cfg.eval.baselines:
+    if cfg.eval.baselines and "random_init" not in cached:
         memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
         encoders["random_init"] = build_encoder(cfg, seed).to(
             runtime.device, memory_format=memory_format
@@ -119,11 +142,20 @@ def evaluate_encoder(
         runtime.device,
         OmegaConf.to_container(cfg.eval),
         seed,
-        pixels=cfg.eval.baselines,
+        pixels=cfg.eval.baselines and "raw_pixels" not in cached,
         channels_last=runtime.channels_last,
         autocast=runtime.autocast,
     )
-    return evaluated.pop("trained"), evaluated
+    metrics = evaluated.pop("trained")
+    if cache is not None and keys is not None:
+        for name, result in evaluated.items():
+            cache.put(name, keys[name], {k: v for k, v in result.items() if k != "seconds"})
+    baselines = {
+        name: cached.get(name) or evaluated[name]
+        for name in ("raw_pixels", "random_init")
+        if name in cached or name in evaluated
+    }
+    return metrics, baselines, {name: name in cached for name in baselines}
 
 
 def plot_embedding_of(
@@ -386,8 +418,8 @@ def _run(
     }
     eval_start = time.perf_counter()
     if data.labelled:
-        results["metrics"], results["baselines"] = evaluate_encoder(
-            cfg, encoder, data, augment, runtime, t.seed
+        results["metrics"], results["baselines"], results["baselines_from_cache"] = (
+            evaluate_encoder(cfg, encoder, data, augment, runtime, t.seed)
         )
     else:
         results["eval_skipped"] = "the data has no labels: k-NN and the linear probe are skipped"

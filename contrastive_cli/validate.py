@@ -190,6 +190,7 @@ RULES: list[tuple[str, Rule]] = [
     ("eval.probe.val_fraction", FRACTION),
     ("eval.probe.max_iter", integer(1)),
     ("eval.baselines", BOOL),
+    ("eval.cache_baselines", BOOL),
     ("eval.every", integer(0)),
     ("eval.monitor_bank", integer(1)),
     ("eval.monitor_queries", integer(1)),

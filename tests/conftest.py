@@ -90,3 +90,10 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _empty_baseline_cache(tmp_path_factory, monkeypatch):
+    """Every test starts with an empty baseline cache of its own (``CONTRAST_CACHE``, inherited
+    by ``run_cli``'s subprocesses): nothing is read from or written to ~/.cache."""
+    monkeypatch.setenv("CONTRAST_CACHE", str(tmp_path_factory.mktemp("contrast-cache")))
