@@ -80,7 +80,8 @@ def cpu_flags() -> set[str]:
     return flags
 
 
-def _device_has_native_bf16(device: torch.device) -> bool:
+def device_has_native_bf16(device: torch.device) -> bool:
+    """``native_bf16`` for this process's device (CUDA capability, this CPU's flags)."""
     if device.type == "cuda":
         return native_bf16("cuda", cuda_capability=torch.cuda.get_device_capability(device))
     if device.type == "cpu":
@@ -125,7 +126,7 @@ def resolve_device(
         )
     device = torch.device(type)
     wants_bf16 = precision == "bf16" or (precision == "auto" and type == "cuda")
-    autocast = wants_bf16 and _device_has_native_bf16(device)
+    autocast = wants_bf16 and device_has_native_bf16(device)
     if wants_bf16 and not autocast:
         log.info(f"device.precision={precision}: {type} has no native bf16 here; running float32")
     return Runtime(
