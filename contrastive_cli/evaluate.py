@@ -167,11 +167,15 @@ class ProbeBasis:
 
     @staticmethod
     def of(x: Tensor, whiten: bool) -> ProbeBasis:
-        mean, std = _moments(x)
         if not whiten:
+            mean, std = _moments(x)
             return ProbeBasis(mean, std, None, None, x.new_ones(x.shape[1]))
-        xs = (x - mean) / std
-        s, u = torch.linalg.eigh((xs.T @ xs).double() / len(x))
+        mean = x.mean(0, keepdim=True)
+        centred = x - mean
+        gram = centred.T @ centred  # (D, D); its diagonal gives the std without another pass
+        std = (gram.diagonal() / max(len(x) - 1, 1)).sqrt().clamp_min(1e-6)[None]
+        scale = std.T.double() * std.double()
+        s, u = torch.linalg.eigh(gram.double() / scale / len(x))  # of the standardised x
         # Null directions (constant or collinear features) keep a finite scale: any invertible
         # map gives the same optimum, this one only conditions the rest.
         s = s.clamp_min(1e-6 * float(s.max().clamp_min(1e-12)))
@@ -179,9 +183,11 @@ class ProbeBasis:
         return ProbeBasis(mean, std, rot.to(x.dtype), unrot.to(x.dtype), (1 / s).to(x.dtype))
 
     def z(self, x: Tensor) -> Tensor:
-        """(N, D) features -> (N, D) the probe's inputs."""
-        xs = (x - self.mean) / self.std
-        return xs if self.rot is None else xs @ self.rot
+        """(N, D) features -> (N, D) the probe's inputs: ((x - mean) / std) @ rot, as one
+        product with the 1 / std folded into rot's rows."""
+        if self.rot is None:
+            return (x - self.mean) / self.std
+        return (x - self.mean) @ (self.rot / self.std.T)
 
     def carry(self, v: Tensor, b: Tensor, to: ProbeBasis) -> tuple[Tensor, Tensor]:
         """(V, b) fitted in this basis -> the (V, b) in ``to`` that gives the same logits for
