@@ -14,8 +14,8 @@ R = TypeVar("R")
 
 
 def float32_math(loss: Callable[P, R]) -> Callable[P, R]:
-    """Run ``loss`` in float32 with autocast off: floating tensor arguments are upcast (their
-    gradients flow back in the caller's dtype).
+    """Run ``loss`` in float32 (or float64) with autocast off: bf16/fp16 tensor arguments are
+    upcast to float32 (their gradients flow back in the caller's dtype).
 
     Under bf16 autocast the projections arrive in bf16 (8-bit mantissa). Left to autocast,
     F.normalize would run in bf16 and the similarity product would be cast to bf16 again
@@ -37,4 +37,7 @@ def float32_math(loss: Callable[P, R]) -> Callable[P, R]:
 
 
 def _float(x: object) -> object:
-    return x.float() if isinstance(x, Tensor) and x.is_floating_point() else x
+    """bf16/fp16 -> float32; float32 and float64 stay as they are."""
+    if isinstance(x, Tensor) and x.is_floating_point():
+        return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x
