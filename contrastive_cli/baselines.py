@@ -4,7 +4,8 @@ The raw-pixel and random-init baselines do not depend on training: on Fashion-MN
 cost ~40 s and ~15 s of every run's evaluation. A result is stored under a digest of
 everything its number depends on: the train/test images and labels, the evaluation settings
 (k-NN k and T, probe settings, the seed that splits the probe's held-out part), the
-protocol version (``evaluate.PROTOCOL_VERSION``), torch's version and the device type; for
+protocol version (``evaluate.PROTOCOL_VERSION``) and a digest of the package's source (a
+changed line of code never reads a stale number), torch's version and the device type; for
 the random-init encoder also the resolved encoder config, its seed, the image shape and
 normalisation, the feature batch size and the device's precision settings.
 
@@ -16,6 +17,7 @@ that cannot be written is a warning. Neither ever fails a run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -41,6 +43,18 @@ def cache_dir() -> Path:
         return Path(root).expanduser() / "baselines"
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "contrast" / "baselines"
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 of the package's Python source: any change to the code that computes a
+    baseline (the protocol, the encoders, normalisation, the probe's split) misses the cache,
+    also where ``PROTOCOL_VERSION`` was not bumped."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def digest_images(images: Any, labels: Tensor | None) -> str | None:
@@ -137,6 +151,7 @@ def baseline_keys(
     ev = cfg.eval
     common = {
         "protocol": protocol_version,
+        "code": code_digest(),
         "images": splits,
         "num_classes": int(data.num_classes),
         "knn_k": [int(k) for k in ev.knn_k],

@@ -82,6 +82,17 @@ def test_only_changes_that_move_a_number_miss_the_cache(
             assert without_seconds(after)[name] == without_seconds(before)[name]
 
 
+def test_a_code_change_misses_the_cache(compose_cfg, monkeypatch):
+    """A stale number never survives an edit of the code that computed it, even where
+    PROTOCOL_VERSION was not bumped."""
+    from contrastive_cli import baselines
+
+    evaluate(compose_cfg)
+    assert evaluate(compose_cfg)[2] == {"raw_pixels": True, "random_init": True}
+    monkeypatch.setattr(baselines, "code_digest", lambda: "edited")
+    assert evaluate(compose_cfg)[2] == {"raw_pixels": False, "random_init": False}
+
+
 def test_different_images_miss_the_cache(compose_cfg):
     evaluate(compose_cfg)
     _, _, from_cache = evaluate(compose_cfg, "data.source.test_fraction=0.3")
