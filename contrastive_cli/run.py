@@ -113,18 +113,18 @@ def evaluate_encoder(
     encoder config is read from the cache (``contrastive_cli.baselines``) instead.
     """
     assert data.train is not None and data.test is not None
-    cache, keys, cached = None, None, {}
+    keys: dict[str, dict[str, Any]] = {}  # none: nothing is read from or written to the cache
     if cfg.eval.baselines and cfg.eval.get("cache_baselines", True):
         encoder_config = OmegaConf.to_container(cfg.encoder, resolve=True)
-        keys = baseline_keys(cfg, data, runtime, seed, encoder_config, PROTOCOL_VERSION)
-        cache = BaselineCache(cache_dir()) if keys is not None else None
-    if cache is not None and keys is not None:
-        for name in ("raw_pixels", "random_init"):
-            start = time.perf_counter()
-            found = cache.get(name, keys[name])
-            if found is not None:
-                cached[name] = found | {"seconds": time.perf_counter() - start}
-                log.info(f"{name} baseline: from the cache ({cache.path(name, keys[name])})")
+        keys = baseline_keys(cfg, data, runtime, seed, encoder_config, PROTOCOL_VERSION) or {}
+    cache = BaselineCache(cache_dir())
+    cached: dict[str, dict[str, float]] = {}
+    for name, key in keys.items():
+        start = time.perf_counter()
+        found = cache.get(name, key)
+        if found is not None:
+            cached[name] = found | {"seconds": time.perf_counter() - start}
+            log.info(f"{name} baseline: from the cache ({cache.path(name, key)})")
     encoders = {"trained": encoder}
     if cfg.eval.baselines and "random_init" not in cached:
         memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
@@ -147,11 +147,11 @@ def evaluate_encoder(
         autocast=runtime.autocast,
     )
     metrics = evaluated.pop("trained")
-    if cache is not None and keys is not None:
-        for name, result in evaluated.items():
+    for name, result in evaluated.items():
+        if name in keys:
             cache.put(name, keys[name], {k: v for k, v in result.items() if k != "seconds"})
     baselines = {
-        name: cached.get(name) or evaluated[name]
+        name: cached[name] if name in cached else evaluated[name]
         for name in ("raw_pixels", "random_init")
         if name in cached or name in evaluated
     }
