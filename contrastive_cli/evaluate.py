@@ -142,7 +142,7 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
 PROBE_ROUND = 5
 PROBE_RTOL = 7e-4
 # Whitening costs two (N, D) x (D, D) products per basis, growing as D^2: at D = 256 and 784
-# they took ~0.2 s and ~2 s against ~4 s and ~15 s of L-BFGS evaluations saved. Above this
+# they took ~0.2 s and ~2 s against ~2 s and ~10 s of L-BFGS evaluations saved. Above this
 # many features (CIFAR pixels: 3,072) the probe runs on standardised features (not measured).
 WHITEN_MAX_DIM = 1024
 
