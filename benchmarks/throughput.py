@@ -19,8 +19,11 @@ per-repeat ratios.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
     Options,
@@ -46,14 +50,13 @@ from contrastive_cli.config import build
 from contrastive_cli.data.augment import Augment
 from contrastive_cli.data.batches import InMemoryBatches, derive_seed
 from contrastive_cli.data.datasets import ImageData
-from contrastive_cli.device import Runtime
+from contrastive_cli.device import Runtime, cpu_flags, device_has_native_bf16
 from contrastive_cli.run import build_encoder, build_training, seed_everything
 from contrastive_cli.train import Hooks, Progress, train
 
 NAME = "throughput"
 TARGET_EPOCH_OVER_PURE = 1.15
 TARGET_CONVENTIONAL_OVER_OURS = 2.0
-MODES = ("contrast", "pure", "conventional")
 
 
 # --------------------------------------------------------------------------- the three feeds
@@ -214,6 +217,58 @@ def conventional_loader(
     )
 
 
+# --------------------------------------------------------------------------- FLOP/s
+def step_flops(method: torch.nn.Module, view1: Tensor, view2: Tensor, labels: Any) -> int:
+    """FLOPs of one training step's forward and backward (matrix products and convolutions,
+    as torch.utils.flop_counter counts them: 2 per multiply-add), on the eager method."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        method(view1, view2, labels).backward()
+    method.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def cpu_peak(cores: int) -> dict[str, Any]:
+    """The CPU's peak GFLOP/s, fp32 and bf16: cores x clock x FLOPs per cycle per core of the
+    widest instructions torch uses here. Assumes two FMA units per core (AMD Zen 4 runs
+    AVX-512 as two 256-bit halves: half the AVX-512 figure). bf16: AMX tiles 1024 FLOPs per
+    cycle (Intel's figure), AVX512-BF16 dot products 128; without native bf16, fp32's."""
+    flags = cpu_flags()
+    isa = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    fp32 = {"AVX512": 64, "AVX2": 32}.get(isa, 8)  # 2 FMA x lanes x 2 FLOPs
+    bf16 = 1024 if "amx_bf16" in flags else 128 if "avx512_bf16" in flags else fp32
+    ghz, source = _clock_ghz()
+    return {
+        "cores": cores,
+        "ghz": ghz,
+        "clock_source": source,
+        "isa": isa + (" + AMX-BF16" if "amx_bf16" in flags else ""),
+        "fp32_flops_per_cycle": fp32,
+        "bf16_flops_per_cycle": bf16,
+        "fp32_gflops": cores * ghz * fp32,
+        "bf16_gflops": cores * ghz * bf16,
+        "assumption": f"{cores} cores x {ghz:.2f} GHz ({source}) x {fp32} fp32 / {bf16} bf16 "
+        f"FLOPs per cycle ({isa}{', AMX' if 'amx_bf16' in flags else ''}; two FMA units "
+        "per core assumed)",
+    }
+
+
+def _clock_ghz() -> tuple[float, str]:
+    """The maximum clock when the kernel exposes it, else the current one from /proc/cpuinfo."""
+    try:
+        khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()
+        return int(khz) / 1e6, "cpuinfo_max_freq"
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":")[1]) / 1000, "/proc/cpuinfo cpu MHz"
+    except (OSError, ValueError):
+        pass
+    return 0.0, "unknown"
+
+
 # --------------------------------------------------------------------------- one loss
 def run_epoch(parts: Any, batches: Any, augment: Any, runtime: Runtime, cfg: DictConfig) -> None:
     """One (partial) epoch of the real training loop. The one place that calls ``train``."""
@@ -254,13 +309,24 @@ def measure_loss(opts: Options, loss: str, data: ImageData, steps: int) -> dict[
     loader = conventional_loader(
         data, augment, cfg, batch_size, steps, opts.workers, runtime.device
     )
+    # The pure model cost at the other precision too, where the device has native bf16.
+    precision = "bf16" if runtime.autocast else "fp32"
+    runtimes = {precision: runtime}
+    if device_has_native_bf16(runtime.device):
+        other = "fp32" if runtime.autocast else "bf16"
+        runtimes[other] = dataclasses.replace(runtime, autocast=not runtime.autocast)
+    pure_modes = {p: "pure" if p == precision else f"pure_{p}" for p in runtimes}
 
-    def feeds(n: int) -> dict[str, tuple[Any, Any]]:
-        return {
-            "contrast": (FirstSteps(parts.batches, n), augment),
-            "pure": (Replay(views, n, batch_size),) * 2,
-            "conventional": (LoaderBatches(loader, n, runtime.device), PairViews()),
+    def feeds(n: int) -> dict[str, tuple[Any, Any, Runtime]]:
+        out: dict[str, tuple[Any, Any, Runtime]] = {
+            "contrast": (FirstSteps(parts.batches, n), augment, runtime),
+            "pure": (*(Replay(views, n, batch_size),) * 2, runtime),
+            "conventional": (LoaderBatches(loader, n, runtime.device), PairViews(), runtime),
         }
+        for p, mode in pure_modes.items():
+            if mode != "pure":
+                out[mode] = (*(Replay(views, n, batch_size),) * 2, runtimes[p])
+        return out
 
     def data_path(n: int) -> None:
         """The batch stream and two augmented views, no model: what contrast adds to pure."""
@@ -271,15 +337,17 @@ def measure_loss(opts: Options, loss: str, data: ImageData, steps: int) -> dict[
 
     # Warm-up: kernels, allocator, torch.compile, the DataLoader's workers (started here and
     # kept: worker start-up is left out of the conventional time, in its favour).
-    for batches, aug in feeds(min(steps, 3)).values():
-        run_epoch(parts, batches, aug, runtime, cfg)
+    for batches, aug, rt in feeds(min(steps, 3)).values():
+        run_epoch(parts, batches, aug, rt, cfg)
     data_path(min(steps, 3))
+    v1, v2, labels = views[0]
+    flops = step_flops(parts.method, v1, v2, labels)
 
-    runs: dict[str, list[Timed]] = {m: [] for m in (*MODES, "data_path")}
+    runs: dict[str, list[Timed]] = {m: [] for m in (*feeds(0), "data_path")}
     for _ in range(opts.repeats):
-        for mode, (batches, aug) in feeds(steps).items():
+        for mode, (batches, aug, rt) in feeds(steps).items():
             runs[mode].append(
-                timed(lambda b=batches, a=aug: run_epoch(parts, b, a, runtime, cfg), runtime.device)
+                timed(lambda b=batches, a=aug, r=rt: run_epoch(parts, b, a, r, cfg), runtime.device)
             )
         runs["data_path"].append(timed(lambda: data_path(steps), runtime.device))
 
@@ -300,6 +368,17 @@ def measure_loss(opts: Options, loss: str, data: ImageData, steps: int) -> dict[
             "images_per_s": summary([images / s for s in seconds]),
             "epoch_s": summary([s / steps * len(parts.batches) for s in seconds]),
         }
+    # Achieved GFLOP/s of the training step (pure model runs) beside the CPU's peak.
+    out["flops_per_step"] = flops
+    out["gflops"] = {
+        p: summary([flops * steps / t.wall_s / 1e9 for t in runs[mode]])
+        for p, mode in pure_modes.items()
+    }
+    out["peak"] = (
+        cpu_peak(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+        if runtime.device.type == "cpu"
+        else None
+    )
     pairs = list(zip(runs["contrast"], runs["pure"], runs["conventional"], strict=True))
     out["epoch_over_pure"] = summary([c.wall_s / p.wall_s for c, p, _ in pairs])
     out["epoch_over_pure_cpu"] = summary([c.cpu_s / p.cpu_s for c, p, _ in pairs])
@@ -315,6 +394,14 @@ def measure_loss(opts: Options, loss: str, data: ImageData, steps: int) -> dict[
 
 
 # --------------------------------------------------------------------------- entry point
+def gflops_cell(r: dict[str, Any], precision: str) -> str:
+    if precision not in r["gflops"]:
+        return "-"
+    g = r["gflops"][precision]
+    peak = r["peak"][f"{precision}_gflops"] if r["peak"] else 0
+    return fmt(g, 1) + (f" ({g['median'] / peak:.1%})" if peak else "")
+
+
 def run(opts: Options) -> dict[str, Any]:
     started = machine()
     cfg = opts.config()
@@ -335,6 +422,8 @@ def run(opts: Options) -> dict[str, Any]:
                 fmt(r["conventional"]["images_per_s"], 0),
                 fmt(r["conventional_over_contrast"], 2),
                 fmt(r["data_path"]["seconds"], 1, 1000 / r["steps"]),
+                f"{r['flops_per_step'] / 1e9:.2f}",
+                *(gflops_cell(r, p) for p in ("fp32", "bf16")),
             ]
         )
     table = md_table(
@@ -348,6 +437,9 @@ def run(opts: Options) -> dict[str, Any]:
             "conventional img/s",
             "conventional / contrast",
             "data path ms/step",
+            "GFLOP/step",
+            "pure GFLOP/s fp32 (of peak)",
+            "pure GFLOP/s bf16 (of peak)",
         ],
         rows,
     )
@@ -363,6 +455,17 @@ def run(opts: Options) -> dict[str, Any]:
         "data path: the batch stream plus two augmented views per step without the model "
         "(what contrast adds to the pure model cost). 'CPU time' ratios use this process's CPU "
         "seconds instead of wall time: less sensitive to other programs on a busy machine.",
+        "GFLOP/s: the training step's matrix-product and convolution FLOPs (forward + backward, "
+        "counted once by torch.utils.flop_counter.FlopCounterMode; elementwise work is not "
+        "counted) per second of the pure model runs, at the configured precision and, where the "
+        "device has native bf16, the other one (autocast)."
+        + (
+            f" Peak: {r0['peak']['assumption']}: {r0['peak']['fp32_gflops']:,.0f} fp32 / "
+            f"{r0['peak']['bf16_gflops']:,.0f} bf16 GFLOP/s; torch used "
+            f"{torch.get_num_threads()} threads."
+            if r0["peak"]
+            else ""
+        ),
     ]
     for r in results:
         e, v = r["epoch_over_pure"]["median"], r["conventional_over_contrast"]["median"]

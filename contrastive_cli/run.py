@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive_cli import writer
+from contrastive_cli.baselines import BaselineCache, baseline_keys, cache_dir
 from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from contrastive_cli.config import build
 from contrastive_cli.data.augment import Augment
@@ -44,7 +45,12 @@ from contrastive_cli.errors import (
     RunExists,
     UserError,
 )
-from contrastive_cli.evaluate import KnnMonitor, evaluate_protocol, extract_features
+from contrastive_cli.evaluate import (
+    PROTOCOL_VERSION,
+    KnnMonitor,
+    evaluate_protocol,
+    extract_features,
+)
 from contrastive_cli.report import MetricsLog, results_table, versions
 from contrastive_cli.rundirs import Run
 from contrastive_cli.signals import GracefulStop, Interrupted
@@ -150,12 +156,29 @@ def evaluate_encoder(
     augment: Any,
     runtime: Runtime,
     seed: int,
-) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, bool]]:
     """The evaluation protocol for ``encoder`` and, when ``eval.baselines``, for raw pixels and
-    the same encoder freshly initialised from ``seed`` (its weights before training)."""
+    the same encoder freshly initialised from ``seed`` (its weights before training).
+
+    Returns (metrics, baselines, {baseline: whether it came from the cache}). With
+    ``eval.cache_baselines`` a baseline computed once for the same data, settings and
+    encoder config is read from the cache (``contrastive_cli.baselines``) instead.
+    """
     assert data.train is not None and data.test is not None
+    keys: dict[str, dict[str, Any]] = {}  # none: nothing is read from or written to the cache
+    if cfg.eval.baselines and cfg.eval.get("cache_baselines", True):
+        encoder_config = OmegaConf.to_container(cfg.encoder, resolve=True)
+        keys = baseline_keys(cfg, data, runtime, seed, encoder_config, PROTOCOL_VERSION) or {}
+    cache = BaselineCache(cache_dir())
+    cached: dict[str, dict[str, float]] = {}
+    for name, key in keys.items():
+        start = time.perf_counter()
+        found = cache.get(name, key)
+        if found is not None:
+            cached[name] = found | {"seconds": time.perf_counter() - start}
+            log.info(f"{name} baseline: from the cache ({cache.path(name, key)})")
     encoders = {"trained": encoder}
-    if cfg.eval.baselines:
+    if cfg.eval.baselines and "random_init" not in cached:
         memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
         encoders["random_init"] = build_encoder(cfg, seed).to(
             runtime.device, memory_format=memory_format
@@ -171,11 +194,20 @@ def evaluate_encoder(
         runtime.device,
         OmegaConf.to_container(cfg.eval),
         seed,
-        pixels=cfg.eval.baselines,
+        pixels=cfg.eval.baselines and "raw_pixels" not in cached,
         channels_last=runtime.channels_last,
         autocast=runtime.autocast,
     )
-    return evaluated.pop("trained"), evaluated
+    metrics = evaluated.pop("trained")
+    for name, result in evaluated.items():
+        if name in keys:
+            cache.put(name, keys[name], {k: v for k, v in result.items() if k != "seconds"})
+    baselines = {
+        name: cached[name] if name in cached else evaluated[name]
+        for name in ("raw_pixels", "random_init")
+        if name in cached or name in evaluated
+    }
+    return metrics, baselines, {name: name in cached for name in baselines}
 
 
 def embedding_sample(
@@ -752,8 +784,10 @@ def finish(
     }
     eval_start = time.perf_counter()
     if built.data.labelled:
-        results["metrics"], results["baselines"] = evaluate_encoder(
-            cfg, encoder, built.data, built.augment, built.runtime, cfg.trainer.seed
+        results["metrics"], results["baselines"], results["baselines_from_cache"] = (
+            evaluate_encoder(
+                cfg, encoder, built.data, built.augment, built.runtime, cfg.trainer.seed
+            )
         )
     else:
         results["eval_skipped"] = "the data has no labels: k-NN and the linear probe are skipped"

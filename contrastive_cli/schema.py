@@ -322,6 +322,7 @@ class Eval:
     knn_k: Annotated[list[PositiveInt], Length()]
     knn_temperature: Positive
     baselines: bool
+    cache_baselines: bool  # raw-pixel and random-init results from the cache when unchanged
     every: Count
     monitor_bank: PositiveInt
     monitor_queries: PositiveInt

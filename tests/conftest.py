@@ -90,3 +90,19 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_baseline_cache(tmp_path_factory):
+    """Nothing is read from or written to ~/.cache: ``CONTRAST_CACHE`` (inherited by
+    ``run_cli``'s subprocesses) points into the session's temp dir before any fixture of a
+    wider scope (a module's reference run) starts."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONTRAST_CACHE", str(tmp_path_factory.mktemp("contrast-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _empty_baseline_cache(_session_baseline_cache, tmp_path_factory, monkeypatch):
+    """And every test starts with an empty baseline cache of its own."""
+    monkeypatch.setenv("CONTRAST_CACHE", str(tmp_path_factory.mktemp("contrast-cache")))

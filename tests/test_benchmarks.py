@@ -68,6 +68,12 @@ def test_throughput(tmp_path):
     assert isinstance(r["meets_epoch_target"], bool) and isinstance(
         r["meets_conventional_target"], bool
     )
+    # one step of the cnn on 28x28 views: at least a million multiply-adds
+    assert r["flops_per_step"] > 1e6 and is_stat(r["gflops"]["fp32"])
+    assert r["gflops"]["fp32"]["median"] > 0
+    if r["device"].split(" ")[0] == "cpu":  # the peak is estimated for CPUs only
+        peak = r["peak"]
+        assert peak["fp32_gflops"] > 0 and peak["bf16_gflops"] >= peak["fp32_gflops"]
 
 
 def test_evaluation(tmp_path):

@@ -7,14 +7,18 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from contrastive_cli.evaluate import (
     KnnMonitor,
+    ProbeBasis,
     evaluate_features,
     extract_features,
+    fit_logistic,
     knn_predict,
     linear_probe,
+    logistic_objective,
     pixel_features,
 )
 
@@ -46,7 +50,7 @@ def naive_knn(
     return preds
 
 
-@pytest.mark.parametrize("t", [0.05, 0.1, 1.0])
+@pytest.mark.parametrize("t", [0.005, 0.05, 0.1, 1.0])
 def test_knn_equals_naive_for_several_k_including_more_than_the_bank(t):
     train, test = torch.randn(40, 6, generator=gen(0)), torch.randn(25, 6, generator=gen(1))
     labels = torch.randint(0, 4, (40,), generator=gen(2))
@@ -67,6 +71,23 @@ def test_knn_votes_are_weighted_by_exp_similarity_over_t():
     assert knn_predict(bank, labels, query, 2, (3,), 10.0)[3].item() == 1
 
 
+def test_knn_small_temperature_does_not_overflow():
+    """exp(sim / T) exceeds float32's range (3.4e38, exp(88.7)) once sim / T > 88.7: at
+    T = 0.005 every neighbour closer than 0.44 weighs inf and the vote ties. The weights are
+    exp((sim - 1) / T) instead: the same ratios, at most 1."""
+    t = 0.005
+    deg = torch.tensor([0.0, 8.0, 9.0, 25.0, 40.0]).deg2rad()
+    bank = torch.stack([deg.cos(), deg.sin()], 1)
+    labels = torch.tensor([2, 1, 1, 0, 0])
+    query = torch.tensor([[1.0, 0.0]])
+    assert (bank @ query.T).min() / t > 88.8  # every exp(sim / T) would be inf in float32
+    # The nearest (class 2) outweighs two neighbours of class 1 at 8 and 9 degrees:
+    # exp((cos 8 - 1) / T) + exp((cos 9 - 1) / T) = 0.14 + 0.09 < 1.
+    assert naive_knn(bank, labels, query, 3, 5, t) == [2]
+    assert knn_predict(bank, labels, query, 3, (5,), t)[5].tolist() == [2]
+    assert knn_predict(bank, labels, query, 3, (5,), 1.0)[5].tolist() == [1]  # ~ majority
+
+
 def test_knn_ignores_feature_norms():
     train, test = torch.randn(30, 5, generator=gen(0)), torch.randn(10, 5, generator=gen(1))
     labels = torch.randint(0, 3, (30,), generator=gen(2))
@@ -84,6 +105,67 @@ def blobs(
     y = torch.arange(n) % num_classes
     centres = torch.eye(num_classes, dim) * 5
     return centres[y] + spread * torch.randn(n, dim, generator=gen(seed)), y
+
+
+def correlated(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features mixed by a random matrix (an ill-conditioned covariance, like real features),
+    one constant column, labels from a noisy linear rule."""
+    g = gen(seed)
+    x = torch.randn(n, dim, generator=g) @ (
+        torch.randn(dim, dim, generator=g) * 0.1 + torch.eye(dim)
+    )
+    x[:, 0] = 3.0  # constant: standardised to 0, a null direction of the covariance
+    y = (x[:, 1:4] + 0.5 * torch.randn(n, 3, generator=g)).argmax(1)
+    return x, y
+
+
+def test_logistic_objective_equals_naive_cross_entropy_and_autograd_gradient():
+    z, y = correlated(40, 6, seed=0)
+    v = torch.randn(3, 6, generator=gen(1), dtype=torch.float64)
+    b = torch.randn(3, generator=gen(2), dtype=torch.float64)
+    l2 = torch.rand(6, generator=gen(3), dtype=torch.float64)
+    z = z.double()
+    loss, dv, db = logistic_objective(z, y, v, b, l2)
+    naive = 0.0
+    for z_n, y_n in zip(z.tolist(), y.tolist(), strict=True):
+        logits = [sum(v[k, j].item() * z_n[j] for j in range(6)) + b[k].item() for k in range(3)]
+        naive += -logits[y_n] + math.log(sum(math.exp(c) for c in logits))
+    naive = naive / len(z) + 0.5 * sum(
+        l2[j].item() * v[k, j].item() ** 2 for k in range(3) for j in range(6)
+    )
+    assert math.isclose(loss.item(), naive, rel_tol=1e-12)
+    va, ba = v.clone().requires_grad_(), b.clone().requires_grad_()
+    (F.cross_entropy(z @ va.T + ba, y) + 0.5 * (l2 * va * va).sum()).backward()
+    assert torch.allclose(dv, va.grad, atol=1e-12) and torch.allclose(db, ba.grad, atol=1e-12)
+
+
+def test_whitened_fit_reaches_the_same_optimum_as_on_standardised_features():
+    """The whitened basis is a change of variables with the L2 term carried over: fitted to
+    convergence, both give one weight on the standardised features and the same logits."""
+    x, y = correlated(300, 8, seed=4)
+    x = x.double()
+    fits = {}
+    for whiten in (False, True):
+        basis = ProbeBasis.of(x, whiten)
+        v, b = fit_logistic(basis.z(x), y, 3, 1e-2 * basis.penalty, max_iter=2000, rtol=0.0)
+        w = v if basis.rot is None else v @ basis.rot.T
+        fits[whiten] = (w, b, basis.z(x) @ v.T + b)
+    assert torch.allclose(fits[True][0], fits[False][0], atol=1e-3)  # weights ~1
+    assert torch.allclose(fits[True][2], fits[False][2], atol=1e-3)
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_basis_carry_keeps_every_logit(whiten):
+    """The refit starts from the held-out fit carried to the all-train basis: the same logits
+    for any input, whatever the two bases' means, scales and rotations."""
+    x, _ = correlated(200, 5, seed=5)
+    x = x.double()
+    part, whole = ProbeBasis.of(x[:120], whiten), ProbeBasis.of(x, whiten)
+    v = torch.randn(3, 5, generator=gen(6), dtype=torch.float64)
+    b = torch.randn(3, generator=gen(7), dtype=torch.float64)
+    v2, b2 = part.carry(v, b, to=whole)
+    probe = torch.randn(50, 5, generator=gen(8), dtype=torch.float64) * 3
+    assert torch.allclose(part.z(probe) @ v.T + b, whole.z(probe) @ v2.T + b2, atol=1e-9)
 
 
 def test_probe_reaches_full_accuracy_on_linearly_separable_features():

@@ -163,6 +163,31 @@ def test_byol_loss_sends_no_gradient_to_the_target():
     assert p.grad is not None and z.grad is None
 
 
+# --------------------------------------------------------------------------- under autocast
+@pytest.mark.parametrize("loss", ["ntxent", "moco", "byol"])
+def test_losses_compute_in_float32_under_cpu_bf16_autocast(loss):
+    """bf16 projections (as autocast's linear layers return them), positives nearly parallel
+    (cosines near 1, where bf16 steps are 0.004): inside autocast the loss must still equal
+    the float64 reference of those bf16 values to float32 precision."""
+    z1 = randn(16, 32, seed=0).bfloat16()
+    z2 = (z1.double() + 0.05 * randn(16, 32, seed=1)).bfloat16()
+    queue = randn(64, 32, seed=2).bfloat16()
+    t = 0.07
+    cases = {
+        "ntxent": (lambda: nt_xent(z1, z2, t), lambda: naive_nt_xent(z1.double(), z2.double(), t)),
+        "moco": (
+            lambda: moco_infonce(z1, z2, queue, t),
+            lambda: naive_moco(z1.double(), z2.double(), queue.double(), t),
+        ),
+        "byol": (lambda: byol_loss(z1, z2), lambda: naive_byol(z1.double(), z2.double())),
+    }
+    compute, reference = cases[loss]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = compute()
+    assert value.dtype == torch.float32
+    assert math.isclose(value.item(), reference(), rel_tol=1e-5, abs_tol=1e-6)
+
+
 # --------------------------------------------------------------------------- triplet
 def naive_triplet(e: Tensor, ids: list[int], margin: float, mining: str) -> float:
     """FaceNet's hinge on squared distances of unit vectors, with Hermans et al.'s batch-hard,

@@ -164,7 +164,9 @@ def main(args: list[str]) -> int:
     load_weights(encoder, read_weights(weights), weights)
     encoder.to(runtime.device)
     augment = build(cfg.data.augment)
-    metrics, baselines = evaluate_encoder(cfg, encoder, data, augment, runtime, cfg.trainer.seed)
+    metrics, baselines, from_cache = evaluate_encoder(
+        cfg, encoder, data, augment, runtime, cfg.trainer.seed
+    )
     results = {
         "status": "completed",
         "encoder_file": str(weights),
@@ -173,6 +175,7 @@ def main(args: list[str]) -> int:
         "loss": choices.get("loss", "trained"),
         "metrics": metrics,
         "baselines": baselines,
+        "baselines_from_cache": from_cache,
         "device": runtime.describe(),
         "overrides": ns.overrides,
     }

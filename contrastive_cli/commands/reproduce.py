@@ -79,6 +79,7 @@ def main(args: list[str]) -> int:
     cfg = original.config()
     with open_dict(cfg):
         cfg.trainer.resume = False
+        cfg.eval.cache_baselines = False  # recompute the baselines too: nothing is taken as given
     now = datetime.now()
     out = Path(
         claim_directory(

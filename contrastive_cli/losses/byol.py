@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from contrastive_cli.losses.precision import float32_math
 
+
+@float32_math
 def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     """Mean over rows of 2 - 2 cos(p_n, z_n): the squared distance of the unit vectors.
 

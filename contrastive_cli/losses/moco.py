@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from contrastive_cli.losses.precision import float32_math
 
+
+@float32_math
 def moco_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
     """Mean InfoNCE of queries against their keys (positives) and the queue (negatives).
 

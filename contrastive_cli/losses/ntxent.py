@@ -7,8 +7,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from contrastive_cli.distributed import Gather, local_only
+from contrastive_cli.losses.precision import float32_math
 
 
+@float32_math
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float, gather: Gather = local_only) -> Tensor:
     """Mean NT-Xent over the 2N local views.
 
