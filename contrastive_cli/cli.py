@@ -29,7 +29,7 @@ def usage() -> str:
     ]
     lines += [f"  {name:<10} {_command(name).HELP}" for name in COMMANDS]
     lines += ["", "config groups for `contrast train` (group=option):"]
-    lines += [f"  {group:<8} {', '.join(options)}" for group, options in config_groups().items()]
+    lines += [f"  {group:<12} {', '.join(options)}" for group, options in config_groups().items()]
     lines += [
         "",
         "examples:",

@@ -50,12 +50,16 @@ if not OmegaConf.has_resolver("unique_dir"):
 
 
 def config_groups() -> dict[str, list[str]]:
-    """{group: [options]} from the config folder (the Hydra internals excluded)."""
-    return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
-        for d in sorted(CONF_DIR.iterdir())
-        if d.is_dir() and d.name != "hydra" and not d.name.startswith("_")
-    }
+    """{group: [options]} from the config folder, nested groups as ``data/augment``; Hydra's
+    own settings and files starting with ``_`` (bases other options extend) excluded."""
+    groups = {}
+    for d in sorted(CONF_DIR.rglob("*")):
+        name = d.relative_to(CONF_DIR).as_posix()
+        if d.is_dir() and not name.startswith(("hydra", "_")):
+            options = sorted(p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_"))
+            if options:
+                groups[name] = options
+    return groups
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

@@ -67,16 +67,17 @@ def _slots(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 @functools.cache
 def shipped_targets() -> dict[str, frozenset[str]]:
     """{slot: the targets shipped options put there}, read from the package's conf/."""
-    from contrastive_cli.config import CONF_DIR, config_groups
+    from contrastive_cli.config import CONF_DIR
 
     found: dict[str, set[str]] = {}
     root = OmegaConf.load(CONF_DIR / "config.yaml")
     with_prefix: list[tuple[str, Any]] = [
         ("", OmegaConf.masked_copy(root, [k for k in root if k not in ("hydra", "defaults")]))
     ]
-    for group, options in config_groups().items():
-        for option in options:
-            with_prefix.append((f"{group}.", OmegaConf.load(CONF_DIR / group / f"{option}.yaml")))
+    for path in sorted(CONF_DIR.rglob("*.yaml")):  # every option, and the bases they extend
+        group = path.parent.relative_to(CONF_DIR).as_posix()
+        if group != "." and not group.startswith("hydra"):
+            with_prefix.append((group.replace("/", ".") + ".", OmegaConf.load(path)))
     for prefix, cfg in with_prefix:
         for slot, target in _slots(cfg, prefix):
             found.setdefault(slot, set()).add(str(target))

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
 
 from contrastive_cli.config import build, config_groups
 from contrastive_cli.device import Runtime
@@ -15,6 +16,7 @@ from tests.fakes import write_cifar, write_mnist
 
 GROUPS = {
     "data": ["cifar10", "cifar100", "digits", "fashion_mnist", "folder", "mnist", "stl10"],
+    "data/augment": ["color", "color_blur", "digits", "gray", "gray_upright"],
     "device": ["auto", "cpu", "cuda", "mps"],
     "encoder": ["cnn", "mlp", "resnet18"],
     "loss": ["byol", "moco", "ntxent", "triplet"],
@@ -39,15 +41,16 @@ def test_the_config_groups_and_their_options():
 @pytest.mark.parametrize("group,option", OPTIONS)
 def test_every_option_composes(compose_cfg, group, option):
     cfg = compose_cfg(f"{group}={option}")
-    node = cfg[group]
+    node = OmegaConf.select(cfg, group.replace("/", "."))
     targets = {
         "data": lambda: [node.source._target_, node.augment._target_],
         "optim": lambda: [node.optimizer._target_, node.scheduler._target_],
         "tracker": lambda: [node[option]._target_],  # tracker.mlflow: a list may hold several
     }.get(group, lambda: [node._target_])()
     assert all(targets)
-    defaults = {g for g in GROUPS if g != "tracker"}  # no tracker unless one is chosen
-    assert set(cfg) == {*defaults, group, "trainer", "eval", "debug"}  # no group added or lost
+    defaults = {g for g in GROUPS if g != "tracker" and "/" not in g}  # no tracker unless chosen
+    top = group.split("/")[0]
+    assert set(cfg) == {*defaults, top, "trainer", "eval", "debug"}  # no group added or lost
 
 
 def test_several_trackers_at_once(compose_cfg):

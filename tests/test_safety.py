@@ -5,7 +5,6 @@ at random and records every import Hydra's instantiation machinery makes."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -102,21 +101,29 @@ replacement = st.one_of(
 
 
 class ImportRecorder:
-    """Records every importlib.import_module call (Hydra's _locate imports targets with it)."""
+    """Records every dotted path Hydra is asked to import: ``hydra._internal.utils._locate``
+    is what ``instantiate`` and ``get_object`` call for a ``_target_`` (and what validation
+    uses to read a target's signature), before any import happens."""
 
     def __init__(self, monkeypatch):
+        import hydra._internal.instantiate._instantiate2 as instantiate_module
+        import hydra._internal.utils as hydra_utils
+        import hydra.utils as public_utils
+
         self.names: list[str] = []
-        original = importlib.import_module
+        original = hydra_utils._locate
 
-        def recording(name, package=None):
-            self.names.append(name)
-            return original(name, package)
+        def recording(path: str):
+            self.names.append(path)
+            return original(path)
 
-        monkeypatch.setattr(importlib, "import_module", recording)
+        monkeypatch.setattr(hydra_utils, "_locate", recording)
+        monkeypatch.setattr(instantiate_module, "_locate", recording)
+        monkeypatch.setattr(public_utils, "_locate", recording)
 
     def outside_the_allowlist(self) -> list[str]:
-        allowed = [t for ts in allowed_targets().values() for t in ts]
-        return [n for n in self.names if not any(t == n or t.startswith(n + ".") for t in allowed)]
+        allowed = {t for ts in allowed_targets().values() for t in ts}
+        return [n for n in self.names if n not in allowed]
 
 
 @pytest.fixture
@@ -135,12 +142,28 @@ BASE = _base_config()
 PATHS = _paths(BASE)
 
 
+def _get(node, path):
+    for key in path:
+        node = node[key]
+    return node
+
+
+# Where an attack does the most: the object slots themselves and their _target_ strings.
+SLOTS = [p for p in PATHS if isinstance(_get(BASE, p), dict) and "_target_" in _get(BASE, p)]
+TARGETS = [(*p, "_target_") for p in SLOTS]
+mutation = st.one_of(
+    st.tuples(st.sampled_from(PATHS), replacement),
+    st.tuples(st.sampled_from(SLOTS), target_node),
+    st.tuples(st.sampled_from(TARGETS), st.sampled_from(PAYLOADS)),
+)
+
+
 @settings(
     max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(mutations=st.lists(st.tuples(st.sampled_from(PATHS), replacement), min_size=1, max_size=3))
+@given(mutations=st.lists(mutation, min_size=1, max_size=3))
 def test_no_mutated_run_config_imports_anything_outside_the_allowlist(
     tmp_path, monkeypatch, payload_module, mutations
 ):
