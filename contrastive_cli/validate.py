@@ -32,16 +32,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from contrastive_cli.config import CONF_DIR
 from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.safety import _slots
-from contrastive_cli.schema import (
-    REQUIRED_IN,
-    IsNode,
-    _is_union,
-    _parts,
-    check,
-    describe,
-    section_types,
-    target_types,
-)
+from contrastive_cli.schema import REQUIRED_IN, is_plain, problem, section_types, target_types
 
 if TYPE_CHECKING:
     from contrastive_cli.data.datasets import ImageData
@@ -54,18 +45,8 @@ HYDRA_KEYS = {
     "_convert_": typing.Literal["none", "partial", "object", "all"],
     "_args_": list,
 }
-
-
 # What the code reads directly, besides the required sections' fields.
-REQUIRED_NODES = (
-    "data.name",
-    "data.channels",
-    "data.image_size",
-    "data.source",
-    "data.augment",
-    "optim.optimizer",
-    "optim.scheduler",
-)
+REQUIRED_NODES = ("data.name", "data.channels", "data.image_size", "data.source", "data.augment")
 
 
 # --------------------------------------------------------------------------- validate
@@ -75,24 +56,23 @@ def validate(cfg: DictConfig) -> None:
 
     check_targets(cfg)
     _walk(cfg, cfg, "")
-    for section in ("", *REQUIRED_IN):
-        types = section_types(section) or {}
-        node = cfg if not section else OmegaConf.select(cfg, section)
-        for key, tp in types.items():
-            if key not in node.keys() and not check(None, tp):  # noqa: SIM118 (no resolving)
+    for section in REQUIRED_IN:
+        node = OmegaConf.select(cfg, section) if section else cfg
+        for key, tp in (section_types(section) or {}).items():
+            if key not in node.keys() and problem(None, tp):  # noqa: SIM118 (no resolving)
                 _missing(f"{section}.{key}".lstrip("."), tp)
     for key in REQUIRED_NODES:
         if not _has(cfg, key):
             _missing(key, None)
     for combination in COMBINATIONS:
-        problem = combination(cfg)
-        if problem:
-            raise ConfigError(problem)
+        if message := combination(cfg):
+            raise ConfigError(message)
     _check_objects(cfg)
 
 
 def _walk(cfg: DictConfig, node: DictConfig, prefix: str) -> None:
-    """Check every key under ``node`` against its type, resolving values one by one."""
+    """Check every key under ``node`` against its type, resolving values one by one; a node
+    (a section, an object) is walked in turn unless a plain value belongs there."""
     for key in node:
         full = f"{prefix}{key}"
         if full == "hydra":
@@ -110,28 +90,13 @@ def _walk(cfg: DictConfig, node: DictConfig, prefix: str) -> None:
             raise ConfigError(
                 f"{what} cannot be resolved ({reason}); allowed: a value, or ${{key}} of an existing key"
             ) from None
-        if isinstance(value, DictConfig) and _takes_node(expected):
+        if isinstance(value, DictConfig) and not is_plain(expected):
             _walk(cfg, value, f"{full}.")
-            continue
-        plain = _plain(value)
-        if not check(plain, expected):
+        elif allowed := problem(_plain(value), expected):
             source = f" (from {raw})" if raw else ""
             raise ConfigError(
-                f"{full}={_show(plain)}{source} is not allowed; allowed: {describe(expected)}"
+                f"{full}={_show(_plain(value))}{source} is not allowed; allowed: {allowed}"
             )
-
-
-def _takes_node(tp: Any) -> bool:
-    """Whether a key of this type holds a config node to descend into (an object, a section)."""
-    if _is_union(tp):
-        return any(_takes_node(a) for a in typing.get_args(tp))
-    base, meta = _parts(tp)
-    return any(isinstance(m, IsNode) for m in meta) or not _checkable(base)
-
-
-def _checkable(tp: Any) -> bool:
-    """A type the plain-value check says something about (not Any, a module or callable)."""
-    return check(object(), tp) is False  # only types that reject an arbitrary object
 
 
 def _expected(cfg: DictConfig, node: DictConfig, path: str, key: str) -> Any:
@@ -174,7 +139,7 @@ def _missing(key: str, tp: Any) -> None:
     if options:
         allowed = f"{key}=<option>, one of {', '.join(options)}"
     else:
-        allowed = describe(tp) if tp is not None else "the key, with a value"
+        allowed = f"{key}=<value>, as in `contrast train --cfg job`"
     raise ConfigError(f"{key} is missing (deleted with ~{key}?); allowed: {allowed}")
 
 
@@ -651,11 +616,11 @@ def check_output_dir(cfg: DictConfig, key: str) -> None:
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    problem = None
+    why = None
     if not existing.is_dir():
-        problem = f"{existing} is not a folder"
+        why = f"{existing} is not a folder"
     elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"{existing} is not writable"
-    if problem:
+        why = f"{existing} is not writable"
+    if why:
         shown = raw if raw == literal else f"{literal}..."
-        raise UserError(f"cannot create the run directory {shown} ({key}): {problem}")
+        raise UserError(f"cannot create the run directory {shown} ({key}): {why}")

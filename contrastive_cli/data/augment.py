@@ -21,18 +21,19 @@ from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Interval
 from torch import Tensor
 
 from contrastive_cli.errors import ConfigError
 from contrastive_cli.schema import (
+    AreaRange,
     Count,
-    Length,
+    NonEmpty,
     NonNegative,
-    Ordered,
     Positive,
     PositiveInt,
+    PositiveRange,
     Probability,
-    Range,
 )
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
@@ -81,29 +82,26 @@ class Augment:
 
     def __init__(
         self,
-        mean: Annotated[Sequence[float], Length()],
-        std: Annotated[Sequence[Positive], Length()],
-        crop_scale: Annotated[Sequence[float], Ordered(), Range(0, 1, low_open=True)] = (0.2, 1.0),
-        crop_ratio: Annotated[Sequence[float], Ordered(), Range(0, low_open=True)] = (3 / 4, 4 / 3),
+        mean: Annotated[Sequence[float], NonEmpty],
+        std: Annotated[Sequence[Positive], NonEmpty],
+        crop_scale: AreaRange = (0.2, 1.0),
+        crop_ratio: PositiveRange = (3 / 4, 4 / 3),
         hflip: Probability = 0.5,
-        rotate: Annotated[float, Range(0, 180)] = 0.0,
-        translate: Annotated[float, Range(0, 1)] = 0.0,
+        rotate: Annotated[float, Interval(ge=0, le=180)] = 0.0,
+        translate: Probability = 0.0,
         jitter_p: Probability = 0.8,
         brightness: NonNegative = 0.4,
         contrast: NonNegative = 0.4,
         saturation: NonNegative = 0.4,
-        hue: Annotated[float, Range(0, 0.5)] = 0.1,
+        hue: Annotated[float, Interval(ge=0, le=0.5)] = 0.1,
         grayscale_p: Probability = 0.2,
         blur_p: Probability = 0.0,
-        blur_sigma: Annotated[Sequence[float], Ordered(), Range(0, low_open=True)] = (0.1, 2.0),
+        blur_sigma: PositiveRange = (0.1, 2.0),
         solarize_p: Probability = 0.0,
         channels: PositiveInt | None = None,
         local_crops: Count = 0,
         local_crop_size: PositiveInt | None = None,
-        local_crop_scale: Annotated[Sequence[float], Ordered(), Range(0, 1, low_open=True)] = (
-            0.05,
-            0.4,
-        ),
+        local_crop_scale: AreaRange = (0.05, 0.4),
     ):
         if len(mean) != len(std):
             raise ConfigError(

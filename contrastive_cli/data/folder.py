@@ -38,7 +38,7 @@ from torch import Tensor
 from contrastive_cli.data.datasets import ImageData, Split, stratified_test_mask
 from contrastive_cli.data.files import MAX_PIXELS, MODES, ImageFiles, probe
 from contrastive_cli.errors import ConfigError, DataError
-from contrastive_cli.schema import Count, Fraction, Length, PositiveInt, Text
+from contrastive_cli.schema import Count, Fraction, NonEmpty, PositiveInt, Text
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "contrast-folder-cache-v1"  # bump when decoding changes what a file becomes
@@ -54,7 +54,7 @@ def load_folder(
     cache_dir: Text | None = None,
     workers: Count | None = None,
     test_fraction: Fraction = 0.2,
-    extensions: Annotated[Sequence[Text], Length()] = (
+    extensions: Annotated[Sequence[Text], NonEmpty] = (
         "jpg",
         "jpeg",
         "jfif",

@@ -17,10 +17,11 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from annotated_types import Ge
 
 from contrastive_cli.data.datasets import ImageData, Split, stratified_test_mask
 from contrastive_cli.errors import ConfigError, DataError
-from contrastive_cli.schema import Count, Fraction, Length, Range, Text
+from contrastive_cli.schema import Count, Fraction, NonEmpty, Text
 
 
 def load_digits(test_fraction: Fraction = 0.2, split_seed: Count = 0) -> ImageData:
@@ -173,10 +174,10 @@ def load_cifar(
     download: bool,
     folder: Text,
     name: Text,
-    train_files: Annotated[Sequence[Text], Length()],
-    test_files: Annotated[Sequence[Text], Length()],
+    train_files: Annotated[Sequence[Text], NonEmpty],
+    test_files: Annotated[Sequence[Text], NonEmpty],
     label_key: Text,
-    num_classes: Annotated[int, Range(2)],
+    num_classes: Annotated[int, Ge(2)],
     downloader: Callable[..., object] | None = None,
     url: str = "",
 ) -> ImageData:

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from contrastive_cli.schema import Length, PositiveInt
+from contrastive_cli.schema import NonEmpty, PositiveInt
 
 
 class MLP(nn.Module):
@@ -20,7 +20,7 @@ class MLP(nn.Module):
         self,
         in_channels: int,
         image_size: int,
-        hidden_dims: Annotated[Sequence[PositiveInt], Length()] = (512, 512),
+        hidden_dims: Annotated[Sequence[PositiveInt], NonEmpty] = (512, 512),
     ):
         super().__init__()
         dims = [in_channels * image_size * image_size, *hidden_dims]
@@ -49,8 +49,8 @@ class ConvNet(nn.Module):
         self,
         in_channels: int,
         image_size: int,
-        widths: Annotated[Sequence[PositiveInt], Length()] = (32, 64, 128, 256),
-        strides: Annotated[Sequence[PositiveInt], Length()] = (2, 2, 2, 2),
+        widths: Annotated[Sequence[PositiveInt], NonEmpty] = (32, 64, 128, 256),
+        strides: Annotated[Sequence[PositiveInt], NonEmpty] = (2, 2, 2, 2),
     ):
         super().__init__()
         if len(widths) != len(strides):
