@@ -83,7 +83,7 @@ class Replay:
     def __init__(
         self, views: list[tuple[Tensor, Tensor, Tensor | None]], steps: int, batch_size: int
     ):
-        self.views, self.steps, self.batch_size = views, steps, batch_size
+        self.stored, self.steps, self.batch_size = views, steps, batch_size
         self._next = itertools.cycle(v for v1, v2, _ in views for v in (v1, v2))
 
     def __len__(self) -> int:
@@ -91,7 +91,7 @@ class Replay:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
         for i in range(start, self.steps):
-            v1, _, labels = self.views[i % len(self.views)]
+            v1, _, labels = self.stored[i % len(self.stored)]
             yield v1, labels
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
@@ -223,7 +223,7 @@ def step_flops(method: torch.nn.Module, view1: Tensor, view2: Tensor, labels: An
     as torch.utils.flop_counter counts them: 2 per multiply-add), on the eager method."""
     counter = FlopCounterMode(display=False)
     with counter:
-        method(view1, view2, labels).backward()
+        method([view1, view2], labels).backward()
     method.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 

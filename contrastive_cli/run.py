@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
@@ -53,6 +53,7 @@ from contrastive_cli.evaluate import (
 )
 from contrastive_cli.report import MetricsLog, results_table, versions
 from contrastive_cli.rundirs import Run
+from contrastive_cli.schedule import set_total_steps
 from contrastive_cli.signals import GracefulStop, Interrupted
 from contrastive_cli.tracking import EmbeddingSample, Trackers, build_trackers
 from contrastive_cli.train import Hooks, Progress, progress_from_state, train
@@ -430,6 +431,14 @@ class RunFiles:
     def metrics(self, keep_epochs: int) -> MetricsLog | None:
         return MetricsLog(self.file("metrics.jsonl"), keep_epochs) if self.writes else None
 
+    def config(self, cfg: DictConfig) -> None:
+        """Rewrite the saved configs (resolved and interpolated) with ``cfg``'s values."""
+        if self.writes:
+            for name, resolve in (("config.yaml", True), ("config_unresolved.yaml", False)):
+                if (self.path / ".hydra" / name).exists():
+                    text = OmegaConf.to_yaml(cfg, resolve=resolve)
+                    writer.write_text_atomic(self.file(Path(".hydra") / name), text)
+
     def results(self, results: dict[str, Any]) -> None:
         if self.writes:
             writer.write_json(self.file("results.json"), results)
@@ -666,9 +675,44 @@ def _run(
             },
         )
 
-    def end_epoch(progress: Progress, record: dict) -> None:
+    def end_epoch(progress: Progress, record: dict) -> int | None:
+        """Monitor, log and checkpoint (rank 0); the epoch count trainer.time_budget fixes."""
+        nonlocal digest
+        if built.monitor is not None and (
+            progress.epoch % cfg.eval.every == 0 or progress.epoch == t.epochs
+        ):
+            record["knn"] = built.monitor(method.encoder)
+        epochs = None
+        if (budget := t.time_budget) is not None and progress.epoch == 1:
+            first = time.time() - started_training  # training and monitoring
+            epochs = _fit_to_budget(budget, first, dist)
+            with open_dict(cfg):
+                cfg.trainer.epochs, cfg.trainer.time_budget = epochs, None
+            resolved["trainer"].update(epochs=epochs, time_budget=None)
+            digest = training_digest(resolved)
+            set_total_steps(scheduler, epochs * len(batches))
+            summary["epochs"] = epochs
+            if dist.main:  # what reproduce reruns: this many epochs, no budget to measure
+                files.config(cfg)
+                log.info(
+                    f"trainer.time_budget={budget}: the first epoch took {first:.0f} s, so "
+                    f"{epochs} epochs (now in .hydra/config.yaml)"
+                )
         if not dist.main:  # one process monitors, logs and saves; the others train on
-            return
+            return epochs
+        assert metrics_log is not None
+        metrics_log.append(record)
+        trackers.log_epoch(record)
+        left = (t.epochs - progress.epoch) * progress.train_seconds / max(progress.epoch, 1)
+        log.info(
+            f"epoch {record['epoch']}/{t.epochs}  step {record['step']}  loss {record['loss']:.4f}  "
+            f"lr {record['lr']:.2e}  {record['images_per_s']:,.0f} img/s"
+            + (f"  knn {record['knn']:.4f}" if "knn" in record else "")
+            + (f"  ~{_duration(left)} of training left" if progress.epoch < t.epochs else "")
+        )
+        if t.checkpoint:
+            save(progress)
+        return epochs
         if built.monitor is not None and (
             progress.epoch % cfg.eval.every == 0 or progress.epoch == t.epochs
         ):
@@ -685,6 +729,7 @@ def _run(
         )
         if t.checkpoint:
             save(progress)
+        return epochs
 
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -731,6 +776,7 @@ def _run(
         log_step=trackers.log_step,
     )
     stop.graceful = True
+    started_training = time.time()
     try:
         progress = train(
             method,
@@ -759,6 +805,25 @@ def _run(
     return finish(
         cfg, built, files, choices, summary, progress, metrics_log.records(), started, trackers
     )
+
+
+def _fit_to_budget(budget: str | float, first_epoch_s: float, dist: Dist) -> int:
+    """How many epochs fit ``trainer.time_budget`` ('15m', '90s', '1h' or seconds), timed on
+    the first epoch (training and monitoring); the same number on every process."""
+    from contrastive_cli.distributed import reduce_flags
+
+    seconds = parse_duration(budget)
+    epochs = max(1, int(seconds // max(first_epoch_s, 1e-9)))
+    agreed = reduce_flags(torch.tensor([float(epochs) if dist.main else 0.0]))
+    return int(agreed.item())
+
+
+def parse_duration(text: str | float) -> float:
+    """'15m' -> 900.0, '90s' -> 90.0, '1.5h' -> 5400.0, 600 -> 600.0."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    value, unit = float(text[:-1]) if text[-1] in "smh" else float(text), text[-1]
+    return value * {"s": 1, "m": 60, "h": 3600}.get(unit, 1)
 
 
 def finish(

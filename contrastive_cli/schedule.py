@@ -40,3 +40,20 @@ def warmup_cosine(
 ) -> LambdaLR:
     warmup = min(round(warmup_epochs * steps_per_epoch), steps_per_epoch * epochs)
     return LambdaLR(optimizer, WarmupCosine(warmup, steps_per_epoch * epochs, final_lr_ratio))
+
+
+def set_total_steps(scheduler: LambdaLR, total_steps: int) -> None:
+    """Make ``scheduler`` end after ``total_steps`` (``trainer.time_budget`` fixes the
+    length once the first epoch is timed). The warmup is unchanged; steps already taken keep
+    the rates they had."""
+    lambdas = [f for f in getattr(scheduler, "lr_lambdas", []) if hasattr(f, "total_steps")]
+    if not lambdas:
+        from contrastive_cli.errors import ConfigError
+
+        raise ConfigError(
+            "trainer.time_budget is not allowed with this optim.scheduler: it needs a schedule "
+            "that can be told its length; allowed: contrastive_cli.schedule.warmup_cosine"
+        )
+    for f in lambdas:
+        f.total_steps = total_steps
+        f.warmup_steps = min(f.warmup_steps, total_steps)

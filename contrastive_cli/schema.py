@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,12 @@ def _ordered(pair: Sequence[float]) -> Sequence[float]:
     if len(pair) != 2 or pair[0] > pair[1]:
         raise ValueError("a [low, high] pair with low <= high")
     return pair
+
+
+def _duration(text: str) -> str:
+    if not re.fullmatch(r"\d+(\.\d+)?[smh]", text) or float(text[:-1]) <= 0:
+        raise ValueError("a duration such as 15m, 90s or 1.5h, or a number of seconds")
+    return text
 
 
 # The vocabulary the package's signatures use.
@@ -183,6 +190,7 @@ class Trainer:
     resume: bool
     log_every: PositiveInt
     grad_clip: NonNegative
+    time_budget: Annotated[str, AfterValidator(_duration)] | Positive | None
     devices: Annotated[int, Interval(ge=1, le=1024)]
     sync_bn: bool
     max_restarts: Annotated[int, Interval(ge=0, le=100)]

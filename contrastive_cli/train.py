@@ -66,7 +66,8 @@ def epoch_record(progress: Progress, steps_per_epoch: int, batch_size: int, lr: 
 class Hooks:
     """What the loop calls out to; run.py supplies them."""
 
-    end_epoch: Callable[[Progress, dict], None]  # monitor, log, checkpoint
+    # monitor, log, checkpoint; may return a new total of epochs (trainer.time_budget)
+    end_epoch: Callable[[Progress, dict], int | None]
     save: Callable[[Progress], None]  # checkpoint mid-epoch (on a stop request)
     stop_requested: Callable[[], bool] = lambda: False
     interrupted: Callable[[Progress], BaseException] = lambda p: KeyboardInterrupt()
@@ -112,7 +113,8 @@ def train(
         if runtime.autocast
         else contextlib.nullcontext()
     )
-    for epoch in range(progress.epoch, epochs):
+    while progress.epoch < epochs:
+        epoch = progress.epoch
         method.train()
         losses: list[Tensor] = []
         bar = tqdm(
@@ -175,7 +177,8 @@ def train(
         )
         progress.train_seconds += progress.epoch_seconds
         progress.batch, progress.step_losses, progress.epoch_seconds = 0, [], 0.0
-        hooks.end_epoch(progress, record)
+        epochs = hooks.end_epoch(progress, record) or epochs
+        total_steps = epochs * len(batches)
     return progress
 
 
