@@ -173,3 +173,26 @@ def test_train_refuses_to_write_into_an_existing_run(reference, tmp_path):
     assert proc.returncode == 2
     assert "already holds a run" in proc.stderr and "Traceback" not in proc.stderr
     assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
+
+
+def test_a_time_budget_fixes_the_epochs_in_the_saved_config_and_reproduces(tmp_path):
+    """trainer.time_budget: the first epoch's time decides the epoch count, which replaces
+    the budget in .hydra/config.yaml, so reproduce reruns exactly that many epochs."""
+    import yaml
+
+    run = tmp_path / "run"
+    cfg = [o for o in CFG if not o.startswith("trainer.epochs")]
+    proc = run_cli(
+        ["train", *cfg, "trainer.time_budget=4s", "eval.every=0", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        check=True,
+    )
+    saved = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["trainer"]
+    epochs = len((run / "metrics.jsonl").read_text().splitlines())
+    assert saved["time_budget"] is None and saved["epochs"] == epochs >= 1
+    assert read_results(run)["epochs"] == epochs
+    assert f"so {epochs} epochs" in proc.stdout
+    again = run_cli(
+        ["reproduce", str(run), "--out", str(tmp_path / "again")], cwd=tmp_path, check=True
+    )
+    assert "identical" in again.stdout
