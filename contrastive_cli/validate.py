@@ -301,6 +301,24 @@ RULES: list[tuple[str, Rule]] = [
     ("loss.*.hidden_dim", integer(1)),
     ("loss.*.out_dim", integer(1)),
     ("loss.*.batch_norm", BOOL),
+    # methods added by issue 12
+    ("loss.head", NODE),
+    ("loss.expander", NODE),
+    ("loss.*.layers", integer(1)),
+    ("loss.*.output_batch_norm", BOOL),
+    ("loss.*.bottleneck_dim", integer(1)),
+    ("loss.*.norm_last_layer", BOOL),
+    ("loss.lambda_offdiag", NON_NEGATIVE),
+    ("loss.scale", POSITIVE),
+    ("loss.sim_coeff", NON_NEGATIVE),
+    ("loss.std_coeff", NON_NEGATIVE),
+    ("loss.cov_coeff", NON_NEGATIVE),
+    ("loss.center_momentum", number(0, 1, hi_open=True)),
+    ("loss.student_temp", POSITIVE),
+    ("loss.teacher_temp_start", POSITIVE),
+    ("loss.teacher_temp_end", POSITIVE),
+    ("loss.teacher_temp_warmup", PROBABILITY),
+    ("loss.distance", choice("euclidean", "cosine")),
     # optimizer and schedule
     ("optim.optimizer", NODE),
     ("optim.scheduler", NODE),
@@ -457,11 +475,58 @@ def _batch_splits_over_devices(cfg: DictConfig) -> str | None:
     return None
 
 
+@functools.cache
+def _loss_targets() -> dict[str, str]:
+    """{option: the method's dotted path} of every shipped ``conf/loss`` option."""
+    folder = CONF_DIR / "loss"
+    return {
+        p.stem: str(OmegaConf.load(p).get("_target_", "")) for p in sorted(folder.glob("*.yaml"))
+    }
+
+
+def _method_class(cfg: DictConfig) -> Any:
+    """The callable ``loss._target_`` names (a method class), or None."""
+    target = _get(cfg, "loss._target_")
+    return _locate(target) if _is_dotted_path(target) else None
+
+
+def _loss_choice(cfg: DictConfig) -> str:
+    """``loss=<option>`` for a shipped method, else ``loss._target_=<path>``."""
+    target = _get(cfg, "loss._target_")
+    option = next((o for o, t in _loss_targets().items() if t == target), None)
+    return f"loss={option}" if option else f"loss._target_={target}"
+
+
+def _losses_where(attribute: str, value: bool) -> str:
+    """The shipped loss options whose method class has ``attribute`` (default false) == value."""
+    options = [
+        o
+        for o, t in _loss_targets().items()
+        if bool(getattr(_locate(t), attribute, False)) == value
+    ]
+    return ", ".join(options)
+
+
+def _local_crops_need_a_method_that_uses_them(cfg: DictConfig) -> str | None:
+    """Local crops cost a forward pass each; a method whose class does not declare
+    ``uses_local_crops = True`` would ignore them, so they are refused rather than wasted."""
+    crops = _get(cfg, "data.augment.local_crops")
+    method = _method_class(cfg)
+    if not crops or method is None or getattr(method, "uses_local_crops", False):
+        return None
+    return (
+        f"data.augment.local_crops={crops} is not allowed with {_loss_choice(cfg)}, which trains on "
+        f"the two global views only; allowed: 0, or a loss that uses local crops "
+        f"(loss={_losses_where('uses_local_crops', True)})"
+    )
+
+
 COMBINATIONS: list[Callable[[DictConfig], str | None]] = [
     _batch_splits_over_devices,
     _shape_is_the_datasets,
     _queue_holds_a_step,
     _labels_as_positives,
+    _local_crops_need_a_method_that_uses_them,
     _warmup_within_training,
     _nesterov_needs_momentum,
     _widths_match_strides,
@@ -527,6 +592,12 @@ def check_data(cfg: DictConfig, data: ImageData) -> None:
         raise ConfigError(
             f"trainer.batch_size={batch} is larger than the {n} training images of "
             f"data={cfg.data.name}; allowed: at most {n}"
+        )
+    if getattr(_method_class(cfg), "needs_labels", False) and data.pretrain.labels is None:
+        raise ConfigError(
+            f"{_loss_choice(cfg)} is not allowed: data={cfg.data.name} has no labels and this "
+            f"loss trains on them; allowed: a loss that needs none (loss="
+            f"{_losses_where('needs_labels', False)}) or labelled data"
         )
     if _get(cfg, "loss.positives") == "labels":
         if data.pretrain.labels is None:
