@@ -78,6 +78,13 @@ METHODS = {
     "byol": ["loss=byol"],
     "triplet": ["loss=triplet", "loss.mining=semihard"],
     "triplet-labels": ["loss=triplet", "loss.positives=labels", "loss.mining=hard"],
+    "simsiam": ["loss=simsiam"],
+    "barlow": ["loss=barlow"],
+    "vicreg": ["loss=vicreg"],
+    "supcon": ["loss=supcon"],
+    "contrastive": ["loss=contrastive"],
+    "contrastive-labels": ["loss=contrastive", "loss.positives=labels"],
+    "dino": ["loss=dino"],  # 2 global views (local_crops=0); the centre is global
 }
 N = 16  # global batch
 
@@ -189,6 +196,14 @@ E2E = {
     # are common, and a 1e-7 rounding difference may pick another one (a jump of ~1e-4 in
     # the loss). "all" has no such choice; hard and semi-hard are exact in float64 above.
     "triplet-labels": ["loss=triplet", "loss.positives=labels", "loss.mining=all"],
+    "simsiam": ["loss=simsiam"],
+    "barlow": ["loss=barlow"],
+    "vicreg": ["loss=vicreg"],
+    "supcon": ["loss=supcon"],
+    "contrastive": ["loss=contrastive"],
+    "contrastive-labels": ["loss=contrastive", "loss.positives=labels"],
+    "dino": ["loss=dino"],
+    "dino-local-crops": ["loss=dino", "data.augment.local_crops=2"],
 }
 
 
