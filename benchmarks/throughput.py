@@ -80,7 +80,7 @@ class Replay:
     def __init__(
         self, views: list[tuple[Tensor, Tensor, Tensor | None]], steps: int, batch_size: int
     ):
-        self.views, self.steps, self.batch_size = views, steps, batch_size
+        self.stored, self.steps, self.batch_size = views, steps, batch_size
         self._next = itertools.cycle(v for v1, v2, _ in views for v in (v1, v2))
 
     def __len__(self) -> int:
@@ -88,7 +88,7 @@ class Replay:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
         for i in range(start, self.steps):
-            v1, _, labels = self.views[i % len(self.views)]
+            v1, _, labels = self.stored[i % len(self.stored)]
             yield v1, labels
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:

@@ -91,7 +91,7 @@ def test_dino_head_is_mlp_then_unit_bottleneck_then_cosine_to_unit_prototypes():
     assert head.prototypes.norm is None  # norm_last_layer: prototypes of norm 1, not learnt
     x = torch.randn(4, 6, dtype=torch.float64)
     head = head.double()
-    logits = head(x)
+    logits = head(x).detach()
     assert logits.shape == (4, 7) and head.out_dim == 7
     # Naive: logit (n, k) is the cosine of the bottleneck b_n and the prototype v_k.
     b = head.mlp(x).detach()
