@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from contrastive_cli.config import compose
+from contrastive_cli.config import compose, config_groups
 from contrastive_cli.data.datasets import ImageData, Split
 from contrastive_cli.errors import DataError
 from contrastive_cli.report import versions, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LOSSES = ("ntxent", "moco", "byol", "triplet")
+LOSSES = tuple(config_groups()["loss"])  # every conf/loss option: a new method is benchmarked too
 ORDER = ("throughput", "evaluation", "memory", "quality")  # README order
 
 

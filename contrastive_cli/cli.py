@@ -36,7 +36,7 @@ def usage() -> str:
         "  contrast train                                  digits (ships with scikit-learn), offline",
         "  contrast train loss=ntxent data=mnist",
         "  contrast train loss=moco data=fashion_mnist encoder=cnn trainer.epochs=20",
-        "  contrast train -m loss=ntxent,moco,byol,triplet",
+        f"  contrast train -m loss={','.join(config_groups()['loss'])}",
     ]
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ known once the data is loaded.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import typing
@@ -243,7 +244,59 @@ def _batch_splits_over_devices(cfg: DictConfig) -> str | None:
     return None
 
 
+@functools.cache
+def _loss_targets() -> dict[str, str]:
+    """{option: the method's dotted path} of every shipped ``conf/loss`` option."""
+    folder = CONF_DIR / "loss"
+    return {
+        p.stem: str(OmegaConf.load(p).get("_target_", "")) for p in sorted(folder.glob("*.yaml"))
+    }
+
+
+def _method_class(cfg: DictConfig) -> Any:
+    """The method class ``loss._target_`` names (allowed by now: safety ran first), or None."""
+    from hydra.utils import get_object
+
+    try:
+        return get_object(str(_get(cfg, "loss._target_")))
+    except Exception:
+        return None
+
+
+def _loss_choice(cfg: DictConfig) -> str:
+    """``loss=<option>`` for a shipped method, else ``loss._target_=<path>``."""
+    target = _get(cfg, "loss._target_")
+    option = next((o for o, t in _loss_targets().items() if t == target), None)
+    return f"loss={option}" if option else f"loss._target_={target}"
+
+
+def _losses_where(attribute: str, value: bool) -> str:
+    """The shipped loss options whose method class has ``attribute`` (default false) == value."""
+    from hydra.utils import get_object
+
+    return ", ".join(
+        o
+        for o, t in _loss_targets().items()
+        if bool(getattr(get_object(t), attribute, False)) == value
+    )
+
+
+def _local_crops_need_a_method_that_uses_them(cfg: DictConfig) -> str | None:
+    """Local crops cost a forward pass each; a method whose class does not declare
+    ``uses_local_crops = True`` would ignore them, so they are refused rather than wasted."""
+    crops = _get(cfg, "data.augment.local_crops")
+    method = _method_class(cfg)
+    if not crops or method is None or getattr(method, "uses_local_crops", False):
+        return None
+    return (
+        f"data.augment.local_crops={crops} is not allowed with {_loss_choice(cfg)}, which trains on "
+        f"the two global views only; allowed: 0, or a loss that uses local crops "
+        f"(loss={_losses_where('uses_local_crops', True)})"
+    )
+
+
 COMBINATIONS: list[Callable[[DictConfig], str | None]] = [
+    _local_crops_need_a_method_that_uses_them,
     _batch_splits_over_devices,
     _shape_is_the_datasets,
     _queue_holds_a_step,
@@ -268,6 +321,12 @@ def check_data(cfg: DictConfig, data: ImageData) -> None:
         raise ConfigError(
             f"trainer.batch_size={batch} is larger than the {n} training images of "
             f"data={cfg.data.name}; allowed: at most {n}"
+        )
+    if getattr(_method_class(cfg), "needs_labels", False) and data.pretrain.labels is None:
+        raise ConfigError(
+            f"{_loss_choice(cfg)} is not allowed: data={cfg.data.name} has no labels and this "
+            f"loss trains on them; allowed: a loss that needs none (loss="
+            f"{_losses_where('needs_labels', False)}) or labelled data"
         )
     if _get(cfg, "loss.positives") == "labels":
         if data.pretrain.labels is None:

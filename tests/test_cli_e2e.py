@@ -6,7 +6,10 @@ import json
 
 import pytest
 
+from contrastive_cli.config import config_groups
 from tests.conftest import TINY, read_results, run_cli, run_dirs
+
+LOSSES = config_groups()["loss"]  # every option in conf/loss: a new method is tested too
 
 RUN_FILES = [
     ".hydra/config.yaml",
@@ -20,7 +23,7 @@ RUN_FILES = [
 ]
 
 
-@pytest.mark.parametrize("loss", ["ntxent", "moco", "byol", "triplet"])
+@pytest.mark.parametrize("loss", LOSSES)
 def test_train_every_loss_writes_a_complete_run(tmp_path, loss):
     proc = run_cli(["train", f"loss={loss}", *TINY], cwd=tmp_path, check=True)
     [run] = run_dirs(tmp_path / "outputs")
@@ -50,6 +53,40 @@ def test_default_ntxent_beats_random_init(tmp_path):
     assert results["metrics"]["linear_top1"] > results["baselines"]["random_init"]["linear_top1"]
 
 
+# About 180 optimizer steps on digits (8 epochs at batch 64): 10-30 s a loss on 2 cores.
+LEARNS = [
+    "trainer.epochs=8",
+    "trainer.batch_size=64",
+    "eval.every=0",
+    "eval.plots=false",
+    "eval.probe.max_iter=100",
+    "eval.probe.weight_decays=[1e-4,1e-2]",
+]
+
+
+@pytest.mark.slow  # about 2-4 minutes for all the losses
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_beats_its_random_init_on_digits(tmp_path, loss):
+    """Each method at its defaults learns something real in a short run: k-NN k=200 at least
+    2 points above the same encoder randomly initialised (measured: +3.9 to +12.2), and the
+    linear probe above it too (+1.7 to +4.4; one test image is 0.28 points)."""
+    run_cli(["train", f"loss={loss}", *LEARNS], cwd=tmp_path, check=True)
+    [run] = run_dirs(tmp_path / "outputs")
+    results = read_results(run)
+    random_init = results["baselines"]["random_init"]
+    assert results["metrics"]["knn_k200"] > random_init["knn_k200"] + 0.02, results["metrics"]
+    assert results["metrics"]["linear_top1"] > random_init["linear_top1"], results["metrics"]
+
+
+def test_dino_with_local_crops_trains_end_to_end(tmp_path):
+    """Multi-crop through the real loop: 2 global views and 4 local crops of 4x4 pixels."""
+    overrides = ["loss=dino", "data.augment.local_crops=4", "data.augment.local_crop_size=4"]
+    run_cli(["train", *overrides, *TINY, "eval.baselines=false"], cwd=tmp_path, check=True)
+    [run] = run_dirs(tmp_path / "outputs")
+    results = read_results(run)
+    assert results["status"] == "completed" and 0.0 <= results["metrics"]["knn_k200"] <= 1.0
+
+
 def test_multirun_makes_one_run_dir_per_job(tmp_path):
     run_cli(["train", "-m", "loss=ntxent,triplet", *TINY], cwd=tmp_path, check=True)
     runs = run_dirs(tmp_path / "outputs" / "multirun")
@@ -77,16 +114,16 @@ def test_help_lists_groups_and_options(tmp_path):
     train_help = run_cli(["train", "--help"], cwd=tmp_path, check=True).stdout
     for text in (
         "data: cifar10, cifar100, digits, fashion_mnist, folder, mnist, stl10",
-        "loss: byol, moco, ntxent, triplet",
+        f"loss: {', '.join(LOSSES)}",
         "knn_temperature",
     ):
         assert text in train_help
 
 
 def test_unknown_option_lists_the_valid_ones(tmp_path):
-    proc = run_cli(["train", "loss=simsiam"], cwd=tmp_path)
+    proc = run_cli(["train", "loss=nonexistent"], cwd=tmp_path)
     assert proc.returncode != 0
-    assert "ntxent" in proc.stderr and "Traceback" not in proc.stderr
+    assert all(loss in proc.stderr for loss in LOSSES) and "Traceback" not in proc.stderr
 
 
 def test_missing_data_is_one_line_naming_the_files(tmp_path):

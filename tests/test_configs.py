@@ -19,7 +19,8 @@ GROUPS = {
     "data/augment": ["color", "color_blur", "digits", "gray", "gray_upright"],
     "device": ["auto", "cpu", "cuda", "mps"],
     "encoder": ["cnn", "mlp", "resnet18"],
-    "loss": ["byol", "moco", "ntxent", "triplet"],
+    # Discovered: a new method is its YAML, loss module and method module; nothing here.
+    "loss": config_groups()["loss"],
     "optim": ["adam", "lars", "sgd"],
     "tracker": ["mlflow", "tensorboard"],  # none by default; several at once: tracker=[a,b]
 }
@@ -158,6 +159,55 @@ def test_loss_defaults_are_the_papers(compose_cfg):
     assert (byol.base_momentum, byol.projector.out_dim, byol.predictor.out_dim) == (0.996, 256, 256)
     triplet = loss("triplet")
     assert (triplet.margin, triplet.mining, triplet.positives) == (0.2, "semihard", "views")
+
+
+def test_the_new_methods_defaults(compose_cfg):
+    """SimSiam: 3-layer projector with output BN, bottleneck predictor (width / 4); Barlow
+    lambda 0.0051; VICReg 25/25/1; SupCon T=0.1; DINO tau 0.996, centre 0.9, student 0.1,
+    teacher 0.04 -> 0.07, weight-normalised prototypes of norm 1; Hadsell margin 1, views."""
+    loss = lambda name: compose_cfg(f"loss={name}").loss  # noqa: E731
+    simsiam = loss("simsiam")
+    assert (simsiam.projector.layers, simsiam.projector.output_batch_norm) == (3, True)
+    assert simsiam.predictor.hidden_dim * 4 == simsiam.predictor.out_dim
+    assert simsiam.projection_dim == simsiam.projector.out_dim == simsiam.predictor.out_dim
+    barlow = loss("barlow")
+    assert (barlow.lambda_offdiag, barlow.projector.layers) == (0.0051, 3)
+    assert not barlow.projector.get("output_batch_norm", False)
+    vicreg = loss("vicreg")
+    assert (vicreg.sim_coeff, vicreg.std_coeff, vicreg.cov_coeff, vicreg.expander.layers) == (
+        25.0,
+        25.0,
+        1.0,
+        3,
+    )
+    assert loss("supcon").temperature == 0.1
+    dino = loss("dino")
+    assert (dino.base_momentum, dino.center_momentum, dino.student_temp) == (0.996, 0.9, 0.1)
+    assert (dino.teacher_temp_start, dino.teacher_temp_end) == (0.04, 0.07)
+    assert (dino.head.layers, dino.head.batch_norm, dino.head.norm_last_layer) == (3, False, True)
+    contrastive = loss("contrastive")
+    assert (contrastive.margin, contrastive.distance, contrastive.positives) == (
+        1.0,
+        "euclidean",
+        "views",
+    )
+
+
+@pytest.mark.parametrize("override", ["loss.positives=labels", "loss.distance=cosine"])
+def test_contrastive_options_build(compose_cfg, override):
+    cfg = compose_cfg("loss=contrastive", "encoder=mlp", override)
+    method = build(cfg.loss, encoder=build(cfg.encoder, in_channels=1, image_size=8))
+    assert method([torch.randn(8, 1, 8, 8)] * 2, torch.arange(8) % 2).dim() == 0
+
+
+def test_dino_builds_with_local_crops_of_the_configured_size(compose_cfg):
+    cfg = compose_cfg("loss=dino", "data.augment.local_crops=3", "data.augment.local_crop_size=4")
+    encoder = build(cfg.encoder, in_channels=1, image_size=8)
+    method, augment = build(cfg.loss, encoder=encoder), build(cfg.data.augment)
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    views = augment.views(images, torch.Generator().manual_seed(0))
+    assert [tuple(v.shape[-2:]) for v in views] == [(8, 8)] * 2 + [(4, 4)] * 3
+    assert torch.isfinite(method(views, None))
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,22 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, fa
     assert compared_values(run) == compared_values(reference)
 
 
+def test_dino_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
+    """DINO's state beyond weights (teacher, centre, the teacher temperature's clock) is in
+    its checkpoint: killed in epoch 2 and resumed from the end of epoch 1, with local crops,
+    it ends where an uninterrupted run ends."""
+    cfg = [*CFG, "loss=dino", "data.augment.local_crops=2", "eval.baselines=false"]
+    run_cli(["train", *cfg, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path, check=True)
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "tests.harness", "kill-in-step", "30", "--", "train", *cfg]
+    proc = subprocess.run(
+        [*args, f"hydra.run.dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_cli(["resume", str(run)], cwd=tmp_path, check=True)
+    assert compared_values(run) == compared_values(tmp_path / "whole")
+
+
 def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(reference, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(

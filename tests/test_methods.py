@@ -13,14 +13,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastive_cli.losses import moco_infonce, triplet_loss
+from contrastive_cli.losses import (
+    barlow_twins_loss,
+    contrastive_loss,
+    dino_loss,
+    moco_infonce,
+    supcon_loss,
+    triplet_loss,
+    vicreg_loss,
+)
+from contrastive_cli.methods.barlow import BarlowTwins
 from contrastive_cli.methods.byol import BYOL
+from contrastive_cli.methods.contrastive import Contrastive
+from contrastive_cli.methods.dino import DINO
 from contrastive_cli.methods.moco import KeyQueue, MoCo
 from contrastive_cli.methods.momentum import cosine_momentum, frozen_copy, update_momentum
 from contrastive_cli.methods.simclr import SimCLR
+from contrastive_cli.methods.simsiam import SimSiam
+from contrastive_cli.methods.supcon import SupCon
 from contrastive_cli.methods.triplet import Triplet
+from contrastive_cli.methods.vicreg import VICReg
 from contrastive_cli.models.encoders import ConvNet
-from contrastive_cli.models.heads import mlp_head
+from contrastive_cli.models.heads import DINOHead, mlp_head
 from tests.fakes import run_ranks
 
 
@@ -266,35 +280,287 @@ def test_triplet_rejects_unknown_positives():
         Triplet(Flat(), HEAD, positives="classes")
 
 
+# --------------------------------------------------------------------------- SimSiam
+def naive_negative_cosine(p: Tensor, z: Tensor) -> Tensor:
+    """mean_n -cos(p_n, z_n), a loop over rows; z is used as given (detach it for SimSiam)."""
+    terms = [-(p[n] @ z[n]) / (p[n].norm() * z[n].norm()) for n in range(p.shape[0])]
+    return torch.stack(terms).mean()
+
+
+def test_simsiam_is_the_symmetric_negative_cosine_and_no_gradient_reaches_the_targets():
+    torch.manual_seed(0)
+    method = SimSiam(Flat(), HEAD, HEAD, projection_dim=4).double()
+    v1, v2 = (v.double() for v in views(5))
+    params = list(method.parameters())
+    loss = method([v1, v2])
+    got = torch.autograd.grad(loss, params)
+
+    def naive(stop_gradient: bool) -> Tensor:
+        z1, z2 = method.projector(method.encoder(v1)), method.projector(method.encoder(v2))
+        p1, p2 = method.predictor(z1), method.predictor(z2)
+        t1, t2 = (z1.detach(), z2.detach()) if stop_gradient else (z1, z2)
+        return (naive_negative_cosine(p1, t2) + naive_negative_cosine(p2, t1)) / 2
+
+    reference = naive(stop_gradient=True)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-12)
+    for g, r in zip(got, torch.autograd.grad(reference, params), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    # Non-vacuous: letting the gradient through the targets changes the encoder's gradient.
+    through = torch.autograd.grad(naive(stop_gradient=False), params)
+    assert not torch.allclose(got[0], through[0], rtol=1e-6, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- Barlow, VICReg
+def test_barlow_and_vicreg_apply_their_loss_to_the_projections_of_both_views():
+    torch.manual_seed(0)
+    barlow = BarlowTwins(Flat(), HEAD, lambda_offdiag=0.02, scale=0.5)
+    vicreg = VICReg(Flat(), HEAD, sim_coeff=2.0, std_coeff=3.0, cov_coeff=4.0)
+    v1, v2 = views(6)
+    z = [barlow.projector(barlow.encoder(v)) for v in (v1, v2)]
+    assert barlow([v1, v2]).item() == pytest.approx(
+        barlow_twins_loss(*z, lambda_offdiag=0.02, scale=0.5).item(), rel=1e-6
+    )
+    z = [vicreg.expander(vicreg.encoder(v)) for v in (v1, v2)]
+    assert vicreg([v1, v2]).item() == pytest.approx(vicreg_loss(*z, 2.0, 3.0, 4.0).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: BarlowTwins(Flat(), HEAD, lambda_offdiag=-1.0), "loss.lambda_offdiag"),
+        (lambda: BarlowTwins(Flat(), HEAD, scale=0.0), "loss.scale"),
+        (lambda: VICReg(Flat(), HEAD, std_coeff=-1.0), "loss.std_coeff"),
+        (lambda: SupCon(Flat(), HEAD, temperature=0.0), "loss.temperature"),
+        (lambda: Contrastive(Flat(), HEAD, margin=0.0), "loss.margin"),
+        (lambda: Contrastive(Flat(), HEAD, distance="manhattan"), "loss.distance"),
+        (lambda: Contrastive(Flat(), HEAD, positives="classes"), "loss.positives"),
+        (lambda: DINO(Flat(), DINO_HEAD, center_momentum=1.0), "loss.center_momentum"),
+        (lambda: DINO(Flat(), DINO_HEAD, student_temp=0.0), "loss.student_temp"),
+        (lambda: DINO(Flat(), DINO_HEAD, teacher_temp_warmup=2.0), "loss.teacher_temp_warmup"),
+    ],
+)
+def test_bad_method_settings_are_refused_when_built(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+# --------------------------------------------------------------------------- SupCon
+def test_supcon_uses_the_labels_and_refuses_to_run_without_them():
+    torch.manual_seed(0)
+    method = SupCon(Flat(), HEAD, temperature=0.2)
+    assert SupCon.needs_labels  # what validate.check_data reads
+    v1, v2 = views(6)
+    labels = torch.tensor([0, 1, 0, 2, 1, 2])
+    z1, z2 = (method.projector(method.encoder(v)) for v in (v1, v2))
+    assert method([v1, v2], labels).item() == pytest.approx(
+        supcon_loss(z1, z2, labels, 0.2).item(), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="labelled"):
+        method([v1, v2], None)
+
+
+# --------------------------------------------------------------------------- contrastive
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_contrastive_positives_are_the_two_views_or_the_labels(distance):
+    torch.manual_seed(0)
+    by_views = Contrastive(Flat(), HEAD, margin=0.8, distance=distance)
+    by_labels = copy.deepcopy(by_views)
+    by_labels.positives = "labels"
+    v1, v2 = views(6)
+    labels = torch.tensor([0, 1, 0, 2, 1, 2])
+    z = by_views.projector(by_views.encoder(torch.cat([v1, v2])))
+    image_ids = torch.arange(6).repeat(2)
+    assert by_views([v1, v2], labels).item() == pytest.approx(
+        contrastive_loss(z, image_ids, 0.8, distance).item(), rel=1e-6
+    )
+    assert by_labels([v1, v2], labels).item() == pytest.approx(
+        contrastive_loss(z, torch.cat([labels, labels]), 0.8, distance).item(), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="labelled"):
+        by_labels([v1, v2], None)
+
+
+# --------------------------------------------------------------------------- DINO
+DINO_HEAD = partial(DINOHead, hidden_dim=8, bottleneck_dim=5, out_dim=7)
+
+
+class Pooled(nn.Module):
+    """A BatchNorm-free encoder that pools globally, so it takes crops of any size and a
+    sample's features do not depend on its batch."""
+
+    out_dim = 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def make_dino(**kwargs) -> DINO:
+    torch.manual_seed(0)
+    dino = DINO(Pooled(), DINO_HEAD, **kwargs).double()
+    with torch.no_grad():  # student != teacher
+        for p in [*dino.encoder.parameters(), *dino.head.parameters()]:
+            p.add_(0.1 * torch.randn_like(p))
+    return dino
+
+
+def crops(n: int, local: int, seed: int = 0) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2)] + [
+        torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(local)
+    ]
+
+
+@pytest.mark.parametrize("local", [0, 3])
+def test_dino_student_sees_every_crop_and_the_teacher_only_the_globals(local):
+    dino = make_dino()
+    with torch.no_grad():
+        dino.center.copy_(torch.randn(1, 7, dtype=torch.float64))
+    v = crops(4, local)
+    loss = dino(v)
+    student = [dino.head(dino.encoder(x)) for x in v]
+    with torch.no_grad():
+        teacher = [dino.teacher_head(dino.teacher_encoder(x)) for x in v[:2]]
+    expected = dino_loss(student, teacher, dino.center, 0.1, 0.04)  # warm-up starts at 0.04
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    # Non-vacuous: a teacher that also saw the local crops gives another loss.
+    if local:
+        with torch.no_grad():
+            more = teacher + [dino.teacher_head(dino.teacher_encoder(x)) for x in v[2:]]
+        assert dino_loss(student, more, dino.center, 0.1, 0.04).item() != pytest.approx(
+            loss.item(), rel=1e-9
+        )
+
+
+def test_dino_no_gradient_reaches_the_teacher_or_the_centre():
+    dino = make_dino()
+    loss = dino(crops(4, 2))
+    loss.backward()
+    teacher = [*dino.teacher_encoder.parameters(), *dino.teacher_head.parameters()]
+    assert teacher and all(not p.requires_grad and p.grad is None for p in teacher)
+    assert "center" in dict(dino.named_buffers()) and not dino.center.requires_grad
+    assert all(p.grad is not None for p in [*dino.encoder.parameters(), *dino.head.parameters()])
+
+
+@pytest.mark.parametrize("step", [1, 40, 100])
+def test_dino_after_step_moves_teacher_and_centre_by_their_formulas(step):
+    """Teacher: tau from the cosine schedule at step - 1 (as BYOL); centre: 0.9 c + 0.1 times
+    the mean over every row of both global crops' teacher outputs (paper eq. 4)."""
+    dino, total = make_dino(base_momentum=0.9, center_momentum=0.8), 100
+    with torch.no_grad():
+        dino.center.copy_(torch.randn(1, 7, dtype=torch.float64))
+    v = crops(5, 2)
+    dino(v)
+    with torch.no_grad():
+        outputs = torch.cat([dino.teacher_head(dino.teacher_encoder(x)) for x in v[:2]])  # (10, 7)
+    mean = [sum(float(outputs[r, k]) for r in range(10)) / 10 for k in range(7)]
+    expected_center = [0.8 * float(dino.center[0, k]) + 0.2 * mean[k] for k in range(7)]
+    tau = 1 - (1 - 0.9) * (math.cos(math.pi * (step - 1) / total) + 1) / 2
+    pairs = [(dino.encoder, dino.teacher_encoder), (dino.head, dino.teacher_head)]
+    old = [[p.clone() for p in t.parameters()] for _, t in pairs]
+    dino.after_step(step, total)
+    assert dino.center[0].tolist() == pytest.approx(expected_center, rel=1e-10, abs=1e-12)
+    for (online, target), before in zip(pairs, old, strict=True):
+        for p_t, p_old, p_o in zip(target.parameters(), before, online.parameters(), strict=True):
+            assert torch.allclose(p_t, tau * p_old + (1 - tau) * p_o, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "step, total, expected",
+    [(0, 100, 0.04), (15, 100, 0.055), (30, 100, 0.07), (80, 100, 0.07)],
+)
+def test_dino_teacher_temperature_warms_up_over_a_fraction_of_training(step, total, expected):
+    """0.04 -> 0.07 linearly over the first 30% of the steps, then 0.07; the loss uses it."""
+    dino = make_dino()
+    v = crops(4, 0)
+    dino(v)
+    if step:
+        dino.after_step(step, total)
+    assert dino.teacher_temp() == pytest.approx(expected)
+    student = [dino.head(dino.encoder(x)) for x in v]
+    with torch.no_grad():
+        teacher = [dino.teacher_head(dino.teacher_encoder(x)) for x in v]
+    assert dino(v).item() == pytest.approx(
+        dino_loss(student, teacher, dino.center, 0.1, expected).item(), rel=1e-6
+    )
+
+
+def test_dino_state_in_a_checkpoint_resumes_the_same_schedule():
+    """Centre, teacher and the temperature's clock are state: a fresh DINO loaded from
+    another's state_dict (even one that already read its own clock) continues like it."""
+    dino = make_dino()
+    dino(crops(4, 0))
+    dino.after_step(12, 100)
+    fresh = make_dino()
+    assert fresh.teacher_temp() == pytest.approx(0.04)  # reads (and caches) its own clock
+    fresh.load_state_dict(dino.state_dict())
+    assert fresh.teacher_temp() == dino.teacher_temp() == pytest.approx(0.04 + 0.03 * 12 / 30)
+    assert torch.equal(fresh.center, dino.center)
+    v = crops(4, 1, seed=5)
+    assert fresh(v).item() == dino(v).item()
+
+
 # --------------------------------------------------------------------------- every method
 def build(kind: str) -> nn.Module:
     torch.manual_seed(0)
     encoder = ConvNet(1, 8, widths=(4, 8), strides=(2, 2))
     head = partial(mlp_head, hidden_dim=16, out_dim=8, batch_norm=True)
+    deep = partial(mlp_head, hidden_dim=16, out_dim=8, layers=3, output_batch_norm=True)
     return {
         "simclr": lambda: SimCLR(encoder, head),
         "moco": lambda: MoCo(encoder, head, queue_size=32, out_dim=8),
         "byol": lambda: BYOL(encoder, head, head, projection_dim=8),
         "triplet": lambda: Triplet(encoder, head),
         "triplet_labels": lambda: Triplet(encoder, head, mining="hard", positives="labels"),
+        "simsiam": lambda: SimSiam(encoder, deep, head, projection_dim=8),
+        "barlow": lambda: BarlowTwins(encoder, head),
+        "vicreg": lambda: VICReg(encoder, head),
+        "supcon": lambda: SupCon(encoder, head),
+        "dino": lambda: DINO(
+            encoder, partial(DINOHead, hidden_dim=16, bottleneck_dim=8, out_dim=32)
+        ),
+        "contrastive": lambda: Contrastive(encoder, head),
+        "contrastive_labels": lambda: Contrastive(encoder, head, positives="labels"),
     }[kind]()
 
 
-@pytest.mark.parametrize("kind", ["simclr", "moco", "byol", "triplet", "triplet_labels"])
+MOMENTUM = ("key_", "target_", "teacher_")  # EMA copies: no gradient, moved in after_step
+KINDS = [
+    "simclr",
+    "moco",
+    "byol",
+    "triplet",
+    "triplet_labels",
+    "simsiam",
+    "barlow",
+    "vicreg",
+    "supcon",
+    "dino",
+    "contrastive",
+    "contrastive_labels",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_method_step_is_a_finite_scalar_that_trains_only_online_parameters(kind):
     method = build(kind)
     v1, v2 = views(8, shape=(1, 8, 8))
     loss = method([v1, v2], torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
-    online = {n: p for n, p in method.named_parameters() if not n.startswith(("key_", "target_"))}
-    momentum = {n: p for n, p in method.named_parameters() if n.startswith(("key_", "target_"))}
+    online = {n: p for n, p in method.named_parameters() if not n.startswith(MOMENTUM)}
+    momentum = {n: p for n, p in method.named_parameters() if n.startswith(MOMENTUM)}
     assert all(p.grad is not None for p in online.values()), [
         n for n, p in online.items() if p.grad is None
     ]
     assert any(p.grad.abs().sum() > 0 for p in method.encoder.parameters())
     assert all(not p.requires_grad and p.grad is None for p in momentum.values())
-    assert bool(momentum) == (kind in ("moco", "byol"))
+    assert bool(momentum) == (kind in ("moco", "byol", "dino"))
     method.after_step(1, 10)  # the step's state update runs
 
 
@@ -311,8 +577,21 @@ def rank_views(world: int, n: int) -> tuple[Tensor, Tensor, list[tuple[Tensor, T
         lambda: Triplet(Flat(), HEAD, margin=0.5, mining="hard"),
         lambda: Triplet(Flat(), HEAD, margin=0.5, mining="semihard"),
         lambda: Triplet(Flat(), HEAD, margin=0.5, mining="all"),
+        lambda: BarlowTwins(Flat(), HEAD),
+        lambda: VICReg(Flat(), HEAD),
+        lambda: Contrastive(Flat(), HEAD, margin=1.5),
+        lambda: Contrastive(Flat(), HEAD, margin=0.5, distance="cosine"),
     ],
-    ids=["simclr", "triplet-hard", "triplet-semihard", "triplet-all"],
+    ids=[
+        "simclr",
+        "triplet-hard",
+        "triplet-semihard",
+        "triplet-all",
+        "barlow",
+        "vicreg",
+        "contrastive",
+        "contrastive-cosine",
+    ],
 )
 def test_method_mean_over_ranks_equals_the_whole_batch(make):
     """Each process sees its share of the images; the candidates come from all of them."""

@@ -8,8 +8,21 @@ needs to know which one it runs:
   (two global views, then any local crops: ``data.augment.local_crops``);
 - ``after_step(step, total_steps)``: state updates after the optimizer step (EMA, queue).
 
-State (momentum copies, the queue) lives in buffers and submodules, so it is saved in
-checkpoints and follows ``.to(device)``.
+Two optional class attributes tell the checks what a method needs, so no check names a
+method:
+
+- ``uses_local_crops = True``: the method trains on local crops (DINO); any other method
+  given ``data.augment.local_crops > 0`` is refused before training (``validate``);
+- ``needs_labels = True``: the method trains on labels (SupCon); unlabelled training data is
+  refused once loaded (``validate.check_data``). Methods whose need depends on a setting
+  (``loss.positives=labels`` for triplet and contrastive) are checked on that setting.
+
+State (momentum copies, the queue, DINO's centre) lives in buffers and submodules, so it is
+saved in checkpoints and follows ``.to(device)``. Methods whose loss compares samples across
+the batch take ``gather`` (``contrastive_cli.distributed``) and pass it to the loss.
+
+A new method is three files: its loss (``losses/<name>.py``), its module here, and
+``conf/loss/<name>.yaml``; tests, ``contrast --help`` and the benchmarks find it there.
 """
 
 from __future__ import annotations
