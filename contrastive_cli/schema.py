@@ -89,7 +89,12 @@ def problem(value: Any, tp: Any) -> str | None:
         error = e.errors()[0]
         template = BOUNDS.get(error["type"])
         words = (
-            template.format(**error.get("ctx", {}))
+            template.format(
+                **{
+                    k: f"{v:g}" if isinstance(v, float) else v
+                    for k, v in error.get("ctx", {}).items()
+                }
+            )
             if template
             else error["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
         )

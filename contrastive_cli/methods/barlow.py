@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.barlow import barlow_twins_loss
+from contrastive_cli.schema import NonNegative, Positive
 
 
 class BarlowTwins(nn.Module):
@@ -21,8 +22,8 @@ class BarlowTwins(nn.Module):
         self,
         encoder: nn.Module,
         projector: Callable[[int], nn.Module],
-        lambda_offdiag: float = 0.0051,
-        scale: float = 1.0,
+        lambda_offdiag: NonNegative = 0.0051,
+        scale: Positive = 1.0,
         gather: Gather = all_gather,  # the identity in one process
     ):
         super().__init__()

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.contrastive import Distance, contrastive_loss
+from contrastive_cli.schema import Positive
 
 Positives = Literal["views", "labels"]
 
@@ -24,7 +25,7 @@ class Contrastive(nn.Module):
         self,
         encoder: nn.Module,
         projector: Callable[[int], nn.Module],
-        margin: float = 1.0,
+        margin: Positive = 1.0,
         distance: Distance = "euclidean",
         positives: Positives = "views",
         gather: Gather = all_gather,  # the identity in one process

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.dino import dino_center, dino_loss, teacher_temperature
 from contrastive_cli.methods.momentum import cosine_momentum, frozen_copy, update_momentum
+from contrastive_cli.schema import Momentum, Positive, Probability
 
 
 class DINO(nn.Module):
@@ -34,12 +35,12 @@ class DINO(nn.Module):
         self,
         encoder: nn.Module,
         head: Callable[[int], nn.Module],
-        base_momentum: float = 0.996,
-        center_momentum: float = 0.9,
-        student_temp: float = 0.1,
-        teacher_temp_start: float = 0.04,
-        teacher_temp_end: float = 0.07,
-        teacher_temp_warmup: float = 0.3,
+        base_momentum: Probability = 0.996,
+        center_momentum: Momentum = 0.9,
+        student_temp: Positive = 0.1,
+        teacher_temp_start: Positive = 0.04,
+        teacher_temp_end: Positive = 0.07,
+        teacher_temp_warmup: Probability = 0.3,
         gather: Gather = all_gather,  # the identity in one process
     ):
         super().__init__()

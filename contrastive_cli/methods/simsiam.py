@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from contrastive_cli.losses.simsiam import simsiam_loss
+from contrastive_cli.schema import PositiveInt
 
 
 class SimSiam(nn.Module):
@@ -22,7 +23,7 @@ class SimSiam(nn.Module):
         encoder: nn.Module,
         projector: Callable[[int], nn.Module],
         predictor: Callable[[int], nn.Module],
-        projection_dim: int = 2048,
+        projection_dim: PositiveInt = 2048,
     ):
         super().__init__()
         self.encoder = encoder

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.supcon import supcon_loss
+from contrastive_cli.schema import Positive
 
 
 class SupCon(nn.Module):
@@ -22,7 +23,7 @@ class SupCon(nn.Module):
         self,
         encoder: nn.Module,
         projector: Callable[[int], nn.Module],
-        temperature: float = 0.1,
+        temperature: Positive = 0.1,
         gather: Gather = all_gather,  # the identity in one process
     ):
         super().__init__()

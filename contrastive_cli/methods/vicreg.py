@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.vicreg import vicreg_loss
+from contrastive_cli.schema import NonNegative
 
 
 class VICReg(nn.Module):
@@ -20,9 +21,9 @@ class VICReg(nn.Module):
         self,
         encoder: nn.Module,
         expander: Callable[[int], nn.Module],
-        sim_coeff: float = 25.0,
-        std_coeff: float = 25.0,
-        cov_coeff: float = 1.0,
+        sim_coeff: NonNegative = 25.0,
+        std_coeff: NonNegative = 25.0,
+        cov_coeff: NonNegative = 1.0,
         gather: Gather = all_gather,  # the identity in one process
     ):
         super().__init__()

@@ -8,16 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contrastive_cli.schema import PositiveInt
+
 Activation = Literal["relu", "gelu"]
 ACTIVATIONS: tuple[str, ...] = ("relu", "gelu")
 
 
 def mlp_head(
     in_dim: int,
-    hidden_dim: int,
-    out_dim: int,
+    hidden_dim: PositiveInt,
+    out_dim: PositiveInt,
     batch_norm: bool = True,
-    layers: int = 2,
+    layers: PositiveInt = 2,
     output_batch_norm: bool = False,
     activation: Activation = "relu",
 ) -> nn.Sequential:
@@ -103,10 +105,10 @@ class DINOHead(nn.Module):
     def __init__(
         self,
         in_dim: int,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        out_dim: int = 65536,
-        layers: int = 3,
+        hidden_dim: PositiveInt = 2048,
+        bottleneck_dim: PositiveInt = 256,
+        out_dim: PositiveInt = 65536,
+        layers: PositiveInt = 3,
         batch_norm: bool = False,
         norm_last_layer: bool = True,
     ):
