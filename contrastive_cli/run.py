@@ -713,23 +713,6 @@ def _run(
         if t.checkpoint:
             save(progress)
         return epochs
-        if built.monitor is not None and (
-            progress.epoch % cfg.eval.every == 0 or progress.epoch == t.epochs
-        ):
-            record["knn"] = built.monitor(method.encoder)
-        assert metrics_log is not None
-        metrics_log.append(record)
-        trackers.log_epoch(record)
-        left = (t.epochs - progress.epoch) * progress.train_seconds / max(progress.epoch, 1)
-        log.info(
-            f"epoch {record['epoch']}/{t.epochs}  step {record['step']}  loss {record['loss']:.4f}  "
-            f"lr {record['lr']:.2e}  {record['images_per_s']:,.0f} img/s"
-            + (f"  knn {record['knn']:.4f}" if "knn" in record else "")
-            + (f"  ~{_duration(left)} of training left" if progress.epoch < t.epochs else "")
-        )
-        if t.checkpoint:
-            save(progress)
-        return epochs
 
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
