@@ -4,6 +4,7 @@ speed targets live in the benchmarks (measured by `make bench`), never in tests.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -119,6 +120,15 @@ def test_options():
     opts, names = parse(["--only", "memory,throughput", "--quick"])
     assert names == ["throughput", "memory"] and opts.quick and opts.out.name == "quick"
     opts, names = parse([])
-    assert names == ["throughput", "evaluation", "memory", "quality"] and opts.repeats == 5
+    assert names == ["throughput", "evaluation", "memory", "quality", "distributed"]
+    assert opts.repeats == 5
     with pytest.raises(SystemExit):
         parse(["nonsense"])
+
+
+def test_distributed(tmp_path):
+    opts, _ = parse(["--quick", "--out", str(tmp_path)])
+    result = importlib.import_module("benchmarks.distributed").run(opts)
+    assert len(result["results"]) == 4
+    assert all(r["seconds_per_step"] > 0 for r in result["results"].values())
+    assert "all-gather" in (tmp_path / "distributed.md").read_text()
