@@ -685,7 +685,9 @@ def _run(
         epochs = None
         if (budget := t.time_budget) is not None and progress.epoch == 1:
             first = time.time() - started_training  # training and monitoring
-            epochs = _fit_to_budget(budget, first, dist)
+            warmup = record.pop("first_step_s", 0.0)
+            steady = first - warmup + (record["epoch_time_s"] - warmup) / max(len(batches) - 1, 1)
+            epochs = _fit_to_budget(budget, first, steady, dist)
             with open_dict(cfg):
                 cfg.trainer.epochs, cfg.trainer.time_budget = epochs, None
             resolved["trainer"].update(epochs=epochs, time_budget=None)
@@ -790,13 +792,15 @@ def _run(
     )
 
 
-def _fit_to_budget(budget: str | float, first_epoch_s: float, dist: Dist) -> int:
-    """How many epochs fit ``trainer.time_budget`` ('15m', '90s', '1h' or seconds), timed on
-    the first epoch (training and monitoring); the same number on every process."""
+def _fit_to_budget(budget: str | float, first_s: float, steady_s: float, dist: Dist) -> int:
+    """How many epochs fit ``trainer.time_budget`` ('15m', '90s', '1h' or seconds): the first
+    epoch took ``first_s`` (training and monitoring), each later one should take ``steady_s``
+    (the first without its first step's compilation and warm-up, plus one ordinary step);
+    the same number on every process."""
     from contrastive_cli.distributed import reduce_flags
 
     seconds = parse_duration(budget)
-    epochs = max(1, int(seconds // max(first_epoch_s, 1e-9)))
+    epochs = 1 + max(0, int((seconds - first_s) // max(steady_s, 1e-9)))
     agreed = reduce_flags(torch.tensor([float(epochs) if dist.main else 0.0]))
     return int(agreed.item())
 

@@ -212,3 +212,16 @@ def test_a_time_budget_fixes_the_epochs_in_the_saved_config_and_reproduces(tmp_p
         ["reproduce", str(run), "--out", str(tmp_path / "again")], cwd=tmp_path, check=True
     )
     assert "identical" in again.stdout
+
+
+def test_a_time_budget_spends_what_the_first_step_compiled_once():
+    """A first epoch slowed by compilation (its first step) must not shrink the epoch count:
+    900 s, a 100 s first epoch of which 60 s were the first step, 40 s steady epochs ->
+    1 + (900 - 100) // 40 = 21 epochs, not 900 // 100 = 9."""
+    from contrastive_cli.distributed import SINGLE
+    from contrastive_cli.run import _fit_to_budget, parse_duration
+
+    assert parse_duration("15m") == 900.0 and parse_duration("90s") == 90.0
+    assert _fit_to_budget("15m", 100.0, 40.0, SINGLE) == 21
+    assert _fit_to_budget("15m", 100.0, 100.0, SINGLE) == 9
+    assert _fit_to_budget("10s", 30.0, 30.0, SINGLE) == 1  # never fewer than the one run
