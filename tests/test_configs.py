@@ -23,8 +23,10 @@ GROUPS = {
     "loss": config_groups()["loss"],
     "optim": ["adam", "lars", "sgd"],
     "tracker": ["mlflow", "tensorboard"],  # none by default; several at once: tracker=[a,b]
+    # Overlays on top of the defaults (+experiment=NAME): measured recipes, one per dataset.
+    "experiment": ["cifar10_cpu", "cifar10_gpu", "digits", "fashion_mnist_15min"],
 }
-OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
+OPTIONS = [(g, option) for g, options in GROUPS.items() if g != "experiment" for option in options]
 SHAPES = {
     "digits": (1, 8),
     "mnist": (1, 28),
@@ -49,9 +51,27 @@ def test_every_option_composes(compose_cfg, group, option):
         "tracker": lambda: [node[option]._target_],  # tracker.mlflow: a list may hold several
     }.get(group, lambda: [node._target_])()
     assert all(targets)
-    defaults = {g for g in GROUPS if g != "tracker" and "/" not in g}  # no tracker unless chosen
+    defaults = {g for g in GROUPS if g not in ("tracker", "experiment") and "/" not in g}
     top = group.split("/")[0]
     assert set(cfg) == {*defaults, top, "trainer", "eval", "debug"}  # no group added or lost
+
+
+@pytest.mark.parametrize("experiment", GROUPS["experiment"])
+def test_every_experiment_overlays_the_defaults_and_validates(compose_cfg, experiment):
+    """+experiment=NAME composes, passes validation and builds its parts; its YAML says what
+    it measured (or that it is unmeasured) so the numbers travel with the recipe."""
+    from pathlib import Path
+
+    from contrastive_cli.validate import validate
+
+    cfg = compose_cfg(f"+experiment={experiment}")
+    if cfg.device.type == "cuda" and not torch.cuda.is_available():
+        cfg.device.type = "cpu"  # the rest of a GPU recipe is still checked here
+    validate(cfg)
+    assert cfg.data.name in experiment or experiment.startswith(cfg.data.name)
+    text = (Path(__file__).parents[1] / "conf" / "experiment" / f"{experiment}.yaml").read_text()
+    assert "measured" in text.lower()
+    build(cfg.optim.optimizer, params=[torch.nn.Parameter(torch.zeros(2))])
 
 
 def test_several_trackers_at_once(compose_cfg):

@@ -225,3 +225,37 @@ def test_a_time_budget_spends_what_the_first_step_compiled_once():
     assert _fit_to_budget("15m", 100.0, 40.0, SINGLE) == 21
     assert _fit_to_budget("15m", 100.0, 100.0, SINGLE) == 9
     assert _fit_to_budget("10s", 30.0, 30.0, SINGLE) == 1  # never fewer than the one run
+
+
+def test_eval_heldout_scores_on_part_of_train_never_on_test(reference, tmp_path):
+    """`contrast eval RUN --heldout F`: the k-NN bank and probe fit on (1-F) of the train
+    split, scored on the other F (fixed, stratified); the test split plays no part."""
+    import torch
+
+    from contrastive_cli.commands.eval import heldout_split
+    from contrastive_cli.data.datasets import ImageData, Split
+
+    images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
+    labels = torch.arange(100) % 4
+    test = Split(torch.zeros(7, 1, 1, 1, dtype=torch.uint8), torch.zeros(7, dtype=torch.long))
+    data = ImageData(
+        pretrain=Split(images, labels), train=Split(images, labels), test=test, num_classes=4
+    )
+    held = heldout_split(data, 0.2, "x")
+    assert len(held.test) == 20 and len(held.train) == 80
+    assert torch.bincount(held.test.labels).tolist() == [5, 5, 5, 5]  # stratified
+    seen = sorted(held.train.images.flatten().tolist() + held.test.images.flatten().tolist())
+    assert seen == list(range(100))  # disjoint, and together the whole train split
+    assert held.test is not test and held.pretrain is data.pretrain
+    assert heldout_split(data, 0.2, "x").test.images.equal(held.test.images)  # fixed
+
+    out = tmp_path / "heldout.json"
+    run_cli(
+        ["eval", str(reference), "--heldout", "0.25", "eval.baselines=false", "--out", str(out)],
+        cwd=tmp_path,
+        check=True,
+    )
+    assert json.loads(out.read_text())["split"] == "heldout 0.25 of train"
+    bad = run_cli(["eval", str(reference), "--heldout", "1.5"], cwd=tmp_path)
+    assert bad.returncode == 2 and "--heldout=1.5 is not allowed" in bad.stderr
+    assert "Traceback" not in bad.stderr

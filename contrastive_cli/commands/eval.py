@@ -8,7 +8,7 @@ import json
 import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors import safe_open
@@ -18,6 +18,9 @@ from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.report import results_table, write_json
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.writer import safe_path
+
+if TYPE_CHECKING:
+    from contrastive_cli.data.datasets import ImageData
 
 log = logging.getLogger(__name__)
 GROUPS = ("data", "device")  # what an override may switch
@@ -130,6 +133,27 @@ def _source(
     return path, cfg, saved, {"data": meta["data"]}
 
 
+def heldout_split(data: ImageData, fraction: float, name: str) -> ImageData:
+    """``data`` with its test split replaced by a fixed, stratified ``fraction`` of the train
+    split and its train split by the rest (the same images for every run and seed)."""
+    import dataclasses
+
+    import torch
+
+    from contrastive_cli.data.datasets import Split, stratified_test_mask
+
+    assert data.train is not None and data.train.labels is not None
+    train = data.train
+    if not isinstance(train.images, torch.Tensor):
+        raise UserError(f"--heldout needs data={name} in memory; allowed: data.cache=true")
+    mask = torch.from_numpy(stratified_test_mask(train.labels.numpy(), fraction, seed=0))
+    return dataclasses.replace(
+        data,
+        train=Split(train.images[~mask], train.labels[~mask]),
+        test=Split(train.images[mask], train.labels[mask]),
+    )
+
+
 def main(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="contrast eval", description=HELP)
     parser.add_argument("source", type=Path, help="a run directory or an encoder.safetensors file")
@@ -139,7 +163,16 @@ def main(args: list[str]) -> int:
     parser.add_argument(
         "--out", type=Path, help="results file (default: <run>/evals/<data>_<time>.json)"
     )
-    ns = parser.parse_args(args)
+    parser.add_argument(
+        "--heldout",
+        type=float,
+        metavar="FRACTION",
+        help="evaluate on a fixed, stratified FRACTION of the train split instead of test (the "
+        "rest is the k-NN bank and the probe's training set): for choosing a recipe, test untouched",
+    )
+    ns = parser.parse_intermixed_args(args)  # options before or after the overrides
+    if ns.heldout is not None and not 0 < ns.heldout < 1:
+        raise ConfigError(f"--heldout={ns.heldout} is not allowed; allowed: a fraction in (0, 1)")
     weights, cfg, saved, choices = _source(ns.source.expanduser(), ns.overrides)
     trained_on = saved.data
     if cfg.data.channels != trained_on.channels:
@@ -160,6 +193,8 @@ def main(args: list[str]) -> int:
     data = load_data(cfg)
     if not data.labelled:
         raise UserError(f"data={cfg.data.name} has no labels to evaluate with")
+    if ns.heldout is not None:
+        data = heldout_split(data, ns.heldout, cfg.data.name)
     encoder = build_encoder(cfg, cfg.trainer.seed)
     load_weights(encoder, read_weights(weights), weights)
     encoder.to(runtime.device)
@@ -178,6 +213,7 @@ def main(args: list[str]) -> int:
         "baselines_from_cache": from_cache,
         "device": runtime.describe(),
         "overrides": ns.overrides,
+        "split": "test" if ns.heldout is None else f"heldout {ns.heldout} of train",
     }
     print(results_table(results))
     out = ns.out
