@@ -8,7 +8,7 @@ import os
 import sys
 
 import contrastive_cli
-from contrastive_cli.config import config_groups
+from contrastive_cli.config import OVERLAYS, config_groups
 from contrastive_cli.errors import UserError
 
 # name -> module under contrastive_cli.commands; each has HELP and main(args) -> exit code.
@@ -30,6 +30,11 @@ def usage() -> str:
     lines += [f"  {name:<10} {_command(name).HELP}" for name in COMMANDS]
     lines += ["", "config groups for `contrast train` (group=option):"]
     lines += [f"  {group:<12} {', '.join(options)}" for group, options in config_groups().items()]
+    lines += [
+        f"  +{group:<11} {', '.join(options)}  (a whole recipe on top: +{group}=<option>)"
+        for group, options in config_groups(overlays=True).items()
+        if group in OVERLAYS
+    ]
     lines += [
         "",
         "examples:",

@@ -49,12 +49,18 @@ if not OmegaConf.has_resolver("unique_dir"):
     OmegaConf.register_new_resolver("unique_dir", claim_directory, use_cache=True)
 
 
-def config_groups() -> dict[str, list[str]]:
+OVERLAYS = ("experiment",)  # groups in no defaults list: applied with +experiment=<option>
+
+
+def config_groups(overlays: bool = False) -> dict[str, list[str]]:
     """{group: [options]} from the config folder, nested groups as ``data/augment``; Hydra's
-    own settings and files starting with ``_`` (bases other options extend) excluded."""
+    own settings and files starting with ``_`` (bases other options extend) excluded, and
+    the overlay groups (``+experiment=``) unless ``overlays``."""
     groups = {}
     for d in sorted(CONF_DIR.rglob("*")):
         name = d.relative_to(CONF_DIR).as_posix()
+        if name in OVERLAYS and not overlays:
+            continue
         if d.is_dir() and not name.startswith(("hydra", "_")):
             options = sorted(p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_"))
             if options:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from contrastive_cli.config import CONF_DIR
+from contrastive_cli.config import CONF_DIR, OVERLAYS
 from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.safety import _slots
 from contrastive_cli.schema import REQUIRED_IN, is_plain, problem, section_types, target_types
@@ -559,7 +559,7 @@ def compose_with_hydra(overrides: Sequence[str]) -> DictConfig:
     """The config ``contrast train <overrides>`` runs, with its ``hydra`` node (for the run dir)."""
     from hydra import compose, initialize_config_dir
 
-    from contrastive_cli.config import CONF_DIR
+    from contrastive_cli.config import CONF_DIR, OVERLAYS
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
@@ -586,6 +586,13 @@ def _compose(overrides: list[str]) -> DictConfig:
         Exception
     ) as e:  # ConfigCompositionException, OmegaConf errors, odd overrides Hydra trips on
         match = re.match(r"Could not override '([^']+)'", str(e))
+        if match and match.group(1) in OVERLAYS:
+            key = match.group(1)
+            given = next(o for o in overrides if o.startswith(f"{key}="))
+            raise ConfigError(
+                f"{given} is not allowed: an {key} is a whole recipe applied on top of the "
+                f"defaults; allowed: +{given}"
+            ) from None
         if match:
             key = match.group(1)
             base = _compose_quietly(

@@ -38,7 +38,8 @@ CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar
 
 
 def test_the_config_groups_and_their_options():
-    assert config_groups() == GROUPS
+    assert config_groups() == {g: o for g, o in GROUPS.items() if g != "experiment"}
+    assert config_groups(overlays=True) == GROUPS
 
 
 @pytest.mark.parametrize("group,option", OPTIONS)
@@ -83,7 +84,7 @@ def test_several_trackers_at_once(compose_cfg):
 def test_selecting_an_option_that_does_not_exist_lists_the_valid_ones(compose_cfg):
     for group, options in GROUPS.items():
         with pytest.raises(MissingConfigException) as e:
-            compose_cfg(f"{group}=nonexistent")
+            compose_cfg(f"{'+' if group == 'experiment' else ''}{group}=nonexistent")
         message = str(e.value)
         assert f"{group}/nonexistent" in message and "Available options" in message
         assert all(option in message for option in options)

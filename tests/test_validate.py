@@ -21,6 +21,8 @@ from tests.conftest import run_cli, run_dirs
 # through the real CLI in a subprocess each; all of BAD also through cli.main in-process.
 BAD_CLI = [
     (["trainer.epochs=0"], "trainer.epochs=0"),
+    (["experiment=digits"], "allowed: +experiment=digits"),
+    (["+experiment=nope"], "experiment=nope is not allowed: no such option"),
     (["trainer.epochs=abc"], "trainer.epochs='abc'"),
     (["trainer.batch_size=1"], "trainer.batch_size=1"),
     (["trainer.resume=maybe"], "trainer.resume='maybe'"),
