@@ -559,7 +559,7 @@ def compose_with_hydra(overrides: Sequence[str]) -> DictConfig:
     """The config ``contrast train <overrides>`` runs, with its ``hydra`` node (for the run dir)."""
     from hydra import compose, initialize_config_dir
 
-    from contrastive_cli.config import CONF_DIR, OVERLAYS
+    from contrastive_cli.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
