@@ -107,8 +107,10 @@ def resolve_device(
 
     ``precision``: ``bf16`` autocasts to bf16 where the device has native bf16 (CUDA from
     Ampere, a CPU with AVX512-BF16/AMX/Arm BF16) and runs float32 elsewhere; ``fp32`` always
-    runs float32; ``auto`` is bf16 on CUDA and float32 on CPU and MPS (bf16 on the CPU is
-    opt-in until its accuracy is checked against float32 at equal epochs). channels_last
+    runs float32; ``auto`` is bf16 on CUDA and float32 on CPU and MPS. bf16 on the CPU is
+    opt-in: measured within seed noise of float32 at equal epochs (README, Speed), but as a
+    default it would make one command give different numbers on CPUs with and without
+    native bf16. channels_last
     applies on CUDA only: on CPU it slows these models down.
     """
     if type not in DEVICES:
