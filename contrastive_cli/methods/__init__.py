@@ -28,9 +28,15 @@ A new method is three files: its loss (``losses/<name>.py``), its module here, a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
+import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from contrastive_cli.distributed import Gather
+
+Positives = Literal["views", "labels"]
 
 
 class Method(Protocol):
@@ -39,3 +45,18 @@ class Method(Protocol):
     def __call__(self, views: Sequence[Tensor], labels: Tensor | None) -> Tensor: ...
 
     def after_step(self, step: int, total_steps: int) -> None: ...
+
+
+def positive_ids(
+    positives: Positives, view: Tensor, labels: Tensor | None, gather: Gather
+) -> Tensor:
+    """Who is whose positive, for the samples of this process's ``view``: their labels
+    (``positives=labels``), or an id per image that is unique across processes (this
+    process's offset in the global batch added), so that two ranks' images with the same
+    local index are not each other's positives (``positives=views``)."""
+    if positives == "labels":
+        if labels is None:
+            raise ValueError("loss.positives=labels needs labelled training data")
+        return labels
+    ids = torch.arange(view.shape[0], device=view.device)
+    return ids + gather(ids)[1]

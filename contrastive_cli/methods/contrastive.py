@@ -4,16 +4,14 @@ projector; positives pulled together, negatives pushed beyond a margin."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.contrastive import Distance, contrastive_loss
+from contrastive_cli.methods import Positives, positive_ids
 from contrastive_cli.schema import Positive
-
-Positives = Literal["views", "labels"]
 
 
 class Contrastive(nn.Module):
@@ -46,15 +44,7 @@ class Contrastive(nn.Module):
 
     def forward(self, views: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
         view1, view2 = views[0], views[1]
-        if self.positives == "labels":
-            if labels is None:
-                raise ValueError("loss.positives=labels needs labelled training data")
-            ids = labels
-        else:
-            # Image ids unique across processes (this process's offset in the global batch),
-            # or images of two ranks with the same local index would be each other's positives.
-            ids = torch.arange(view1.shape[0], device=view1.device)
-            ids = ids + self.gather(ids)[1]
+        ids = positive_ids(self.positives, view1, labels, self.gather)
         z = self.projector(self.encoder(torch.cat([view1, view2])))  # (2N, D)
         return contrastive_loss(z, torch.cat([ids, ids]), self.margin, self.distance, self.gather)
 

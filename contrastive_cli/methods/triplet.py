@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.triplet import Mining, triplet_loss
+from contrastive_cli.methods import Positives, positive_ids
 from contrastive_cli.schema import NonNegative
 
 
@@ -23,7 +23,7 @@ class Triplet(nn.Module):
         projector: Callable[[int], nn.Module],
         margin: NonNegative = 0.2,
         mining: Mining = "semihard",
-        positives: Literal["views", "labels"] = "views",
+        positives: Positives = "views",
         gather: Gather = all_gather,  # the identity in one process
     ):
         super().__init__()
@@ -38,16 +38,7 @@ class Triplet(nn.Module):
 
     def forward(self, views: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
         view1, view2 = views[0], views[1]
-        n = view1.shape[0]
-        if self.positives == "labels":
-            if labels is None:
-                raise ValueError("loss.positives=labels needs labelled training data")
-            ids = labels
-        else:
-            # Image ids must be unique across processes, or images of different ranks with
-            # the same local index would count as each other's positives.
-            ids = torch.arange(n, device=view1.device)
-            ids = ids + self.gather(ids)[1]
+        ids = positive_ids(self.positives, view1, labels, self.gather)
         z = self.projector(self.encoder(torch.cat([view1, view2])))
         return triplet_loss(z, torch.cat([ids, ids]), self.margin, self.mining, self.gather)
 
