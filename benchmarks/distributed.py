@@ -15,7 +15,6 @@ The step time of a variant is the median over its measured steps of the wall tim
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import statistics
 import tempfile
@@ -40,45 +39,19 @@ def _free_port() -> int:
 def _steps(rank: int, world: int, overrides: list[str], steps: int, local: bool) -> float:
     """Seconds per step of ``steps`` real steps (after 3 warm-up steps) on this process."""
     from contrastive_cli.distributed import Dist, local_only
-    from contrastive_cli.run import build_run
-    from contrastive_cli.train import Hooks, Progress, train
+    from contrastive_cli.run import build_run, train_steps
 
     cfg = Options().config(*overrides)
     d = Dist(rank, world, rank)
     built = build_run(cfg, d)
-    method, forward, optimizer, scheduler, batches = built.training
+    method = built.training.method
     if local:  # a loss that sees only this process's rows
         method.gather = local_only
     timings: list[float] = []
 
     def run(n: int) -> float:
-        progress = Progress()
-
-        class Done(Exception):
-            pass
-
-        hooks = Hooks(
-            end_epoch=lambda p, r: None,
-            save=lambda p: None,
-            stop_requested=lambda: progress.step >= n - 1,
-            interrupted=lambda p: Done(),
-        )
         start = time.perf_counter()
-        with contextlib.suppress(Done):
-            train(
-                method,
-                forward,
-                optimizer,
-                scheduler,
-                batches,
-                built.augment,
-                built.runtime,
-                1,
-                0,
-                progress,
-                hooks,
-                dist=d,
-            )
+        train_steps(built, n, 1, 0, d)
         return (time.perf_counter() - start) / n
 
     run(3)

@@ -510,6 +510,40 @@ def build_run(cfg: DictConfig, dist: Dist = SINGLE) -> Built:
     return Built(runtime, data, augment, training, monitor)
 
 
+def train_steps(built: Built, steps: int, epochs: int, seed: int, dist: Dist = SINGLE) -> Progress:
+    """The first ``steps`` optimizer steps of a built run's training, for an ``epochs``-long
+    schedule, then stop (no files, no monitor): what the benchmarks time and the
+    multi-process tests compare. Stops through the loop's own stop request."""
+    method, forward, optimizer, scheduler, batches = built.training
+    progress = Progress()
+
+    class _Done(Exception):
+        pass
+
+    hooks = Hooks(
+        end_epoch=lambda p, r: None,
+        save=lambda p: None,
+        stop_requested=lambda: progress.step >= steps - 1,
+        interrupted=lambda p: _Done(),
+    )
+    with contextlib.suppress(_Done):
+        train(
+            method,
+            forward,
+            optimizer,
+            scheduler,
+            batches,
+            built.augment,
+            built.runtime,
+            epochs,
+            seed,
+            progress,
+            hooks,
+            dist=dist,
+        )
+    return progress
+
+
 def restore(cfg: DictConfig, built: Built, files: RunFiles, resolved: dict) -> Progress:
     """The progress of the checkpoint to resume from (its state loaded into the method,
     optimizer and schedule), or a fresh start. Refuses, in one line, a checkpoint made for

@@ -7,7 +7,6 @@ compares them with one process given the whole global batch.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from pathlib import Path
 
@@ -202,41 +201,15 @@ E2E = {
 def _three_steps(rank: int, overrides: list[str], world: int) -> dict:
     """Build a run as `contrast train` does (digits, real batches and augmentation), train
     3 steps, return what a checkpoint would hold."""
-    from contrastive_cli.run import build_run
-    from contrastive_cli.train import Hooks, Progress, train
+    from contrastive_cli.run import build_run, train_steps
 
     cfg = compose(
         [*TINY, "device=cpu", "optim=sgd", "trainer.deterministic=true", "eval.every=0", *overrides]
     )
     d = Dist(rank, world, rank)
     built = build_run(cfg, d)
-    method, forward, optimizer, scheduler, batches = built.training
-    progress = Progress()
-
-    class Stop(Exception):
-        pass
-
-    hooks = Hooks(
-        end_epoch=lambda p, r: None,
-        save=lambda p: None,
-        stop_requested=lambda: progress.step >= STEPS - 1,
-        interrupted=lambda p: Stop(),
-    )
-    with contextlib.suppress(Stop):
-        train(
-            method,
-            forward,
-            optimizer,
-            scheduler,
-            batches,
-            built.augment,
-            built.runtime,
-            cfg.trainer.epochs,
-            cfg.trainer.seed,
-            progress,
-            hooks,
-            dist=d,
-        )
+    method, optimizer = built.training.method, built.training.optimizer
+    progress = train_steps(built, STEPS, cfg.trainer.epochs, cfg.trainer.seed, d)
     return {
         "method": {k: v.clone() for k, v in method.state_dict().items()},
         "optimizer": optimizer.state_dict(),
