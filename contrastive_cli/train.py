@@ -126,7 +126,9 @@ def train(
             dynamic_ncols=True,
         )
         start = time.perf_counter()
-        first_step = progress.step == 0  # its time includes compilation and warm-up
+        # The time of a run's very first step (compilation, warm-up), for time_budget.
+        first_step_s: float | None = None
+        timing_first_step = progress.step == 0
         for images, labels in batches.epoch(epoch, start=progress.batch):
             # 1. views, augmented on the device with parameters seeded by (seed, step)
             generator.manual_seed(derive_seed(seed, "augment", progress.step))
@@ -153,8 +155,8 @@ def train(
             scheduler.step()
             progress.step += 1
             progress.batch += 1
-            if first_step:
-                first_step, warmup_s = False, time.perf_counter() - start
+            if timing_first_step:
+                timing_first_step, first_step_s = False, time.perf_counter() - start
             # 3. method state after the step: EMA targets, queue
             method.after_step(progress.step, total_steps)
             losses.append(loss)
@@ -178,8 +180,8 @@ def train(
         record = epoch_record(
             progress, len(batches), batches.batch_size, scheduler.get_last_lr()[0]
         )
-        if epoch == 0 and progress.step == len(batches):  # a fresh first epoch, for time_budget
-            record["first_step_s"] = warmup_s
+        if first_step_s is not None:  # this epoch began the run
+            record["first_step_s"] = first_step_s
         progress.train_seconds += progress.epoch_seconds
         progress.batch, progress.step_losses, progress.epoch_seconds = 0, [], 0.0
         epochs = hooks.end_epoch(progress, record) or epochs

@@ -259,3 +259,39 @@ def test_eval_heldout_scores_on_part_of_train_never_on_test(reference, tmp_path)
     bad = run_cli(["eval", str(reference), "--heldout", "1.5"], cwd=tmp_path)
     assert bad.returncode == 2 and "--heldout=1.5 is not allowed" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_first_epoch_resumed_midway_trains_and_reports_no_first_step_time():
+    """The first step's time (compilation, warm-up) is reported only by the epoch that began
+    the run; an epoch resumed from a mid-epoch checkpoint has no first step to time and must
+    still finish (the loop once read an unset time there)."""
+    from contrastive_cli.config import compose
+    from contrastive_cli.run import build_run
+    from contrastive_cli.train import Hooks, Progress, train
+
+    def first_epoch(progress: Progress) -> dict:
+        built = build_run(compose([*TINY, "device=cpu", "trainer.epochs=1", "eval.every=0"]))
+        records: list[dict] = []
+        hooks = Hooks(end_epoch=lambda p, r: records.append(r), save=lambda p: None)
+        method, forward, optimizer, scheduler, batches = built.training
+        for _ in range(progress.step):  # the schedule where the checkpoint left it
+            scheduler.step()
+        train(
+            method,
+            forward,
+            optimizer,
+            scheduler,
+            batches,
+            built.augment,
+            built.runtime,
+            1,
+            0,
+            progress,
+            hooks,
+        )
+        return records[0]
+
+    fresh = first_epoch(Progress())
+    assert fresh["first_step_s"] > 0
+    resumed = first_epoch(Progress(step=3, batch=3, step_losses=[5.0, 5.0, 5.0], epoch_seconds=1.0))
+    assert "first_step_s" not in resumed and resumed["epoch"] == 1
