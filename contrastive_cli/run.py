@@ -717,9 +717,9 @@ def _run(
         ):
             record["knn"] = built.monitor(method.encoder)
         epochs = None
+        warmup = record.pop("first_step_s", 0.0)  # for the budget only, not a logged metric
         if (budget := t.time_budget) is not None and progress.epoch == 1:
             first = time.time() - started_training  # training and monitoring
-            warmup = record.pop("first_step_s", 0.0)
             steady = first - warmup + (record["epoch_time_s"] - warmup) / max(len(batches) - 1, 1)
             epochs = _fit_to_budget(budget, first, steady, dist)
             with open_dict(cfg):

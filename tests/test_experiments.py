@@ -295,3 +295,12 @@ def test_the_first_epoch_resumed_midway_trains_and_reports_no_first_step_time():
     assert fresh["first_step_s"] > 0
     resumed = first_epoch(Progress(step=3, batch=3, step_losses=[5.0, 5.0, 5.0], epoch_seconds=1.0))
     assert "first_step_s" not in resumed and resumed["epoch"] == 1
+
+
+def test_metrics_jsonl_holds_the_documented_fields_only(reference):
+    """One line per epoch with the fields the README lists; the first step's time, which
+    only trainer.time_budget reads, is not logged."""
+    lines = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    for r in lines:
+        assert set(r) == {"epoch", "step", "loss", "lr", "images_per_s", "epoch_time_s", "knn"}
