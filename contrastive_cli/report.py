@@ -5,19 +5,34 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import contrastive_cli
 from contrastive_cli.errors import UserError
-from contrastive_cli.tables import knn_keys
 from contrastive_cli.writer import open_append, write_json, write_text_atomic
 
-__all__ = ["MetricsLog", "metric_label", "read_metrics", "results_table", "versions", "write_json"]
+__all__ = [
+    "MetricsLog",
+    "knn_keys",
+    "metric_label",
+    "read_metrics",
+    "results_table",
+    "versions",
+    "write_json",
+]
 
 LINEAR_LABELS = {"linear_top1": "linear", "linear_top5": "linear top-5"}
+
+
+def knn_keys(metrics: dict[str, Any]) -> list[str]:
+    """The k-NN keys of a results.json ``metrics`` in ``eval.knn_k`` order (headline first).
+    Here, below ``tables`` and ``rundirs``, so that all three import it without a cycle."""
+    return [k for k in metrics if re.fullmatch(r"knn_k\d+", k)]
 
 
 def metric_label(key: str) -> str:

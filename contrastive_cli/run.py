@@ -33,7 +33,7 @@ from contrastive_cli.baselines import BaselineCache, baseline_keys, cache_dir
 from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from contrastive_cli.config import build
 from contrastive_cli.data.augment import Augment
-from contrastive_cli.data.batches import Batches, derive_seed
+from contrastive_cli.data.batches import Batches, batches_of, derive_seed
 from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
 from contrastive_cli.distributed import SINGLE, Dist, convert_sync_batchnorm
@@ -373,7 +373,8 @@ def build_training(
     for group in optimizer.param_groups:
         group["lr"] *= lr_scale(cfg)
     try:
-        batches = data.pretrain.batches(
+        batches = batches_of(
+            data.pretrain,
             t.batch_size,
             t.seed,
             runtime.device,
