@@ -67,7 +67,7 @@ class Options:
 def load_images(opts: Options, cfg: DictConfig, size: int | None = None) -> tuple[ImageData, str]:
     """Fashion-MNIST when present (``data=auto``), else digits upsampled to 28x28, else
     synthetic images; ``size`` keeps the first ``size`` training images (tiny runs)."""
-    from contrastive_cli.run import load_data
+    from contrastive_cli.parts import load_data
 
     choice = opts.data
     data: ImageData | None = None

@@ -38,8 +38,8 @@ def _free_port() -> int:
 
 def _steps(rank: int, world: int, overrides: list[str], steps: int, local: bool) -> float:
     """Seconds per step of ``steps`` real steps (after 3 warm-up steps) on this process."""
+    from contrastive_cli.builder import build_run, train_steps
     from contrastive_cli.distributed import Dist, local_only
-    from contrastive_cli.run import build_run, train_steps
 
     cfg = Options().config(*overrides)
     d = Dist(rank, world, rank)

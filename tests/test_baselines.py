@@ -13,7 +13,8 @@ import pytest
 
 from contrastive_cli.baselines import cache_dir
 from contrastive_cli.config import build
-from contrastive_cli.run import build_encoder, evaluate_encoder, load_data
+from contrastive_cli.evaluation import evaluate_encoder
+from contrastive_cli.parts import build_encoder, load_data
 from tests.conftest import TINY
 
 FAST = [

@@ -201,7 +201,7 @@ E2E = {
 def _three_steps(rank: int, overrides: list[str], world: int) -> dict:
     """Build a run as `contrast train` does (digits, real batches and augmentation), train
     3 steps, return what a checkpoint would hold."""
-    from contrastive_cli.run import build_run, train_steps
+    from contrastive_cli.builder import build_run, train_steps
 
     cfg = compose(
         [*TINY, "device=cpu", "optim=sgd", "trainer.deterministic=true", "eval.every=0", *overrides]

@@ -181,13 +181,9 @@ def main(args: list[str]) -> int:
             f"{trained_on.name} with {trained_on.channels}; choose data with {trained_on.channels}"
         )
 
-    from contrastive_cli.run import (
-        build_encoder,
-        evaluate_encoder,
-        load_data,
-        load_weights,
-        read_weights,
-    )
+    from contrastive_cli.evaluation import evaluate_encoder
+    from contrastive_cli.parts import build_encoder, load_data
+    from contrastive_cli.weights import load_weights, read_weights
 
     runtime = build(cfg.device)
     data = load_data(cfg)
