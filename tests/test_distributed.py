@@ -312,7 +312,7 @@ def test_slurm_nodelists_expand(nodelist, hosts):
 
 
 def test_the_slurm_launcher_config_composes_with_nodes_and_gpus():
-    from contrastive_cli.validate import compose_with_hydra
+    from contrastive_cli.command_line import compose_with_hydra
 
     cfg = compose_with_hydra(
         ["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=8"]

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf, open_dict
 
+from contrastive_cli.command_line import check_command_line
 from contrastive_cli.config import compose, config_groups
 from contrastive_cli.errors import UserError
-from contrastive_cli.validate import check_command_line
 
 
 def _flat(node: object, prefix: str = "") -> dict[str, object]:

@@ -11,10 +11,11 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from contrastive_cli import cli
+from contrastive_cli.command_line import check_command_line
 from contrastive_cli.config import compose, config_groups
 from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.schema import is_plain, target_types
-from contrastive_cli.validate import _expected, check_command_line, validate
+from contrastive_cli.validate import _expected, validate
 from tests.conftest import run_cli, run_dirs
 
 # (overrides, text the one error line must contain: the key, or key=value). BAD_CLI runs

@@ -14,11 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from contrastive_cli.command_line import check_command_line
 from contrastive_cli.config import CONF_DIR, expand_home
 from contrastive_cli.distributed import place_from_env
 from contrastive_cli.errors import ConfigError, RunExists, UserError
 from contrastive_cli.signals import Interrupted
-from contrastive_cli.validate import check_command_line
 
 log = logging.getLogger(__name__)
 HELP = "train an encoder with a contrastive loss, then evaluate it (Hydra overrides)"
