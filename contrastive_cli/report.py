@@ -26,6 +26,7 @@ __all__ = [
     "write_json",
 ]
 
+NOT_IN_TABLE = {"probe_weight_decay", "seconds"}  # in results.json, not accuracies
 LINEAR_LABELS = {"linear_top1": "linear", "linear_top5": "linear top-5"}
 
 
@@ -140,6 +141,11 @@ def results_table(results: dict) -> str:
     metrics = results.get("metrics") or {}
     baselines = results.get("baselines") or {}
     keys = knn_keys(metrics) + [k for k in LINEAR_LABELS if k in metrics]
+    keys += [  # what other evaluators (eval.metrics) returned, in their order
+        k
+        for k, v in metrics.items()
+        if k not in keys and k not in NOT_IN_TABLE and isinstance(v, (int, float))
+    ]
     title = f"{results.get('loss', '?')} encoder"
     rows = [
         ("raw pixels", baselines.get("raw_pixels")),

@@ -106,3 +106,14 @@ def test_a_new_evaluator_is_one_module_and_its_name(tmp_path, monkeypatch):
     assert "mean_norm" in available()
     result = protocol(["knn", "mean_norm"])["trained"]
     assert set(result) == {"knn_k5", "knn_k2", "mean_norm", "seconds"}
+
+
+def test_the_results_table_shows_what_any_evaluator_returned():
+    from contrastive_cli.report import results_table
+
+    metrics = {"knn_k200": 0.9, "linear_top1": 0.95, "probe_weight_decay": 1e-4, "seconds": 2.0}
+    table = results_table({"loss": "ntxent", "metrics": {**metrics, "mean_norm": 1.5}})
+    header = table.splitlines()[0]
+    assert "k-NN k=200" in header and "linear" in header and "mean_norm" in header
+    assert "probe_weight_decay" not in header and "seconds" not in header
+    assert "mean_norm" not in results_table({"loss": "ntxent", "metrics": metrics})
