@@ -291,7 +291,14 @@ def _local_crops_need_a_method_that_uses_them(cfg: DictConfig) -> str | None:
     )
 
 
+def _metrics_are_evaluators(cfg: DictConfig) -> str | None:
+    from contrastive_cli.evaluators import unknown_metric
+
+    return unknown_metric([str(m) for m in cfg.eval.metrics])
+
+
 COMBINATIONS: list[Callable[[DictConfig], str | None]] = [
+    _metrics_are_evaluators,
     _local_crops_need_a_method_that_uses_them,
     _batch_splits_over_devices,
     _shape_is_the_datasets,

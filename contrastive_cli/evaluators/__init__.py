@@ -22,7 +22,14 @@ from contrastive_cli.errors import ConfigError
 from contrastive_cli.evaluate import extract_features, pixel_features
 from contrastive_cli.evaluators.base import Evaluator, Features
 
-__all__ = ["Evaluator", "Features", "available", "build_evaluators", "evaluate_protocol"]
+__all__ = [
+    "Evaluator",
+    "Features",
+    "available",
+    "build_evaluators",
+    "evaluate_protocol",
+    "unknown_metric",
+]
 NOT_EVALUATORS = {"base"}
 
 
@@ -31,16 +38,23 @@ def available() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in NOT_EVALUATORS)
 
 
-def build_evaluators(names: Sequence[str], settings: dict[str, Any], seed: int) -> list[Evaluator]:
-    """The evaluators ``names`` (``eval.metrics``), made from the ``eval`` section
-    ``settings``; a name that is not one is a ConfigError (one line, exit 2)."""
+def unknown_metric(names: Sequence[str]) -> str | None:
+    """The one-line refusal of ``eval.metrics=names`` when a name is not an evaluator."""
     known = available()
     for name in names:
         if name not in known:
-            raise ConfigError(
+            return (
                 f"eval.metrics={list(names)} is not allowed: there is no evaluator {name!r}; "
                 f"allowed: a list of {', '.join(known)}"
             )
+    return None
+
+
+def build_evaluators(names: Sequence[str], settings: dict[str, Any], seed: int) -> list[Evaluator]:
+    """The evaluators ``names`` (``eval.metrics``), made from the ``eval`` section
+    ``settings``; a name that is not one is a ConfigError (one line, exit 2)."""
+    if message := unknown_metric(names):
+        raise ConfigError(message)
     return [importlib.import_module(f"{__name__}.{name}").make(settings, seed) for name in names]
 
 
