@@ -10,6 +10,7 @@ import sys
 import contrastive_cli
 from contrastive_cli.config import OVERLAYS, config_groups
 from contrastive_cli.errors import UserError
+from contrastive_cli.untrusted import printable
 
 # name -> module under contrastive_cli.commands; each has HELP and main(args) -> exit code.
 COMMANDS = ["train", "runs", "resume", "reproduce", "eval", "plot", "embed"]
@@ -71,6 +72,6 @@ def _main(argv: list[str] | None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         return _command(args[0]).main(args[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # it may quote a run file: shown without control characters
+        print(f"error: {printable(e)}", file=sys.stderr)
         return e.exit_code

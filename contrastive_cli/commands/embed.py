@@ -103,16 +103,14 @@ def _check_out(out: Path) -> None:
 def load_encoder(run_dir: Path, run_cfg: DictConfig) -> torch.nn.Module:
     """The run's encoder, rebuilt from its config as ``contrast train`` built it, with the
     trained weights from ``encoder.safetensors`` (no pickles)."""
-    from contrastive_cli.run import build_encoder, load_weights, read_weights
+    from contrastive_cli.run import load_trained_encoder
 
     path = run_dir / "encoder.safetensors"
     if not path.is_file():
         raise DataError(
             f"{path} is missing: the run has not finished (see {run_dir / 'results.json'})"
         )
-    encoder = build_encoder(run_cfg, run_cfg.trainer.seed)
-    load_weights(encoder, read_weights(path), path)
-    return encoder
+    return load_trained_encoder(run_cfg, path)
 
 
 def embed(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, np.ndarray]:

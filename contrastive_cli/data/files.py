@@ -48,13 +48,17 @@ class TooLarge(ValueError):
 def _open(path: str) -> Iterator[Image.Image]:
     """``Image.open`` with PIL's own decompression-bomb check off: ``max_pixels`` is the cap,
     checked on the header before anything is decoded, with a message naming the setting."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as img:
-            yield img
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+    from contrastive_cli.untrusted import open_regular
+
+    # A file swapped for a FIFO or device after the scan must not block a worker forever.
+    with os.fdopen(open_regular(path, follow=True), "rb") as f:
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(f) as img:
+                yield img
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
 def _check_pixels(img: Image.Image, max_pixels: int) -> None:
