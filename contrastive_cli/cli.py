@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    # A file name that is not UTF-8 (a surrogate in Python's str) is printed as \xNN
+    # rather than failing the print or the log line that names it.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

@@ -117,7 +117,9 @@ class SafeFileHandler(logging.FileHandler):
     """A logging FileHandler that will not follow a symbolic link (train.log)."""
 
     def _open(self):  # type: ignore[override]
-        return os.fdopen(open_append(Path(self.baseFilename)), "a", encoding=self.encoding)
+        return os.fdopen(  # a non-UTF-8 file name in a message is written as \xNN
+            open_append(Path(self.baseFilename)), "a", encoding="utf-8", errors="backslashreplace"
+        )
 
 
 @contextlib.contextmanager

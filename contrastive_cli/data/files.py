@@ -51,7 +51,7 @@ def _open(path: str) -> Iterator[Image.Image]:
     from contrastive_cli.untrusted import open_regular
 
     # A file swapped for a FIFO or device after the scan must not block a worker forever.
-    with os.fdopen(open_regular(path, follow=True), "rb") as f:
+    with open(path, "rb", opener=lambda p, _: open_regular(p, follow=True)) as f:
         previous = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
