@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 import contrastive_cli
-from contrastive_cli.errors import UserError
 from contrastive_cli.tables import knn_keys
 from contrastive_cli.writer import open_append, write_json, write_text_atomic
 
@@ -60,18 +59,14 @@ def read_metrics(path: Path, root: Path | None = None) -> list[dict]:
     record is a one-line error. ``root``: the run directory (no link below it is followed)."""
     from contrastive_cli.untrusted import MAX_LINE, UntrustedFile, parse_json, read_bytes
 
-    try:
-        lines = (
-            read_bytes(path, "metrics", root or path.parent).decode(errors="replace").splitlines()
-        )
-    except UntrustedFile as e:
-        raise UserError(str(e)) from None
+    data = read_bytes(path, "metrics", root or path.parent)  # refusals: one line, exit 2
+    lines = data.decode(errors="replace").splitlines()
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         if len(line) > MAX_LINE:
-            raise UserError(
+            raise UntrustedFile(
                 f"{path} line {i + 1} is {len(line):,} characters; allowed: at most {MAX_LINE:,} "
                 "(an epoch record is a few hundred)"
             )
@@ -80,9 +75,9 @@ def read_metrics(path: Path, root: Path | None = None) -> list[dict]:
         except UntrustedFile as e:
             if i == len(lines) - 1 and "not valid JSON" in str(e):
                 break
-            raise UserError(f"{e} (the file is damaged)") from None
+            raise UntrustedFile(f"{e} (the file is damaged)") from None
         if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-            raise UserError(f"{path} line {i + 1} is not an epoch record (the file is damaged)")
+            raise UntrustedFile(f"{path} line {i + 1} is not an epoch record (the file is damaged)")
         records.append(record)
     return records
 

@@ -53,6 +53,29 @@ def safe_path(run_dir: Path, relative: str | Path, create: bool = True) -> Path:
     return path
 
 
+def check_file(path: Path) -> Path:
+    """``path`` unless something other than a regular file sits there: a FIFO would block
+    the first write, a folder or device fail it midway; refused before the run starts."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    if stat.S_ISLNK(mode):
+        raise UnsafePath(
+            f"{path} is a symbolic link; contrast does not write through links in a run "
+            "directory (remove it, or copy the run to a new folder)"
+        )
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "a FIFO or device"
+        raise UnsafePath(
+            f"{path} is {what}; allowed: a regular file (remove it, or copy the run to a new "
+            "folder)"
+        )
+    return path
+
+
 def write_text_atomic(path: Path, text: str, mode: int = FILE_MODE) -> None:
     """Write ``text`` to a temp file beside ``path``, then rename it over ``path``: readers
     never see half a file, a link at ``path`` is replaced rather than followed, and a failed

@@ -190,6 +190,7 @@ def test_a_fifo_or_link_as_the_saved_config_is_one_line(finished, tmp_path, caps
     secret.write_text(yaml.safe_dump({"token": "s3cret"}))
     for kind in ("fifo", "link"):
         run = _copy(finished, tmp_path / kind)
+        (run / ".hydra" / "config_unresolved.yaml").unlink()  # eval then reads config.yaml
         _replace(run / ".hydra" / "config.yaml", kind, secret)
         line = _one_line(capsys, cli.main(["eval", str(run)]))
         assert "config.yaml" in line and "s3cret" not in line
@@ -259,7 +260,7 @@ def test_deeply_nested_config_stalls_neither_eval_nor_runs(finished, tmp_path, c
     good = _copy(finished, tree / "good")
     bad = _copy(finished, tree / "bad")
     nested = "trainer: " + "[" * 20000 + "]" * 20000 + "\n"
-    for name in ("config.yaml", "hydra.yaml"):
+    for name in ("config.yaml", "config_unresolved.yaml", "hydra.yaml"):
         (bad / ".hydra" / name).write_text(nested)
     started = time.monotonic()
     line = _one_line(capsys, cli.main(["eval", str(bad)]))
@@ -293,14 +294,14 @@ def test_huge_or_infinite_numbers_in_results_do_not_crash_plot(
     assert "unreadable" in capsys.readouterr().out
 
 
-def _forged_encoder(finished: Path, path: Path, widths: list[int]) -> None:
+def _forged_encoder(finished: Path, path: Path, widths: int) -> None:
     """The run's encoder file with metadata declaring other widths (tensors unchanged)."""
     data = (finished / "encoder.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     encoder = json.loads(header["__metadata__"]["encoder"])
     key = next(k for k, v in encoder.items() if isinstance(v, list) and v and isinstance(v[0], int))
-    encoder[key] = widths
+    encoder[key] = [widths] * len(encoder[key])
     header["__metadata__"]["encoder"] = json.dumps(encoder)
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
@@ -310,7 +311,7 @@ def _forged_encoder(finished: Path, path: Path, widths: list[int]) -> None:
 def test_huge_widths_in_metadata_are_refused_before_allocating(finished, tmp_path, capsys, bounded):
     """A 1.5 MB file made `eval` try to allocate 154 GB."""
     bare = tmp_path / "enc.safetensors"
-    _forged_encoder(finished, bare, [200_000, 200_000, 200_000])
+    _forged_encoder(finished, bare, 200_000)
     started = time.monotonic()
     line = _one_line(capsys, cli.main(["eval", str(bare)]), (1, 2))
     assert "does not fit" in line or "cannot be built" in line, line
@@ -344,13 +345,15 @@ def test_runs_never_prints_control_characters_from_run_files(finished, tmp_path,
     for args in (["runs", str(tree)], ["runs", str(tree), "--csv", "-"]):
         assert cli.main(args) == 0
         out = capsys.readouterr()
-        assert not any(c in out.out + out.err for c in "\x1b\x07\r"), out.out
+        text = out.out.replace("\r\n", "\n")  # CSV's own line ends
+        assert not any(c in text + out.err for c in "\x1b\x07\r"), out.out
         assert "\\x1b" in out.out
 
 
 def test_errors_never_print_control_characters(finished, tmp_path, capsys, bounded):
     run = _copy(finished, tmp_path / "run")
-    (run / ".hydra" / "config.yaml").write_text("trainer: [\x1b[2J unclosed\n")
+    for name in ("config.yaml", "config_unresolved.yaml"):
+        (run / ".hydra" / name).write_text("trainer: [\x1b[2J unclosed\n")
     line = _one_line(capsys, cli.main(["eval", str(run)]))
     assert "\x1b" not in line
 
@@ -402,3 +405,50 @@ def test_fifos_devices_and_nested_link_loops_in_an_image_folder(tmp_path, bounde
     (root / "square" / "loop2").symlink_to(root / "square" / "loop1")
     found = [rel for rel, _, _ in scan(root, ["png", "jpg"])]
     assert len(found) == 6 and not any("pipe" in r or "zero" in r for r in found)
+
+
+SIGTERM_SCRIPT = """
+import sys, time
+from pathlib import Path
+from contrastive_cli.data.files import ImageFiles
+from contrastive_cli.signals import GracefulStop, Interrupted
+
+paths = sorted(str(p) for p in Path(sys.argv[1]).rglob("*.png")) * 400
+try:
+    with GracefulStop():  # as during evaluation: not graceful, a signal stops at once
+        for i, batch in enumerate(ImageFiles(paths, 16, 3, workers=2).split(4)):
+            if i == 2:
+                print("decoding", flush=True)
+            time.sleep(0.01)
+except Interrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(e.exit_code)
+"""
+
+
+def test_sigterm_to_the_process_group_while_decoding_stops_without_a_traceback(tmp_path):
+    """A SIGTERM to the process group during evaluation once gave a DataLoader traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.image_folders import write_images
+
+    write_images(tmp_path / "images", per_class=3, corrupt=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_SCRIPT, str(tmp_path / "images")],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "decoding"
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "exited unexpectedly" not in err, err

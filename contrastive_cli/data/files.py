@@ -144,6 +144,18 @@ class _Decoder(Dataset):
             )
 
 
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A decode worker ignores SIGINT/SIGTERM: a signal to the process group (Ctrl-C, kill
+    of a job) is the main process's to handle (``contrastive_cli.signals``). Left to the
+    workers, they died with a traceback each, and the main process then failed with
+    "DataLoader worker exited unexpectedly" instead of stopping cleanly. The workers still
+    end with the main process: DataLoader shuts them down, or they notice it is gone."""
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class ImageFiles:
     """A list of image files that behaves like a lazy (N, C, S, S) uint8 tensor.
 
@@ -231,8 +243,17 @@ class ImageFiles:
             batch_sampler=index_batches,
             num_workers=self.workers,
             pin_memory=pin_memory,
+            worker_init_fn=_leave_signals_to_the_main_process,
         )
-        yield from loader
+        try:
+            yield from loader
+        except RuntimeError as e:  # a worker killed from outside (OOM killer, kill -9)
+            if "DataLoader worker" not in str(e):
+                raise
+            raise DataError(
+                f"a process decoding images stopped ({str(e).splitlines()[0][:200]}); "
+                "data.workers=0 decodes in the main process"
+            ) from None
 
     def _substitute(self, i: int, reason: str) -> Tensor:
         if self.paths[i] not in self._warned:
