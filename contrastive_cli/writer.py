@@ -60,7 +60,7 @@ def check_file(path: Path) -> Path:
 
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # not there yet (or its folder is not)
         return path
     if stat.S_ISLNK(mode):
         raise UnsafePath(

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from contrastive_cli.errors import DataError
+from contrastive_cli.untrusted import printable
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,8 @@ class ImageFiles:
         if self.paths[i] not in self._warned:
             self._warned.add(self.paths[i])
             log.warning(
-                f"cannot decode {self.paths[i]} ({reason}); using the next readable image in its place"
+                f"cannot decode {printable(self.paths[i])} ({printable(reason)}); using the next "
+                "readable image in its place"
             )
         for step in range(1, min(len(self), 100)):
             try:

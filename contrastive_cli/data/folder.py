@@ -40,6 +40,7 @@ from contrastive_cli.data.datasets import ImageData, Split, stratified_test_mask
 from contrastive_cli.data.files import MAX_PIXELS, MODES, ImageFiles, probe
 from contrastive_cli.errors import ConfigError, DataError
 from contrastive_cli.schema import Count, Fraction, NonEmpty, PositiveInt, Text
+from contrastive_cli.untrusted import printable
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "contrast-folder-cache-v1"  # bump when decoding changes what a file becomes
@@ -184,7 +185,7 @@ def _read(
             [str(root / rel) for rel in rels], image_size, channels, workers, max_pixels
         )
     if skipped:
-        named = ", ".join(f"{rel} ({why})" for rel, why in skipped[:SHOW])
+        named = printable(", ".join(f"{rel} ({why})" for rel, why in skipped[:SHOW]))
         log.warning(
             f"{setting}={path}: skipped {len(skipped)} of {len(files)} files that are not readable "
             f"images: {named}" + (", ..." if len(skipped) > SHOW else "")
