@@ -105,6 +105,7 @@ def _source(
         return weights, cfg, saved, run.choices
     if path.suffix != ".safetensors" or not path.is_file():
         raise UserError(f"{path} is neither a run directory nor an .safetensors encoder file")
+    path = path.resolve()  # a bare file the user named: a link to it is theirs to follow
     meta = read_encoder_metadata(path)
     saved = OmegaConf.create(
         {
