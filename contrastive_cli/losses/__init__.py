@@ -5,6 +5,7 @@ from contrastive_cli.losses.byol import byol_loss
 from contrastive_cli.losses.contrastive import DISTANCES, contrastive_loss
 from contrastive_cli.losses.dino import dino_center, dino_loss, teacher_temperature
 from contrastive_cli.losses.moco import moco_infonce
+from contrastive_cli.losses.nnclr import nearest_neighbours, nnclr_loss
 from contrastive_cli.losses.ntxent import nt_xent
 from contrastive_cli.losses.simsiam import simsiam_loss
 from contrastive_cli.losses.supcon import supcon_loss
@@ -20,6 +21,8 @@ __all__ = [
     "dino_center",
     "dino_loss",
     "moco_infonce",
+    "nearest_neighbours",
+    "nnclr_loss",
     "nt_xent",
     "simsiam_loss",
     "supcon_loss",
