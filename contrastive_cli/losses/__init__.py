@@ -5,6 +5,7 @@ from contrastive_cli.losses.byol import byol_loss
 from contrastive_cli.losses.contrastive import DISTANCES, contrastive_loss
 from contrastive_cli.losses.dino import dino_center, dino_loss, teacher_temperature
 from contrastive_cli.losses.moco import moco_infonce
+from contrastive_cli.losses.mocov3 import mocov3_loss
 from contrastive_cli.losses.nnclr import nearest_neighbours, nnclr_loss
 from contrastive_cli.losses.ntxent import nt_xent
 from contrastive_cli.losses.simsiam import simsiam_loss
@@ -21,6 +22,7 @@ __all__ = [
     "dino_center",
     "dino_loss",
     "moco_infonce",
+    "mocov3_loss",
     "nearest_neighbours",
     "nnclr_loss",
     "nt_xent",
