@@ -10,6 +10,7 @@ from contrastive_cli.losses.nnclr import nearest_neighbours, nnclr_loss
 from contrastive_cli.losses.ntxent import nt_xent
 from contrastive_cli.losses.simsiam import simsiam_loss
 from contrastive_cli.losses.supcon import supcon_loss
+from contrastive_cli.losses.swav import sinkhorn, swav_loss
 from contrastive_cli.losses.triplet import MINING, triplet_loss
 from contrastive_cli.losses.vicreg import vicreg_loss, vicreg_terms
 
@@ -27,7 +28,9 @@ __all__ = [
     "nnclr_loss",
     "nt_xent",
     "simsiam_loss",
+    "sinkhorn",
     "supcon_loss",
+    "swav_loss",
     "teacher_temperature",
     "triplet_loss",
     "vicreg_loss",
