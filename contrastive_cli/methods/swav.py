@@ -92,19 +92,21 @@ class SwAV(nn.Module):
         self.freeze_prototypes_epochs = freeze_prototypes_epochs
         self.gather = gather
         self._embeddings: Tensor | None = None
-        self._clock: tuple[int, int, int] | None = None  # (steps, per epoch, queue filled)
+        # (steps, per epoch, queue rows filled, next queue row): the buffers, read once
+        self._clock: tuple[int, int, int, int] | None = None
         self.register_load_state_dict_post_hook(_forget_clock)
 
-    def _read_clock(self) -> tuple[int, int, int]:
-        """The clock and the queue's fill, read from the buffers once (not synced every step)."""
+    def _read_clock(self) -> tuple[int, int, int, int]:
+        """The clock and the queue's place, read from the buffers once (not synced every step)."""
         if self._clock is None:
             steps, per_epoch = self.clock.tolist()
-            self._clock = (steps, per_epoch, int(self.queue_rows[0]))
+            filled, start = self.queue_rows.tolist()
+            self._clock = (steps, per_epoch, filled, start)
         return self._clock
 
     def epoch(self) -> int:
         """The epoch of the next step (0-based)."""
-        steps, per_epoch, _ = self._read_clock()
+        steps, per_epoch, _, _ = self._read_clock()
         return steps // per_epoch if per_epoch else 0
 
     def forward(self, views: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
@@ -141,7 +143,7 @@ class SwAV(nn.Module):
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        _, per_epoch, filled = self._read_clock()
+        _, per_epoch, filled, start = self._read_clock()
         if per_epoch == 0:  # the first step: steps per epoch, once
             per_epoch = max(total_steps // self.epochs, 1)
         size = self.queue.shape[1]
@@ -151,14 +153,13 @@ class SwAV(nn.Module):
             and (step - 1) // per_epoch >= self.queue_start_epoch
         ):
             new = torch.stack([self.gather(e)[0] for e in self._embeddings])[:, -size:]  # (2, M, D)
-            start = int(self.queue_rows[1])
             rows = (start + torch.arange(new.shape[1], device=new.device)) % size
             self.queue[:, rows] = new.to(self.queue.dtype)
-            filled = min(filled + new.shape[1], size)
-            self.queue_rows.copy_(torch.tensor([filled, (start + new.shape[1]) % size]))
+            filled, start = min(filled + new.shape[1], size), (start + new.shape[1]) % size
+            self.queue_rows.copy_(torch.tensor([filled, start]))
         self._embeddings = None
         self.clock.copy_(torch.tensor([step, per_epoch]))
-        self._clock = (step, per_epoch, filled)
+        self._clock = (step, per_epoch, filled, start)
 
 
 def _forget_clock(module: nn.Module, incompatible_keys: object) -> None:
