@@ -248,6 +248,29 @@ def test_a_time_budget_fixes_the_epochs_in_the_saved_config_and_reproduces(tmp_p
     assert "identical" in again.stdout
 
 
+def test_a_time_budget_keeps_a_run_whose_loss_follows_the_epochs_resumable(tmp_path):
+    """SwAV's loss.epochs is ${trainer.epochs} (its epoch clock): when trainer.time_budget
+    fixes the epochs, the checkpoint's config digest must be that of the saved config, or an
+    interrupted run could not resume (it was the stale loss.epochs before)."""
+    import torch
+    import yaml
+
+    from contrastive_cli.run import _check_resumable
+
+    run = tmp_path / "run"
+    cfg = [o for o in CFG if not o.startswith("trainer.epochs")]
+    args = ["train", *cfg, "loss=swav", "trainer.epochs=3", "trainer.time_budget=4s"]
+    run_cli(
+        [*args, "eval.every=0", "eval.baselines=false", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        check=True,
+    )
+    saved = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    assert saved["loss"]["epochs"] == saved["trainer"]["epochs"]
+    path = run / "checkpoints" / "last.pt"
+    _check_resumable(torch.load(path, weights_only=True), saved, path)
+
+
 def test_a_time_budget_spends_what_the_first_step_compiled_once():
     """A first epoch slowed by compilation (its first step) must not shrink the epoch count:
     900 s, a 100 s first epoch of which 60 s were the first step, 40 s steady epochs ->
