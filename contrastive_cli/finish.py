@@ -17,13 +17,13 @@ from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
 from contrastive_cli.evaluate import extract_features
 from contrastive_cli.events import Progress
-from contrastive_cli.parts import build_encoder, load_data
+from contrastive_cli.parts import load_data
 from contrastive_cli.report import results_table, versions
 from contrastive_cli.rundirs import Run
 from contrastive_cli.runfiles import RunFiles
 from contrastive_cli.tracking import EmbeddingSample, Trackers
 from contrastive_cli.validate import validate
-from contrastive_cli.weights import load_weights, read_weights
+from contrastive_cli.weights import load_trained_encoder
 
 if TYPE_CHECKING:
     from contrastive_cli.builder import Built
@@ -128,8 +128,7 @@ def embedding_map(run: Run, out: Path) -> Path | None:
     validate(cfg)
     runtime = build(cfg.device)
     data = load_data(cfg)
-    encoder = build_encoder(cfg, cfg.trainer.seed)
-    load_weights(encoder, read_weights(weights), weights)
+    encoder = load_trained_encoder(cfg, weights)
     title = f"{run.choices.get('loss', '')} on {cfg.data.name}"
     sample = embedding_sample(
         encoder.to(runtime.device),

@@ -62,10 +62,10 @@ class ConfigRecord:
     def fix_epochs(self, epochs: int) -> DictConfig:
         """The record after a time budget: ``epochs`` epochs and no budget to measure. Returns
         the config to save as the run's (interpolations kept where they were)."""
-        trainer = {**self.resolved["trainer"], "epochs": epochs, "time_budget": None}
-        self.resolved = {**self.resolved, "trainer": trainer}
-        self.digest = training_digest(self.resolved)
         saved = copy.deepcopy(self._cfg)
         with open_dict(saved):
             saved.trainer.epochs, saved.trainer.time_budget = epochs, None
+        # Re-resolved: values that follow trainer.epochs (swav's loss.epochs) follow it here.
+        self.resolved = {**self.resolved, **OmegaConf.to_container(saved, resolve=True)}  # type: ignore[dict-item]
+        self.digest = training_digest(self.resolved)
         return saved

@@ -7,12 +7,13 @@ import logging
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint
-from contrastive_cli.errors import CheckpointError, ConfigError
+from contrastive_cli.errors import CheckpointError, ConfigError, Refused
 from contrastive_cli.events import Progress, progress_from_state
 from contrastive_cli.record import TRAINING_KEYS, training_config, training_digest
-from contrastive_cli.runfiles import RunFiles
+from contrastive_cli.runfiles import CHECKPOINT, RunFiles
 from contrastive_cli.train import Training
 from contrastive_cli.weights import load_weights
 
@@ -77,3 +78,18 @@ def _check_resumable(state: dict, resolved: dict, path: Path) -> None:
             f"{detail}"[:400]
             + "; restore the run's .hydra/config.yaml, or start a new run"
         )
+
+
+def check_resumable(cfg: DictConfig, run_dir: Path) -> None:
+    """With ``trainer.resume``: Refused (one line) when the run's checkpoint was made for
+    other training settings, checked before the run directory is locked, logged to or
+    written, so that a refused resume changes nothing on disk (``restore`` checks again)."""
+    if not cfg.trainer.resume or not (run_dir / CHECKPOINT.parent).is_dir():
+        return
+    try:
+        path = latest_valid_checkpoint(run_dir / CHECKPOINT.parent)
+        if path is not None:
+            state = load_checkpoint(path, map_location="cpu")
+            _check_resumable(state, OmegaConf.to_container(cfg, resolve=True), path)
+    except (ConfigError, CheckpointError) as e:
+        raise Refused(str(e), e.exit_code) from None

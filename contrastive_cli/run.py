@@ -32,7 +32,7 @@ from contrastive_cli.events import Callback, Loop, Progress
 from contrastive_cli.finish import finish
 from contrastive_cli.record import ConfigRecord
 from contrastive_cli.report import MetricsLog, versions
-from contrastive_cli.restore import restore
+from contrastive_cli.restore import check_resumable, restore
 from contrastive_cli.runfiles import CHECKPOINT, RunFiles
 from contrastive_cli.signals import GracefulStop, Interrupted
 from contrastive_cli.tracking import Trackers, build_trackers
@@ -54,6 +54,7 @@ def run_training(
     directory's lock (a launcher of several processes holds it for them)."""
     started = time.time()
     validate(cfg)
+    check_resumable(cfg, run_dir)  # before anything in run_dir is touched
     run_dir.mkdir(parents=True, exist_ok=True)
     files = RunFiles(run_dir, writes=dist.main)
     held = writer.lock(run_dir, "resume" if cfg.trainer.resume else "train")

@@ -41,7 +41,7 @@ class RunFiles:
         self.path = path
         self.writes = writes  # only one process of several writes the run directory
         for name in self.NAMES:
-            writer.safe_path(path, name, create=False)
+            writer.check_file(writer.safe_path(path, name, create=False))
 
     def file(self, relative: str | Path) -> Path:
         return writer.safe_path(self.path, relative, create=self.writes)
