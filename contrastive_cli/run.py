@@ -478,14 +478,16 @@ class Built:
     monitor: KnnMonitor | None
 
 
-def build_run(cfg: DictConfig, dist: Dist = SINGLE) -> Built:
+def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = None) -> Built:
+    """Build a run from its config; ``data`` replaces the config's source (benchmarks that
+    fall back to other images when a dataset is not installed)."""
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
     runtime: Runtime = build(cfg.device)
     if dist.several and runtime.device.type == "cuda":  # one GPU per process on its node
         runtime = dataclasses.replace(runtime, device=torch.device("cuda", dist.local_rank))
         torch.cuda.set_device(runtime.device)
-    data = load_data(cfg)
+    data = load_data(cfg) if data is None else data
     check_data(cfg, data)
     augment = build(cfg.data.augment)
     training = build_training(cfg, runtime, data, build_encoder(cfg, t.seed), dist)
