@@ -95,9 +95,7 @@ def _entry(
         dist.destroy_process_group()
 
 
-def _several(
-    overrides: list[str], steps: int, local: bool, data: tuple[str, int | None]
-) -> float:
+def _several(overrides: list[str], steps: int, local: bool, data: tuple[str, int | None]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "seconds")
         torch.multiprocessing.spawn(
