@@ -25,7 +25,7 @@ from tests.conftest import REPO, TINY, read_results, run_cli, run_dirs
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("mlflow", "tensorboard")),
-    reason="needs the tracking extra: pip install 'contrast[tracking]'",
+    reason="needs the tracking extra: pip install 'contrastive-cli[tracking]'",
 )
 
 # 3 epochs x 22 steps on digits; loss and lr every 10 steps of an epoch (steps 10, 20, 32, ...).
@@ -516,7 +516,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(tmp_path, 
     )
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
-    assert "tracker=mlflow" in line and "pip install 'contrast[tracking]'" in line
+    assert "tracker=mlflow" in line and "pip install 'contrastive-cli[tracking]'" in line
     assert not (tmp_path / "outputs").exists()  # refused before a run directory exists
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(ConfigError, match=r"tracker=tensorboard needs the tensorboard package"):

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from contrastive_cli import install_hint
 from contrastive_cli.config import apply_overrides, build
 from contrastive_cli.errors import ConfigError, DataError
 from contrastive_cli.rundirs import load_run
@@ -96,7 +97,7 @@ def _check_out(out: Path) -> None:
         except ImportError:
             raise ConfigError(
                 f"--out {out}: writing parquet needs pyarrow (pip install pyarrow, or "
-                "pip install 'contrast[parquet]'); or write .npy or .csv"
+                f"{install_hint('parquet')}); or write .npy or .csv"
             ) from None
 
 
