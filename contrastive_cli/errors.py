@@ -15,6 +15,23 @@ class ConfigError(UserError):
     exit_code = 2
 
 
+class ConfigErrors(ConfigError):
+    """Several config problems of one command line, reported together: one line each (the
+    CLI prefixes the first with ``error:``; the others carry it in the message)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(dict.fromkeys(problems))  # in order, each once
+        super().__init__("\nerror: ".join(self.problems))
+
+
+def raise_all(problems: list[str]) -> None:
+    """Raise the problems found (none: return): a plain ConfigError for one, else all."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigErrors(problems)
+
+
 class DataError(UserError):
     """Data that is missing, unreadable or cannot be downloaded."""
 

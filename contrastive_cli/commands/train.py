@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -15,13 +16,23 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from contrastive_cli.config import CONF_DIR, expand_home
-from contrastive_cli.distributed import place_from_env
 from contrastive_cli.errors import ConfigError, RunExists, UserError
 from contrastive_cli.signals import Interrupted
 from contrastive_cli.validate import check_command_line
 
 log = logging.getLogger(__name__)
 HELP = "train an encoder with a contrastive loss, then evaluate it (Hydra overrides)"
+
+
+def place_from_env():  # -> contrastive_cli.distributed.Place | None
+    """``distributed.place_from_env`` without importing torch in the usual single process
+    (it returns None unless a launcher set RANK or SLURM_PROCID), so a typo is reported
+    before torch loads."""
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        return None
+    from contrastive_cli.distributed import place_from_env as place
+
+    return place()
 
 
 def objective(results: dict) -> float:
