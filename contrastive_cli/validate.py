@@ -75,7 +75,9 @@ def value_problems(cfg: DictConfig, torch_free: bool = False) -> list[str]:
     problems: list[str] = []
     _walk(cfg, cfg, "", problems, torch_free)
     for section in REQUIRED_IN:
-        node = OmegaConf.select(cfg, section) if section else cfg
+        node = OmegaConf.select(cfg, section, throw_on_resolution_failure=False) if section else cfg
+        if not isinstance(node, DictConfig):  # not a section at all: reported by _walk
+            continue
         for key, tp in (section_types(section) or {}).items():
             if key not in node.keys() and problem(None, tp):  # noqa: SIM118 (no resolving)
                 problems.append(_missing(f"{section}.{key}".lstrip("."), tp))

@@ -113,9 +113,9 @@ def test_help_lists_groups_and_options(tmp_path):
         assert text in top
     train_help = run_cli(["train", "--help"], cwd=tmp_path, check=True).stdout
     for text in (
-        "data: cifar10, cifar100, digits, fashion_mnist, folder, mnist, stl10",
-        f"loss: {', '.join(LOSSES)}",
-        "knn_temperature",
+        "data=digits (options: cifar10, cifar100, digits, fashion_mnist, folder, mnist, stl10)",
+        f"loss=ntxent (options: {', '.join(LOSSES)})",
+        "eval.knn_temperature",
     ):
         assert text in train_help
 

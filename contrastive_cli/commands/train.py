@@ -97,8 +97,28 @@ def _explicit_run_dir(args: list[str]) -> Path | None:
     return None
 
 
+def _help(args: list[str]) -> int | None:
+    """``contrast train [overrides] --help [KEY]``: the settings reference (``reference``),
+    for the group choices given and one section or key when KEY is given; None when the
+    command line asks for something else. No torch, no run directory."""
+    flags = [i for i, a in enumerate(args) if a in ("-h", "--help")]
+    if not flags:
+        return None
+    from contrastive_cli.reference import reference
+
+    i = flags[0]
+    nxt = args[i + 1] if i + 1 < len(args) else None
+    only = nxt if nxt is not None and not nxt.startswith("-") and "=" not in nxt else None
+    rest = [a for j, a in enumerate(args) if j != i and not (only is not None and j == i + 1)]
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    print(reference(overrides, only))
+    return 0
+
+
 def main(args: list[str]) -> int:
     args = [expand_home(a) for a in args]  # the shell leaves ~ in data.path=~/photos
+    if (code := _help(args)) is not None:
+        return code
     # Hydra writes .hydra/ into the run directory before any of our code runs, so a run
     # directory given on the command line is checked here, before Hydra starts.
     explicit = _explicit_run_dir(args)
