@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,11 @@ def test_malicious_last_pt_is_refused_by_contrast_train_resume(tmp_path):
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: checkpoint {last} was refused") and ".system" in lines[0]
     assert not marker.exists() and "Traceback" not in proc.stderr
+
+
+def test_checkpoints_are_written_0644_like_every_other_output(tmp_path):
+    """mkstemp creates 0600 files; a checkpoint is shared like results.json and plots."""
+    path = tmp_path / "checkpoints" / "last.pt"
+    ckpt.save_checkpoint(path, {"epoch": 1})
+    ckpt.save_checkpoint(path, {"epoch": 2})
+    assert {stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()} == {0o644}

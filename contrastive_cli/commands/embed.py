@@ -27,6 +27,7 @@ from contrastive_cli.config import apply_overrides, build
 from contrastive_cli.errors import ConfigError, DataError
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.validate import validate
+from contrastive_cli.writer import FILE_MODE
 
 HELP = "write a trained encoder's embeddings of a dataset (.parquet, .npy or .csv)"
 FORMATS = (".parquet", ".npy", ".csv")
@@ -179,6 +180,7 @@ def write(out: Path, rows: dict[str, np.ndarray], metadata: dict[str, str]) -> N
         {".parquet": _parquet, ".npy": _npy, ".csv": _csv}[out.suffix.lower()](
             Path(tmp), rows, metadata
         )
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; like every other output
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

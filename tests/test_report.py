@@ -1,0 +1,22 @@
+"""The results table printed at the end of a run."""
+
+from __future__ import annotations
+
+from contrastive_cli.report import results_table
+
+
+def test_every_row_of_the_results_table_is_aligned():
+    """The gain row's label is the longest: its numbers must still line up with the others."""
+    results = {
+        "loss": "ntxent",
+        "metrics": {"knn_k200": 0.9639, "knn_k20": 0.9778, "linear_top1": 0.9833},
+        "baselines": {
+            "raw_pixels": {"knn_k200": 0.9333, "knn_k20": 0.9694, "linear_top1": 0.95},
+            "random_init": {"knn_k200": 0.85, "knn_k20": 0.9361, "linear_top1": 0.9472},
+        },
+    }
+    lines = results_table(results).splitlines()
+    assert lines[-1].startswith("gain over best baseline") and "+0.0306" in lines[-1]
+    assert len({len(line) for line in lines}) == 1, lines  # every column ends at one place
+    ends = [line.index("0.9639") + 6 for line in lines if "0.9639" in line]
+    assert lines[-1].index("+0.0306") + 7 == ends[0]
