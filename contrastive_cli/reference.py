@@ -438,7 +438,9 @@ def reference(overrides: Sequence[str] = (), only: str | None = None) -> str:
         and not any(r.key.startswith(wanted + ".") for r in rows)
     ):
         near = difflib.get_close_matches(wanted, [s for s in SECTIONS if s in cfg], n=1)
-        hint = f" (did you mean {near[0]}?)" if near and "." not in wanted else _suggest(cfg, wanted)
+        hint = (
+            f" (did you mean {near[0]}?)" if near and "." not in wanted else _suggest(cfg, wanted)
+        )
         raise ConfigError(
             f"--help {only}: contrast has no setting or section {only}{hint}; "
             f"allowed: one of {', '.join(s for s in SECTIONS if s in cfg)}, or a key such as "

@@ -546,15 +546,18 @@ def train_steps(built: Built, steps: int, epochs: int, seed: int, dist: Dist = S
     return progress
 
 
-def restore(cfg: DictConfig, built: Built, files: RunFiles, resolved: dict) -> Progress:
+def restore(
+    cfg: DictConfig, built: Built, files: RunFiles, resolved: dict
+) -> tuple[Progress, float]:
     """The progress of the checkpoint to resume from (its state loaded into the method,
-    optimizer and schedule), or a fresh start. Refuses, in one line, a checkpoint made for
-    another training config and one whose contents do not fit what the config builds."""
+    optimizer and schedule) and the wall time the run had taken by then (earlier attempts),
+    or a fresh start. Refuses, in one line, a checkpoint made for another training config
+    and one whose contents do not fit what the config builds."""
     if not cfg.trainer.resume:
-        return Progress()
+        return Progress(), 0.0
     path = latest_valid_checkpoint(files.checkpoint().parent)
     if path is None:
-        return Progress()
+        return Progress(), 0.0
     state = load_checkpoint(path, map_location=built.runtime.device)
     _check_resumable(state, resolved, path)
     method, optimizer, scheduler = built.training[0], built.training[2], built.training[3]
@@ -572,8 +575,13 @@ def restore(cfg: DictConfig, built: Built, files: RunFiles, resolved: dict) -> P
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} does not fit the run's config: {problem}") from None
-    log.info(f"resuming from {path}: epoch {progress.epoch}, step {progress.step}")
-    return progress
+    # The epoch in progress, numbered as "stopped at epoch N" numbered it.
+    log.info(
+        f"resuming from {path}: epoch {progress.epoch + 1}/{cfg.trainer.epochs}, "
+        f"step {progress.step}"
+    )
+    earlier = state.get("wall_time_s", progress.train_seconds)  # older checkpoints: a floor
+    return progress, float(earlier) if isinstance(earlier, (int, float)) else 0.0
 
 
 def _check_resumable(state: dict, resolved: dict, path: Path) -> None:
@@ -692,7 +700,8 @@ def _run(
     built = build_run(cfg, dist)
     runtime, data, augment = built.runtime, built.data, built.augment
     method, step_fn, optimizer, scheduler, batches = built.training
-    progress = restore(cfg, built, files, resolved)
+    progress, earlier_s = restore(cfg, built, files, resolved)
+    started -= earlier_s  # wall times count the earlier attempts, as train_time_s does
     metrics_log = files.metrics(keep_epochs=progress.epoch)
     digest = training_digest(resolved)
 
@@ -708,6 +717,7 @@ def _run(
                 "progress": dataclasses.asdict(progress),
                 "config": resolved,
                 "config_digest": digest,
+                "wall_time_s": time.time() - started,  # this attempt and the earlier ones
             },
         )
 
@@ -782,7 +792,8 @@ def _run(
 
     def interrupted(progress: Progress) -> Interrupted:
         message = (
-            f"stopped at epoch {progress.epoch + 1}, step {progress.step}; checkpoint saved; "
+            f"stopped at epoch {progress.epoch + 1}/{t.epochs}, step {progress.step}; "
+            "checkpoint saved; "
             f"continue with: contrast resume {run_dir}"
         )
         files.results(stopped("interrupted", progress, message))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import struct
 import subprocess
@@ -110,8 +111,15 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(reference, tmp
     results = read_results(run)
     assert results["status"] == "interrupted"
     assert f"contrast resume {run}" in out
-    run_cli(["resume", str(run)], cwd=tmp_path, check=True)
+    [stopped_at] = re.findall(r"stopped at epoch (\d+/\d+)", out)
+    resumed = run_cli(["resume", str(run)], cwd=tmp_path, check=True)
     assert compared_values(run) == compared_values(reference)
+    # the same epoch number in both messages; wall time counts the first attempt too
+    assert f"resuming from {run / 'checkpoints' / 'last.pt'}: epoch {stopped_at}," in (
+        resumed.stdout + resumed.stderr
+    )
+    final = read_results(run)
+    assert final["wall_time_s"] >= max(final["train_time_s"], results["wall_time_s"])
 
 
 def test_sweep_with_a_failing_job_finishes_the_others_and_exits_nonzero(tmp_path):
