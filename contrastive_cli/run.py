@@ -721,6 +721,8 @@ def _run(
             },
         )
 
+    last_save = [time.monotonic()]  # when a checkpoint was last written (the start counts)
+
     def end_epoch(progress: Progress, record: dict) -> int | None:
         """Monitor, log and checkpoint (rank 0); the epoch count trainer.time_budget fixes."""
         nonlocal digest
@@ -758,8 +760,14 @@ def _run(
             + (f"  knn {record['knn']:.4f}" if "knn" in record else "")
             + (f"  ~{_duration(left)} of training left" if progress.epoch < t.epochs else "")
         )
-        if t.checkpoint:
+        # A cadence bounds the bytes written (a 100-epoch digits run rewrote 7 MB 100 times);
+        # a stop request saves on its own (train's hooks.save), the last epoch always.
+        every = t.get("checkpoint_every_s") or 0
+        if t.checkpoint and (
+            progress.epoch >= t.epochs or time.monotonic() - last_save[0] >= every
+        ):
             save(progress)
+            last_save[0] = time.monotonic()
         return epochs
 
     summary: dict[str, Any] = {

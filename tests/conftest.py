@@ -23,6 +23,7 @@ TINY = [
     "eval.monitor_bank=500",
     "eval.monitor_queries=100",
     "eval.embedding_points=200",
+    "trainer.checkpoint_every_s=0",  # a checkpoint every epoch: what kill/resume tests stop at
 ]
 
 

@@ -135,3 +135,5 @@ def test_missing_data_is_one_line_naming_the_files(tmp_path):
     assert "Traceback" not in proc.stderr
     [line] = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert "train-images-idx3-ubyte" in line and "MNIST/raw" in line
+    # nothing ran: no `failed` run directory left for `contrast runs` to list
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]

@@ -75,6 +75,9 @@ def test_failed_download_through_the_cli(tmp_path):
     # Without internet the user learns which files to put where.
     assert "train-images-idx3-ubyte[.gz]" in lines[0]
     assert str(tmp_path / "data" / "MNIST" / "raw") in lines[0]
+    # the failed download leaves no empty data/MNIST/raw, the failed run no run directory
+    assert not (tmp_path / "data").exists()
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
 
 
 def test_unreadable_data_file_is_one_line(tmp_path, monkeypatch, compose_cfg):

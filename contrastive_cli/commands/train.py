@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from contrastive_cli.config import CONF_DIR, expand_home
-from contrastive_cli.errors import ConfigError, RunExists, UserError
+from contrastive_cli.errors import ConfigError, DataError, RunExists, UserError
 from contrastive_cli.signals import Interrupted
 from contrastive_cli.validate import check_command_line
 
@@ -60,7 +61,15 @@ def _train_task(cfg: DictConfig) -> float:
             OmegaConf.save(cfg, run_dir / hc.output_subdir / "config.yaml", resolve=True)
         return objective(run_job(cfg, run_dir, dict(hc.runtime.choices)))
     except UserError as e:
-        if main and not isinstance(e, RunExists) and not (run_dir / "results.json").exists():
+        if (
+            main
+            and not multirun
+            and isinstance(e, (DataError, ConfigError))  # data missing, or too few images
+            and not isinstance(e, RunExists)
+            and _only_started(run_dir, cfg)
+        ):
+            _remove_run_dir(run_dir)  # nothing ran: no `failed` directory to list or clean up
+        elif main and not isinstance(e, RunExists) and not (run_dir / "results.json").exists():
             _record_failure(run_dir, str(e))
         if cfg.get("debug"):
             raise
@@ -76,6 +85,28 @@ def _train_task(cfg: DictConfig) -> float:
             log.exception("job failed")
             return math.nan
         raise
+
+
+# What a run directory holds before training starts: Hydra's config, the log, the lock.
+_STARTED_ONLY = {".hydra", "train.log", ".lock"}
+
+
+def _only_started(run_dir: Path, cfg: DictConfig) -> bool:
+    """The run directory of a new run that has written nothing of its own yet."""
+    if cfg.trainer.get("resume") or not run_dir.is_dir():
+        return False
+    return {p.name for p in run_dir.iterdir()} <= _STARTED_ONLY
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    """Remove a run directory that holds only what starting it wrote (and its date folder,
+    when that is left empty). Best effort: the error is what the user must see."""
+    import shutil
+
+    with contextlib.suppress(OSError):
+        shutil.rmtree(run_dir)
+        if re.fullmatch(r"\d{4}-\d\d-\d\d", run_dir.parent.name):
+            run_dir.parent.rmdir()  # outputs/<date>/ when this was its only run
 
 
 def _record_failure(run_dir: Path, error: str) -> None:

@@ -7,6 +7,7 @@ these loaders look. Which folder and files each dataset uses is set in ``conf/da
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import pickle
@@ -218,17 +219,36 @@ def _download(
 ) -> None:
     """Fetch with torchvision's code, once per ``calls`` entry (its split arguments); any
     failure (offline, disk) becomes one line that ends with ``offline``: which files to put
-    where by hand."""
+    where by hand, and leaves no empty folder behind (torchvision makes ``<root>/MNIST/raw``
+    before it downloads)."""
+    existed = _folders(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         for split in calls:
             downloader(root=str(root), download=True, **split)
     except Exception as e:  # network errors come in many types (URLError, OSError, RuntimeError)
+        _remove_empty_new_folders(root, existed)
         reason = str(e).strip().splitlines()[0].rstrip(":") if str(e).strip() else ""
         raise DataError(
             f"data={name}: download into {root} failed ({reason or type(e).__name__}); "
             f"without internet, {offline}"
         ) from None
+
+
+def _folders(root: Path) -> set[Path]:
+    """``root``'s existing ancestors, itself and every folder under it."""
+    found = {p for p in (root, *root.parents) if p.is_dir()}
+    if root.is_dir():
+        found |= {p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()}
+    return found
+
+
+def _remove_empty_new_folders(root: Path, existed: set[Path]) -> None:
+    """Remove the folders a failed download made that are still empty, deepest first."""
+    made = [p for p in _folders(root) if p not in existed]
+    for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty (a partial file): kept, it is named
+            folder.rmdir()
 
 
 # --------------------------------------------------------------------------- STL-10
