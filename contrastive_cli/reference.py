@@ -155,6 +155,8 @@ def describe(tp: Any) -> str:
             base = "[low, high] of " + base.removeprefix("list of ")
         if base == "text" and "(non-empty)" in words:
             words.remove("(non-empty)")
+        if base == "text" and "like 15m, 90s, 1.5h" in words:
+            return "duration: 15m|90s|1.5h"
         return " ".join([base, *words]).strip()
     if origin is Literal:
         return "one of " + "|".join(str(a) for a in args)
@@ -398,7 +400,7 @@ def _table(rows: list[Setting]) -> list[str]:
     if not rows:
         return []
     w_key = max(len(r.key) for r in rows)
-    w_kind = min(max(len(r.kind) for r in rows), 34)
+    w_kind = min(max(len(r.kind) for r in rows), 46)
     w_default = min(max(len(r.default) for r in rows), 24)
     lines = []
     for r in rows:
