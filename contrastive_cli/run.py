@@ -903,6 +903,10 @@ def finish(
     # One feature extraction for the embedding map and TensorBoard's projector.
     sample = None
     if cfg.eval.plots or trackers:
+        log.info(
+            f"embedding map: features of up to {cfg.eval.embedding_points:,} test images"
+            + (", then t-SNE (or UMAP) and plots/" if cfg.eval.plots else "")
+        )
         sample = embedding_sample(encoder, built.data, built.augment, built.runtime, cfg)
         trackers.log_embedding(sample, progress.step)
     if cfg.eval.plots:
