@@ -16,12 +16,17 @@ class ConfigError(UserError):
 
 
 class ConfigErrors(ConfigError):
-    """Several config problems of one command line, reported together: one line each (the
-    CLI prefixes the first with ``error:``; the others carry it in the message)."""
+    """Several config problems of one command line, reported together: one ``error:`` line
+    each (``error_lines``)."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(dict.fromkeys(problems))  # in order, each once
-        super().__init__("\nerror: ".join(self.problems))
+        super().__init__("; ".join(self.problems))
+
+
+def error_lines(e: BaseException) -> list[str]:
+    """What the CLI prints for an error, one line each: every problem of a ConfigErrors."""
+    return list(getattr(e, "problems", None) or [str(e)])
 
 
 def raise_all(problems: list[str]) -> None:
@@ -54,6 +59,15 @@ class Diverged(UserError):
 
 class RunExists(ConfigError):
     """The chosen run directory already holds a run (it is left untouched)."""
+
+
+class Refused(UserError):
+    """A command refused before it changed anything in the run directory (a resume whose
+    config no longer fits the checkpoint, a directory in use): no failure is recorded there."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class CheckpointError(UserError):
