@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -196,6 +197,16 @@ def test_runs_lists_sorts_filters_and_writes_csv(reference, tmp_path):
         check=True,
     )
     assert len(json.loads(some.stdout)) == 1
+
+
+def test_runs_leaves_out_mlflows_artifact_copies(reference, tmp_path):
+    """MLflow keeps a copy of a run's files under outputs/mlartifacts/: not a second run."""
+    from contrastive_cli.rundirs import find_runs
+
+    outputs = tmp_path / "outputs"
+    shutil.copytree(reference, outputs / "2026-12-05" / "run")
+    shutil.copytree(reference, outputs / "mlartifacts" / "1" / "abc123" / "artifacts")
+    assert [r.path for r in find_runs([outputs])] == [outputs / "2026-12-05" / "run"]
 
 
 def test_eval_of_the_saved_encoder_reproduces_the_runs_numbers(reference, tmp_path):
