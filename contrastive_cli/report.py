@@ -154,4 +154,7 @@ def results_table(results: dict) -> str:
                 for k in keys
             )
         )
+    split = str(results.get("split") or "")
+    if split.startswith("heldout"):  # `contrast eval --heldout`: not a test-split result
+        lines.insert(0, f"held-out (train): {split}, not the test split")
     return "\n".join(lines)

@@ -332,6 +332,13 @@ def test_eval_heldout_scores_on_part_of_train_never_on_test(reference, tmp_path)
         check=True,
     )
     assert json.loads(out.read_text())["split"] == "heldout 0.25 of train"
+    default = run_cli(
+        ["eval", str(reference), "--heldout", "0.25", "eval.baselines=false"], cwd=tmp_path
+    )
+    assert (
+        "held-out (train)" in default.stdout.splitlines()[0] or "held-out (train)" in default.stdout
+    )
+    assert list((reference / "evals").glob("digits_heldout-train_*.json"))
     bad = run_cli(["eval", str(reference), "--heldout", "1.5"], cwd=tmp_path)
     assert bad.returncode == 2 and "--heldout=1.5 is not allowed" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -20,3 +20,12 @@ def test_every_row_of_the_results_table_is_aligned():
     assert len({len(line) for line in lines}) == 1, lines  # every column ends at one place
     ends = [line.index("0.9639") + 6 for line in lines if "0.9639" in line]
     assert lines[-1].index("+0.0306") + 7 == ends[0]
+
+
+def test_held_out_results_say_so_in_the_title():
+    """`contrast eval --heldout` scores on part of train: its table must not pass for a test
+    result."""
+    results = {"loss": "ntxent", "metrics": {"knn_k200": 0.9}, "split": "heldout 0.2 of train"}
+    first = results_table(results).splitlines()[0]
+    assert first == "held-out (train): heldout 0.2 of train, not the test split"
+    assert "held-out" not in results_table({**results, "split": "test"})
