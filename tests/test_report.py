@@ -29,3 +29,20 @@ def test_held_out_results_say_so_in_the_title():
     first = results_table(results).splitlines()[0]
     assert first == "held-out (train): heldout 0.2 of train, not the test split"
     assert "held-out" not in results_table({**results, "split": "test"})
+
+
+def test_a_sweep_plot_only_for_the_jobs_of_one_sweep(tmp_path):
+    """`contrast plot` over runs of different sweeps, or of none, draws no sweep.png (its
+    winner would be a run the axis cannot name); one sweep's jobs do."""
+    from contrastive_cli.plots import one_sweep
+    from contrastive_cli.rundirs import Run
+
+    sweep = tmp_path / "multirun" / "2026-12-05" / "10-00-00"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("{}\n")
+    jobs = [Run(path=sweep / f"{i}_ntxent_digits") for i in range(2)]
+    assert one_sweep(jobs)
+    other = Run(path=tmp_path / "multirun" / "2026-12-05" / "11-00-00" / "0_moco_digits")
+    assert not one_sweep([*jobs, other])
+    single = [Run(path=tmp_path / "outputs" / "2026-12-05" / n) for n in ("a_x", "b_y")]
+    assert not one_sweep(single)
