@@ -53,9 +53,15 @@ def plot_curves(series: Sequence[tuple[str, list[dict]]], out: Path) -> Path:
 
 
 def plot_embedding(
-    features: np.ndarray, labels: np.ndarray, out: Path, title: str, seed: int = 0
+    features: np.ndarray,
+    labels: np.ndarray,
+    out: Path,
+    title: str,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
-    """2-D map of features (UMAP when installed, else t-SNE), coloured by class."""
+    """2-D map of features (UMAP when installed, else t-SNE), coloured by class (named in
+    the legend when the data has class names)."""
     try:
         import umap  # type: ignore[import-not-found]
 
@@ -74,7 +80,8 @@ def plot_embedding(
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for i, c in enumerate(classes):
         pts = xy[labels == c]
-        ax.scatter(pts[:, 0], pts[:, 1], s=4, color=cmap(i % cmap.N), label=str(c))
+        name = class_names[c] if class_names is not None and 0 <= c < len(class_names) else c
+        ax.scatter(pts[:, 0], pts[:, 1], s=4, color=cmap(i % cmap.N), label=str(name))
     ax.set(title=f"{title} ({method}, {len(features)} test images)", xticks=[], yticks=[])
     if len(classes) <= 20:
         ax.legend(markerscale=3, fontsize=7, loc="best")

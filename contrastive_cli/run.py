@@ -253,7 +253,12 @@ def plot_embedding_of(
     if sample is None:
         return None
     return plot_embedding(
-        sample.features.numpy(), sample.labels.numpy(), out, title, cfg.trainer.seed
+        sample.features.numpy(),
+        sample.labels.numpy(),
+        out,
+        title,
+        cfg.trainer.seed,
+        sample.class_names,
     )
 
 

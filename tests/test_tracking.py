@@ -222,7 +222,11 @@ def test_tensorboard_scalars_and_projector(stopped_and_resumed):
     config = text_format.Parse((logdir / "projector_config.pbtxt").read_text(), ProjectorConfig())
     [embedding] = config.embeddings
     tensors = np.loadtxt(logdir / embedding.tensor_path, delimiter="\t", ndmin=2)
-    labels = [int(v) for v in (logdir / embedding.metadata_path).read_text().split()]
+    # label and class name per point (digits' class names are the digits themselves)
+    header, *rows = (logdir / embedding.metadata_path).read_text().splitlines()
+    assert header.split("\t") == ["label", "class"]
+    labels = [int(row.split("\t")[0]) for row in rows]
+    assert all(row.split("\t")[1] == row.split("\t")[0] for row in rows)
     assert list(embedding.sprite.single_image_dim) == [8, 8]
     assert (logdir / embedding.sprite.image_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     expected = _embedding_of(run)
