@@ -593,3 +593,10 @@ def test_a_failing_tracker_is_one_warning_and_the_others_go_on(tmp_path, caplog)
         f"warning: tracker=broken: ConnectionError: server went away; the run goes on without it "
         f"(results in {tmp_path})"
     ]
+
+
+def test_the_first_lines_say_where_the_runs_go_and_how_to_open_them(stopped_and_resumed):
+    _, run, _, _, output = stopped_and_resumed
+    assert "MLflow: runs go to sqlite:///" in output and "mlflow ui --backend-store-uri '" in output
+    assert f"TensorBoard: events go to {run / 'tensorboard'}" in output
+    assert f"tensorboard --logdir '{run.parent}'" in output
