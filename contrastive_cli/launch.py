@@ -18,20 +18,20 @@ an error a user can fix.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from contrastive_cli import failures
 from contrastive_cli.distributed import Dist, Place, init_process_group, place_from_env
 from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.signals import Interrupted
@@ -122,22 +122,46 @@ def launch(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str,
     )
     errors = Path(tempfile.mkdtemp(prefix="contrast-workers-"))
     config_dict = OmegaConf.to_container(cfg, resolve=True)
-    log.info(f"starting {n} processes (torch.distributed, elastic launcher)")
+    restarts = failures.Restarts(run_dir, errors, n, int(cfg.trainer.max_restarts))
+    with _to_train_log(run_dir):
+        log.info(f"starting {n} processes (torch.distributed, elastic launcher)")
+        try:
+            with _quiet_elastic(), failures.watching(restarts):
+                results = elastic_launch(config, worker)(
+                    config_dict, str(run_dir), choices, str(errors)
+                )
+        except ChildFailedError as e:
+            exit_codes = {rank: f.exitcode for rank, f in e.failures.items()}
+            failure = failures.first_failure(exit_codes, errors, restarts.attempt, n)
+            error = failures.as_error(failure, n, run_dir)
+            if not failure.interrupted:
+                failures.record_failure(run_dir, failure, n, str(error), restarts.records)
+            raise error from None
+        except SignalException as e:
+            raise Interrupted(
+                int(e.sigval),
+                f"stopped by {signal.Signals(e.sigval).name}; continue with: contrast resume "
+                f"{run_dir}",
+            ) from None
+        finally:
+            shutil.rmtree(errors, ignore_errors=True)
+    return restarts.add_to(results.get(0) or {})
+
+
+@contextlib.contextmanager
+def _to_train_log(run_dir: Path) -> Iterator[None]:
+    """The launcher's own lines (processes started, restarts) in train.log too, as rank 0's."""
+    from contrastive_cli import writer
+
+    handler = writer.SafeFileHandler(writer.safe_path(run_dir, "train.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("contrastive_cli")
+    logger.addHandler(handler)
     try:
-        with _quiet_elastic():
-            results = elastic_launch(config, worker)(
-                config_dict, str(run_dir), choices, str(errors)
-            )
-    except ChildFailedError as e:
-        raise _first_failure(e, errors, n, run_dir) from None
-    except SignalException as e:
-        raise Interrupted(
-            int(e.sigval),
-            f"stopped by {signal.Signals(e.sigval).name}; continue with: contrast resume {run_dir}",
-        ) from None
+        yield
     finally:
-        shutil.rmtree(errors, ignore_errors=True)
-    return results.get(0) or {}
+        logger.removeHandler(handler)
+        handler.close()
 
 
 @contextlib.contextmanager
@@ -157,44 +181,6 @@ def _quiet_elastic():
             lg.setLevel(level)
 
 
-class WorkerFailed(UserError):
-    """A worker process failed; the message names its rank."""
-
-
-def _first_failure(error: Any, errors: Path, n: int, run_dir: Path) -> BaseException:
-    """The one line for the worker whose failure came first: one killed by a signal (the
-    others then lose contact with it), else the earliest message a worker left; a group
-    that stopped on SIGINT/SIGTERM is an interruption, not a failure."""
-    failures = dict(error.failures)
-    codes = {p.exitcode for p in failures.values()}
-    if codes and codes <= {128 + signal.SIGINT, 128 + signal.SIGTERM}:
-        return Interrupted(max(codes) - 128, f"stopped; continue with: contrast resume {run_dir}")
-    reported = {}
-    for path in errors.glob("rank*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            record = json.loads(path.read_text())
-            reported[int(record["rank"])] = record
-    killed = sorted(r for r, p in failures.items() if p.exitcode < 0 and r not in reported)
-    if reported and not killed:
-        first = min(reported.values(), key=lambda r: r["time"])
-        failure = UserError(f"{first['message']} (rank {first['rank']} of {n})")
-        failure.exit_code = int(first["exit_code"])
-        return failure
-    rank = killed[0] if killed else min(failures, key=lambda r: (failures[r].timestamp, r))
-    code = failures[rank].exitcode
-    how = (
-        f"was killed by {signal.Signals(-code).name}"
-        if code < 0 and -code in signal.Signals._value2member_map_
-        else f"exited with code {code}"
-    )
-    failure = WorkerFailed(
-        f"rank {rank} of {n} {how}; the other processes were stopped; continue with: "
-        f"contrast resume {run_dir}"
-    )
-    failure.exit_code = 1
-    return failure
-
-
 def worker(config: dict, run_dir: str, choices: dict[str, str], errors: str) -> dict | None:
     """One of the N processes ``launch`` starts (rank and rendezvous from the environment).
 
@@ -210,7 +196,8 @@ def worker(config: dict, run_dir: str, choices: dict[str, str], errors: str) -> 
     _worker_logging(place.rank)
     cfg = OmegaConf.create(config)
     OmegaConf.set_struct(cfg, True)
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt > 0:
         cfg.trainer.resume = True
     try:
         dist = _join(place, cfg)
@@ -218,13 +205,16 @@ def worker(config: dict, run_dir: str, choices: dict[str, str], errors: str) -> 
     except Interrupted as e:
         sys.exit(e.exit_code)
     except UserError as e:
-        _report(errors, place.rank, str(e), e.exit_code)
+        failures.report(errors, attempt, place.rank, "error", str(e), e.exit_code)
         sys.exit(e.exit_code)
-    except Exception as e:
+    except Exception as e:  # the launcher says which rank failed first, and why
         if _lost_a_peer(e):
-            _report(errors, place.rank, f"lost contact with another process ({_line(e)})", 1)
-            sys.exit(1)
-        raise
+            message = f"lost contact with another process ({_line(e)})"
+            failures.report(errors, attempt, place.rank, "lost", message, 1)
+        else:
+            message = f"{type(e).__name__}: {_line(e)}"
+            failures.report(errors, attempt, place.rank, "crash", message, 1, e)
+        sys.exit(1)
     finally:
         _leave()
 
@@ -247,12 +237,6 @@ def _worker_logging(rank: int) -> None:
         stream=sys.stdout,
         force=True,
     )
-
-
-def _report(errors: str, rank: int, message: str, code: int) -> None:
-    with contextlib.suppress(OSError):
-        record = {"rank": rank, "message": message, "exit_code": code, "time": time.time()}
-        (Path(errors) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 def _lost_a_peer(e: BaseException) -> bool:
