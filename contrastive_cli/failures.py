@@ -26,7 +26,6 @@ import logging
 import signal
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +182,17 @@ def record_failure(
         writer.write_json(writer.safe_path(run_dir, "results.json"), results)
 
 
+def record_interrupted(run_dir: Path, message: str) -> bool:
+    """results.json for a group stopped before rank 0 could write one (while starting);
+    whether it was needed."""
+    if (run_dir / "results.json").exists():
+        return False
+    with contextlib.suppress(OSError, UserError):
+        results = {"status": "interrupted", "run_dir": str(run_dir), "error": message}
+        writer.write_json(writer.safe_path(run_dir, "results.json"), results)
+    return True
+
+
 def append_to_train_log(run_dir: Path, text: str) -> None:
     """Append ``text`` to train.log as the run's own lines are (not to the console)."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -193,7 +203,7 @@ def append_to_train_log(run_dir: Path, text: str) -> None:
 
 
 class Restarts:
-    """The group's elastic restarts as torch's agent makes them (see ``watching``): each is
+    """The group's elastic restarts as torch's agent makes them (see ``launch._our_agent``): each is
     logged (console and train.log) when the new processes start, and kept for
     results.json with the failed rank, the reason and the step resumed from."""
 
@@ -263,37 +273,3 @@ def checkpoint_position(run_dir: Path) -> tuple[int, int]:
             progress = load_checkpoint(path)["progress"]
             return int(progress["epoch"]), int(progress["step"])
     return 0, 0
-
-
-@contextlib.contextmanager
-def watching(restarts: Restarts) -> Iterator[None]:
-    """Let ``restarts`` see the failures and starts of torch's elastic agent.
-
-    ``elastic_launch`` builds its ``LocalElasticAgent`` itself; this swaps in a subclass
-    that reports to ``restarts`` from ``_monitor_workers`` and ``_start_workers``, the two
-    methods torch documents for agents to implement. Without that class (another torch),
-    the run is the same, only the restarts go unrecorded."""
-    import torch.distributed.launcher.api as launcher_api
-    from torch.distributed.elastic.agent.server.api import WorkerState
-
-    base = getattr(launcher_api, "LocalElasticAgent", None)
-    if base is None:
-        yield
-        return
-
-    class Agent(base):  # type: ignore[misc, valid-type]
-        def _monitor_workers(self, worker_group: Any) -> Any:
-            result = super()._monitor_workers(worker_group)
-            if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
-                restarts.failed({r: f.exitcode for r, f in result.failures.items()})
-            return result
-
-        def _start_workers(self, worker_group: Any) -> Any:
-            restarts.starting()
-            return super()._start_workers(worker_group)
-
-    launcher_api.LocalElasticAgent = Agent
-    try:
-        yield
-    finally:
-        launcher_api.LocalElasticAgent = base

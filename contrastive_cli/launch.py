@@ -37,6 +37,7 @@ from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.signals import Interrupted
 
 log = logging.getLogger(__name__)
+STOP_FILE = "stop"  # in the folder launcher and workers share: the launcher was stopped
 SHUTDOWN_S = 120  # how long a stopping worker may take to save its checkpoint
 
 
@@ -119,6 +120,11 @@ def launch(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str,
         monitor_interval=0.1,
         start_method="spawn",
         shutdown_timeout=SHUTDOWN_S,
+        **(  # SIGINT is the launcher's own (see _our_agent); this torch writes it to the env
+            {HANDLED_BY_TORCH_FIELD: TORCH_HANDLES}
+            if HANDLED_BY_TORCH_FIELD in getattr(LaunchConfig, "__dataclass_fields__", {})
+            else {}
+        ),
     )
     errors = Path(tempfile.mkdtemp(prefix="contrast-workers-"))
     config_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -126,7 +132,7 @@ def launch(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str,
     with _to_train_log(run_dir):
         log.info(f"starting {n} processes (torch.distributed, elastic launcher)")
         try:
-            with _quiet_elastic(), failures.watching(restarts):
+            with _quiet_elastic(), _our_agent(restarts, errors / STOP_FILE):
                 results = elastic_launch(config, worker)(
                     config_dict, str(run_dir), choices, str(errors)
                 )
@@ -137,12 +143,15 @@ def launch(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str,
             if not failure.interrupted:
                 failures.record_failure(run_dir, failure, n, str(error), restarts.records)
             raise error from None
-        except SignalException as e:
-            raise Interrupted(
-                int(e.sigval),
-                f"stopped by {signal.Signals(e.sigval).name}; continue with: contrast resume "
-                f"{run_dir}",
-            ) from None
+        except (SignalException, KeyboardInterrupt) as e:  # KeyboardInterrupt: at rendezvous
+            signum = int(e.sigval) if isinstance(e, SignalException) else signal.SIGINT
+            message = (
+                f"stopped by {signal.Signals(signum).name}; continue with: contrast resume "
+                f"{run_dir}"
+            )
+            if failures.record_interrupted(run_dir, message):  # else rank 0 said it
+                log.info(message)
+            raise Interrupted(signum, message) from None
         finally:
             shutil.rmtree(errors, ignore_errors=True)
     return restarts.add_to(results.get(0) or {})
@@ -165,10 +174,14 @@ def _to_train_log(run_dir: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_elastic():
-    """torch elastic logs every worker failure with a traceback, and multiprocessing's
-    resource tracker warns about the semaphore a killed worker held; ours is one line."""
-    loggers = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.multiprocessing")]
+def _quiet_elastic() -> Iterator[None]:
+    """torch elastic logs every worker failure with a traceback and warns of the signal it
+    received, and multiprocessing's resource tracker warns about the semaphore a killed
+    worker held; ours is one line. torch gives each of its modules a logger with its own
+    level, so each one is set, not only their parent."""
+    prefixes = ("torch.distributed.elastic", "torch.multiprocessing")
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(prefixes)]
+    loggers = [logging.getLogger(n) for n in {*prefixes, *names}]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
@@ -179,6 +192,76 @@ def _quiet_elastic():
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _our_agent(restarts: failures.Restarts, stop_file: Path) -> Iterator[None]:
+    """torch's elastic agent, with two additions while ``elastic_launch`` runs:
+
+    - ``restarts`` sees each failure of the group and each start of new processes (to
+      record restarts);
+    - workers start with SIGINT ignored, so that a Ctrl-C while they import torch (before
+      they can handle it) does not kill them with a KeyboardInterrupt traceback; the
+      launcher takes Ctrl-C itself, leaves ``stop_file`` for workers that were still
+      starting (``worker`` checks it once its handler is in place), and torch's agent
+      passes the signal on to the others.
+
+    ``elastic_launch`` builds its ``LocalElasticAgent`` itself; this swaps in a subclass
+    that overrides ``_monitor_workers`` and ``_start_workers``, the methods torch documents
+    for agents to implement. Without that class (another torch), the run is the same, only
+    restarts go unrecorded and a Ctrl-C at start-up may print a worker's traceback."""
+    import torch.distributed.launcher.api as launcher_api
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    base = getattr(launcher_api, "LocalElasticAgent", None)
+    if base is None:
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        with contextlib.suppress(OSError):
+            stop_file.touch()
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", signal.SIGINT)
+
+    class Agent(base):  # type: ignore[misc, valid-type]
+        def _monitor_workers(self, worker_group: Any) -> Any:
+            result = super()._monitor_workers(worker_group)
+            if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
+                restarts.failed({r: f.exitcode for r, f in result.failures.items()})
+            return result
+
+        def _start_workers(self, worker_group: Any) -> Any:
+            restarts.starting()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # what the new processes inherit
+            try:
+                return super()._start_workers(worker_group)
+            finally:
+                signal.signal(signal.SIGINT, on_sigint)
+
+    handled = os.environ.get(HANDLED_BY_TORCH)
+    os.environ[HANDLED_BY_TORCH] = TORCH_HANDLES  # SIGINT is on_sigint's
+    launcher_api.LocalElasticAgent = Agent
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        launcher_api.LocalElasticAgent = base
+        signal.signal(signal.SIGINT, previous)
+        if handled is None:
+            os.environ.pop(HANDLED_BY_TORCH, None)
+        else:
+            os.environ[HANDLED_BY_TORCH] = handled
+
+
+HANDLED_BY_TORCH = "TORCHELASTIC_SIGNALS_TO_HANDLE"  # the signals torch's launcher traps
+HANDLED_BY_TORCH_FIELD = "signals_to_handle"  # LaunchConfig's copy of it, where it has one
+TORCH_HANDLES = "SIGTERM,SIGHUP,SIGQUIT"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_quietly(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
 
 
 def worker(config: dict, run_dir: str, choices: dict[str, str], errors: str) -> dict | None:
@@ -199,7 +282,11 @@ def worker(config: dict, run_dir: str, choices: dict[str, str], errors: str) -> 
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if attempt > 0:
         cfg.trainer.resume = True
+    for s in STOP_SIGNALS:  # until training handles them: exit quietly (see _our_agent)
+        signal.signal(s, _stop_quietly)
     try:
+        if (Path(errors) / STOP_FILE).exists():  # the launcher was stopped while this started
+            raise Interrupted(signal.SIGINT)
         dist = _join(place, cfg)
         return run_training(cfg, Path(run_dir), choices, dist=dist, lock=False) or None
     except Interrupted as e:

@@ -41,10 +41,12 @@ class UnpaddedConvNet(nn.Module):
 # --------------------------------------------------------------------------- one rank fails
 # A test sets CONTRAST_FAULT_RANK (and CONTRAST_FAULT_STEP) in the environment of
 # `contrast train trainer.devices=2`; only that rank's worker fails, and only in the first
-# attempt of an elastically restarted group, so a restart can succeed.
+# attempt of an elastically restarted group (so a restart can succeed) unless
+# CONTRAST_FAULT_EVERY_ATTEMPT is set.
 def _faulty_here() -> bool:
     return os.environ.get("RANK") == os.environ.get("CONTRAST_FAULT_RANK") and (
         os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        or bool(os.environ.get("CONTRAST_FAULT_EVERY_ATTEMPT"))
     )
 
 
