@@ -202,10 +202,27 @@ def append_to_train_log(run_dir: Path, text: str) -> None:
             f.write(f"{stamp} {text}\n")
 
 
+RESTARTS_FILE = "restarts.json"
+_restarts: list[dict[str, Any]] = []  # this worker's group's restarts so far
+
+
+def load_restarts(folder: str | Path) -> None:
+    """In a worker: the restarts the launcher recorded before starting it."""
+    with contextlib.suppress(OSError, ValueError):
+        _restarts[:] = json.loads((Path(folder) / RESTARTS_FILE).read_text())
+
+
+def restarts_so_far() -> dict[str, Any]:
+    """``{"restarts": [...]}`` for results.json (and the trackers, which log it) in a group
+    that torch elastic restarted; empty otherwise."""
+    return {"restarts": list(_restarts)} if _restarts else {}
+
+
 class Restarts:
-    """The group's elastic restarts as torch's agent makes them (see ``launch._our_agent``): each is
-    logged (console and train.log) when the new processes start, and kept for
-    results.json with the failed rank, the reason and the step resumed from."""
+    """The group's elastic restarts as torch's agent makes them (see ``launch._our_agent``):
+    each is logged (console and train.log) when the new processes start, and left for
+    them (``load_restarts``) to put in results.json and the trackers: the failed rank,
+    the reason and the step resumed from."""
 
     def __init__(self, run_dir: Path, folder: Path, n: int, allowed: int):
         self.run_dir, self.folder, self.n, self.allowed = run_dir, folder, n, allowed
@@ -237,6 +254,8 @@ class Restarts:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
         )
+        with contextlib.suppress(OSError):  # what the new processes put in results.json
+            (self.folder / RESTARTS_FILE).write_text(json.dumps(self.records))
         if failure.traceback:
             append_to_train_log(
                 self.run_dir, f"rank {failure.rank}'s traceback:\n{failure.traceback.rstrip()}"
@@ -246,20 +265,6 @@ class Restarts:
             f"{self.n} processes start again from "
             + (f"epoch {epoch}, step {step}" if step else "the beginning (no checkpoint yet)")
         )
-
-    def add_to(self, results: dict[str, Any]) -> dict[str, Any]:
-        """``results`` with the restarts, also in results.json (rank 0 wrote it without)."""
-        if not self.records:
-            return results
-        from contrastive_cli.rundirs import read_results
-
-        results = {**results, "restarts": self.records}
-        with contextlib.suppress(OSError, UserError):
-            saved, _ = read_results(self.run_dir / "results.json")
-            if saved is not None:
-                saved["restarts"] = self.records
-                writer.write_json(writer.safe_path(self.run_dir, "results.json"), saved)
-        return results
 
 
 def checkpoint_position(run_dir: Path) -> tuple[int, int]:

@@ -154,7 +154,7 @@ def launch(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str,
             raise Interrupted(signum, message) from None
         finally:
             shutil.rmtree(errors, ignore_errors=True)
-    return restarts.add_to(results.get(0) or {})
+    return results.get(0) or {}
 
 
 @contextlib.contextmanager
@@ -282,6 +282,7 @@ def worker(config: dict, run_dir: str, choices: dict[str, str], errors: str) -> 
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if attempt > 0:
         cfg.trainer.resume = True
+        failures.load_restarts(errors)
     for s in STOP_SIGNALS:  # until training handles them: exit quietly (see _our_agent)
         signal.signal(s, _stop_quietly)
     try:
