@@ -92,14 +92,20 @@ def first_failure(exit_codes: dict[int, int], folder: Path, attempt: int, n: int
     docstring); a group that only stopped on SIGINT/SIGTERM is an interruption."""
     found = reports(folder, attempt)
     causes = [r for r in found.values() if r.get("kind") in ("error", "crash")]
-    killed = sorted(r for r, code in exit_codes.items() if code < 0 and r not in found)
+    stops = {int(signal.SIGINT), int(signal.SIGTERM)}
+    stopped = {abs(c) if c < 0 else c - 128 for c in exit_codes.values()}  # signal numbers
+    # Killed, and said nothing: a signal torch's launcher sends the others comes last.
+    killed = sorted(
+        (r for r, code in exit_codes.items() if code < 0 and r not in found),
+        key=lambda r: (-exit_codes[r] in stops, r),
+    )
     if causes:
         first = min(causes, key=lambda r: (r["time"], r["rank"]))
         rank, reason, code = first["rank"], first["message"], int(first["exit_code"])
+    elif exit_codes and stopped <= stops:
+        return Failure(None, "stopped", 128 + max(stopped))
     elif killed:
         rank, reason, code = killed[0], _signalled(exit_codes[killed[0]]), 1
-    elif exit_codes and set(exit_codes.values()) <= STOPPED:
-        return Failure(None, "stopped", max(exit_codes.values()))
     elif found:
         first = min(found.values(), key=lambda r: (r["time"], r["rank"]))
         rank, reason, code = first["rank"], first["message"], int(first["exit_code"])

@@ -8,6 +8,7 @@ CPU processes on gloo, one short epoch of digits.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -33,6 +34,47 @@ def _lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.strip()]
 
 
+# --------------------------------------------------------------------------- which rank is the cause
+def test_a_crash_is_the_cause_even_when_another_rank_reported_lost_contact_first(tmp_path):
+    from contrastive_cli import failures
+
+    failures.report(tmp_path, 0, 0, "lost", "lost contact with another process (gloo)", 1)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as e:
+        failures.report(tmp_path, 0, 1, "crash", "RuntimeError: boom", 1, e)
+    lost = tmp_path / "attempt0-rank0.json"  # rank 0's report is the earlier one
+    lost.write_text(json.dumps({**json.loads(lost.read_text()), "time": 0.0}))
+    failure = failures.first_failure({0: 1, 1: 1}, tmp_path, 0, 2)
+    assert (failure.rank, failure.reason) == (1, "RuntimeError: boom")
+    assert "raise RuntimeError" in failure.traceback
+    assert failure.consequences == ("rank 0 of 2 lost contact with another process (gloo)",)
+
+
+def test_the_killed_rank_is_the_cause_not_the_ranks_the_launcher_stopped(tmp_path):
+    from contrastive_cli import failures
+
+    sigkill, sigterm = -int(signal.SIGKILL), -int(signal.SIGTERM)
+    failure = failures.first_failure({0: sigterm, 1: sigkill, 2: 143}, tmp_path, 0, 3)
+    assert (failure.rank, failure.reason) == (1, "was killed by SIGKILL")
+    assert failure.consequences == (
+        "rank 0 of 3 was killed by SIGTERM",
+        "rank 2 of 3 was stopped by SIGTERM",
+    )
+    assert failures.first_failure({0: 130, 1: -int(signal.SIGINT)}, tmp_path, 0, 2).interrupted
+
+
+def test_only_the_last_attempts_reports_count(tmp_path):
+    """After a restart, what the first attempt's ranks said is history, not the cause."""
+    from contrastive_cli import failures
+
+    failures.report(tmp_path, 0, 0, "error", "first attempt's error", 1)
+    failures.report(tmp_path, 1, 1, "error", "no such folder", 1)
+    failure = failures.first_failure({0: 143, 1: 1}, tmp_path, 1, 2)
+    assert (failure.rank, failure.reason) == (1, "no such folder")
+
+
+# --------------------------------------------------------------------------- the CLI, two processes
 def test_a_worker_that_raises_is_named_with_its_error_and_traceback(tmp_path):
     """Rank 1 raises at its 2nd step; rank 0 then loses contact: a consequence, not the cause."""
     run = tmp_path / "run"
