@@ -40,13 +40,14 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
-    """Per-epoch losses to float32 reduction order (1e-5 relative); monitor k-NN and final
-    metrics within one test image of digits' 360 (features differ by rounding only)."""
+    """Per-epoch losses to float32 reduction order (1e-5 relative); monitor k-NN within one
+    of its 100 queries (eval.monitor_queries), final metrics within one test image of
+    digits' 360 (features differ by rounding only: a near-tie may flip one answer)."""
     got, want = _metrics(run), _metrics(reference)
     assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
     for g, w in zip(got, want, strict=True):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-5)
-        assert g["knn"] == pytest.approx(w["knn"], abs=0.003)
+        assert g["knn"] == pytest.approx(w["knn"], abs=1 / 100 + 1e-6)
     results, expected = read_results(run), read_results(reference)
     assert results["status"] == "completed"
     for key, value in expected["metrics"].items():
