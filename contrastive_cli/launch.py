@@ -305,6 +305,10 @@ def worker(config: dict, run_dir: str, choices: dict[str, str], errors: str) -> 
         sys.exit(1)
     finally:
         _leave()
+        # Exiting now: a signal from the launcher (stopping the group) ends the process as
+        # it would have, never as an Interrupted raised inside interpreter shutdown.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _detach() -> None:
