@@ -724,7 +724,7 @@ def _run(
             epochs = _fit_to_budget(budget, first, steady, dist)
             with open_dict(cfg):
                 cfg.trainer.epochs, cfg.trainer.time_budget = epochs, None
-            resolved["trainer"].update(epochs=epochs, time_budget=None)
+            resolved.update(OmegaConf.to_container(cfg, resolve=True))  # and what follows epochs
             digest = training_digest(resolved)
             set_total_steps(scheduler, epochs * len(batches))
             summary["epochs"] = epochs
