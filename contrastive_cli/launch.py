@@ -130,8 +130,8 @@ def launch(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str,
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     restarts = failures.Restarts(run_dir, errors, n, int(cfg.trainer.max_restarts))
     with _to_train_log(run_dir):
-        log.info(f"starting {n} processes (torch.distributed, elastic launcher)")
         try:
+            log.info(f"starting {n} processes (torch.distributed, elastic launcher)")
             with _quiet_elastic(), _our_agent(restarts, errors / STOP_FILE):
                 results = elastic_launch(config, worker)(
                     config_dict, str(run_dir), choices, str(errors)
