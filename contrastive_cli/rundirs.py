@@ -5,7 +5,7 @@ A run directory is whatever holds ``.hydra/config.yaml``; no database is needed.
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from contrastive_cli.errors import ConfigError, UserError
+from contrastive_cli.untrusted import printable
 
 CONFIG = Path(".hydra") / "config.yaml"  # complete and resolved
 INTERPOLATED = Path(".hydra") / "config_unresolved.yaml"  # the same, interpolations kept
@@ -24,30 +25,23 @@ INTERPOLATED = Path(".hydra") / "config_unresolved.yaml"  # the same, interpolat
 MAX_CONFIG_BYTES = 1 << 20  # a saved config is a few kB; a larger one is not ours
 
 
-def read_config_file(path: Path) -> Any:
+def read_config_file(path: Path, root: Path | None = None) -> Any:
     """A YAML file of a run directory, as OmegaConf; one ConfigError line for anything
-    that is not a small, plain YAML document (unreadable, not UTF-8, malformed, or using
-    anchors/aliases, which can make a few bytes expand into gigabytes)."""
-    import yaml
+    that is not a small, plain YAML document: not a regular file (a link, FIFO, device or
+    folder), over 1 MiB, not UTF-8, malformed, nested too deeply, or using aliases (a few
+    bytes expanding into gigabytes) or tags (see ``contrastive_cli.untrusted``). ``root``:
+    the run directory, inside which no path component may be a link."""
+    from contrastive_cli.untrusted import check_yaml, read_text
 
+    text = read_text(path, "config", root)
+    check_yaml(text, str(path))
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path} is {size:,} bytes, not a saved config (at most 1 MiB)")
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path} cannot be read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not a text (UTF-8) file") from None
-    try:
-        if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader)):
-            raise ConfigError(f"{path} uses YAML aliases (*name), which saved configs never do")
         return OmegaConf.create(text)
-    except ConfigError:
-        raise
-    except Exception as e:  # yaml.YAMLError, OmegaConf's errors, recursion on deep nesting
+    except Exception as e:  # yaml.YAMLError, OmegaConf's errors
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path} is not a valid config file ({reason[:200]})") from None
+        raise ConfigError(
+            f"{path} is not a valid config file ({printable(reason)[:200]})"
+        ) from None
 
 
 def _problem_in_results(results: Any) -> str | None:
@@ -100,16 +94,29 @@ def _with_new_settings(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def _without_destinations(cfg: DictConfig) -> None:
+    """Nothing from a run directory decides where contrast writes: a saved ``data.cache_dir``
+    (where a folder's decoded cache goes) is dropped; the command line may set it again."""
+    data = cfg.get("data") if "data" in cfg.keys() else None  # noqa: SIM118 - no resolving
+    if isinstance(data, DictConfig) and "cache_dir" in data.keys():  # noqa: SIM118
+        data.cache_dir = None
+        source = data.get("source") if "source" in data.keys() else None  # noqa: SIM118
+        if isinstance(source, DictConfig) and "cache_dir" in source.keys():  # noqa: SIM118
+            source.cache_dir = None
+
+
 def read_results(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(results, None), or (None, why it is unreadable); (None, None) when there is none."""
-    if not path.is_file():
-        return None, None
+    """(results, None), or (None, why it is unreadable); (None, None) when there is none.
+    Read through ``contrastive_cli.untrusted``: a regular file of at most 1 MiB, plain JSON
+    with finite numbers of sane size."""
+    from contrastive_cli.untrusted import Missing, UntrustedFile, read_json
+
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        return None, f"results.json cannot be read ({e.strerror or e})"
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        return None, f"results.json is not valid JSON ({type(e).__name__})"
+        results = read_json(path, "json", root=path.parent)
+    except Missing:
+        return None, None
+    except UntrustedFile as e:
+        return None, str(e).replace(str(path), "results.json", 1)
     problem = _problem_in_results(results)
     return (None, f"results.json: {problem}") if problem else (results, None)
 
@@ -131,9 +138,10 @@ class Run:
         from contrastive_cli.safety import check_loaded
 
         path = self.path / (
-            INTERPOLATED if interpolated and (self.path / INTERPOLATED).is_file() else CONFIG
+            INTERPOLATED if interpolated and os.path.lexists(self.path / INTERPOLATED) else CONFIG
         )
-        cfg = _with_new_settings(check_loaded(read_config_file(path), str(path)))
+        cfg = _with_new_settings(check_loaded(read_config_file(path, self.path), str(path)))
+        _without_destinations(cfg)
         OmegaConf.set_struct(cfg, True)
         return cfg
 
@@ -159,7 +167,7 @@ class Run:
         from contrastive_cli.report import read_metrics
 
         path = self.path / "metrics.jsonl"
-        return read_metrics(path) if path.exists() else []
+        return read_metrics(path, root=self.path) if os.path.lexists(path) else []
 
 
 def load_run(path: Path) -> Run:
@@ -169,16 +177,16 @@ def load_run(path: Path) -> Run:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ConfigError(f"RUN_DIR={path}: no such folder")
-    if not (path / CONFIG).is_file():
+    if not os.path.lexists(path / CONFIG):
         raise ConfigError(
             f"RUN_DIR={path}: not a run directory (no {CONFIG}); `contrast runs` lists them"
         )
     problems: list[str] = []
     choices: dict[str, str] = {}
     hydra_file = path / ".hydra" / "hydra.yaml"
-    if hydra_file.is_file():
+    if os.path.lexists(hydra_file):
         try:
-            raw = OmegaConf.select(read_config_file(hydra_file), "hydra.runtime.choices")
+            raw = OmegaConf.select(read_config_file(hydra_file, path), "hydra.runtime.choices")
             raw = OmegaConf.to_container(raw, resolve=False) if raw is not None else {}
             choices = {
                 str(k): str(v)
@@ -189,9 +197,9 @@ def load_run(path: Path) -> Run:
             problems.append(str(e))
     overrides: list[str] = []
     overrides_file = path / ".hydra" / "overrides.yaml"
-    if overrides_file.is_file():
+    if os.path.lexists(overrides_file):
         try:
-            loaded = read_config_file(overrides_file)
+            loaded = read_config_file(overrides_file, path)
             if not isinstance(loaded, ListConfig):
                 raise ConfigError(f"{overrides_file} is not a list of overrides")
             overrides = [str(o) for o in OmegaConf.to_container(loaded, resolve=False)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,8 @@ from contrastive_cli.config import claim_directory
 from contrastive_cli.errors import ConfigError
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.signals import Interrupted
+from contrastive_cli.untrusted import printable, read_text
+from contrastive_cli.writer import write_text_atomic
 
 TIMINGS = {"seconds"}  # wall-clock numbers, never expected to repeat
 HELP = "rerun RUN_DIR's saved config into a new run dir and report identical or the differences"
@@ -80,6 +82,11 @@ def main(args: list[str]) -> int:
     with open_dict(cfg):
         cfg.trainer.resume = False
         cfg.eval.cache_baselines = False  # recompute the baselines too: nothing is taken as given
+    saved = {}  # read (as untrusted: never through a link) before anything is created
+    for name in ("hydra.yaml", "overrides.yaml", "config_unresolved.yaml"):
+        source = original.path / ".hydra" / name
+        if os.path.lexists(source):
+            saved[name] = read_text(source, "config", original.path)
     now = datetime.now()
     out = Path(
         claim_directory(
@@ -92,9 +99,8 @@ def main(args: list[str]) -> int:
         )
     )
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
-    for name in ("hydra.yaml", "overrides.yaml", "config_unresolved.yaml"):
-        if (original.path / ".hydra" / name).is_file():
-            shutil.copy2(original.path / ".hydra" / name, out / ".hydra" / name)
+    for name, text in saved.items():
+        write_text_atomic(out / ".hydra" / name, text)
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml", resolve=True)
     (out / "reproduces.txt").write_text(f"{original.path.resolve()}\n")
 
@@ -122,7 +128,7 @@ def main(args: list[str]) -> int:
         f"{verdict}: {len(diffs)} values differ, largest |difference| {worst:.3g}, tolerance {tolerance:g}"
     )
     for key, a, b, d in diffs[:20]:
-        print(f"  {key:<40} {a!s:>22} {b!s:>22}  {d:.3g}")
+        print(f"  {printable(key):<40} {a!s:>22} {b!s:>22}  {d:.3g}")  # keys from run files
     if len(diffs) > 20:
         print(f"  ... and {len(diffs) - 20} more")
     return 0 if worst <= tolerance else 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import os
 import queue
@@ -87,12 +86,11 @@ def require(module: str, tracker: str) -> None:
 
 def read_state(directory: Path) -> dict[str, Any]:
     """``tracking.json`` of a run (or sweep) directory; {} when absent or unreadable."""
-    path = directory / STATE_FILE
-    if not path.is_file() or path.is_symlink():
-        return {}
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
+    from contrastive_cli.untrusted import UntrustedFile, read_json
+
+    try:  # a regular file of at most 1 MiB, never through a link, never a FIFO
+        state = read_json(directory / STATE_FILE, "json", root=directory)
+    except UntrustedFile:
         return {}
     return state if isinstance(state, dict) else {}
 

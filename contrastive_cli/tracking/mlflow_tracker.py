@@ -42,6 +42,7 @@ from contrastive_cli.tracking import (
     restart_line,
     update_state,
 )
+from contrastive_cli.untrusted import is_regular
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///outputs/mlflow.db"
@@ -61,6 +62,24 @@ MAX_TAG_LENGTH = 5000
 BATCH = 100  # MLflow takes at most 100 params (1,000 metrics) per log_batch
 RUN_ARTIFACTS = ("results.json", "metrics.jsonl", "train.log")
 SWEEP_ARTIFACTS = ("sweep_results.csv", "multirun.yaml")
+
+
+def _artifacts(
+    directory: Path, names: Sequence[str], folders: Sequence[str]
+) -> Iterator[tuple[Path, str | None]]:
+    """(file, artifact folder) of the run directory's files to upload: regular files only,
+    each checked with lstat, in folders that are not links themselves. A link planted in a
+    run directory (``.hydra/key -> ~/.ssh/id_rsa``) is never followed or uploaded."""
+    for name in names:
+        if is_regular(directory / name):
+            yield directory / name, None
+    for folder in folders:
+        path = directory / folder
+        if path.is_symlink() or not path.is_dir():
+            continue
+        for child in sorted(path.iterdir()):
+            if is_regular(child):
+                yield child, folder
 
 
 class MlflowTracker:
@@ -163,14 +182,10 @@ class MlflowTracker:
             tags=tags,
             step=int(results.get("steps") or 0),
         )
-        for name in RUN_ARTIFACTS:
-            if (run_dir / name).is_file():
-                self.client.log_artifact(self.run_id, str(run_dir / name))
-        for folder in (".hydra", "plots"):
-            if (run_dir / folder).is_dir():
-                self.client.log_artifacts(self.run_id, str(run_dir / folder), folder)
+        for path, folder in _artifacts(run_dir, RUN_ARTIFACTS, (".hydra", "plots")):
+            self.client.log_artifact(self.run_id, str(path), folder)
         encoder = run_dir / "encoder.safetensors"
-        if self.log_encoder and encoder.is_file():
+        if self.log_encoder and is_regular(encoder):
             self.client.log_artifact(self.run_id, str(encoder))
         self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
 
@@ -215,11 +230,8 @@ class MlflowTracker:
             metrics["best_knn"] = max(scores)
         status = "completed" if len(completed) == len(rows) else "failed"
         self._log(metrics=metrics, tags={"contrast.status": status})
-        for name in SWEEP_ARTIFACTS:
-            if (sweep_dir / name).is_file():
-                self.client.log_artifact(self.run_id, str(sweep_dir / name))
-        if (sweep_dir / "plots").is_dir():
-            self.client.log_artifacts(self.run_id, str(sweep_dir / "plots"), "plots")
+        for path, folder in _artifacts(sweep_dir, SWEEP_ARTIFACTS, ("plots",)):
+            self.client.log_artifact(self.run_id, str(path), folder)
         self.client.set_terminated(self.run_id, MLFLOW_STATUS[status])
 
     # ------------------------------------------------------------------ helpers

@@ -36,7 +36,9 @@ class TensorboardTracker:
         import yaml
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (import now, not mid-training)
 
-        self.logdir = run_dir / SUBDIR
+        from contrastive_cli.writer import safe_path
+
+        self.logdir = safe_path(run_dir, SUBDIR, create=False)  # never written through a link
         self.resumed = resumed
         self.config_text = "```\n" + yaml.safe_dump(config, sort_keys=False) + "```"
 
