@@ -600,3 +600,29 @@ def test_the_first_lines_say_where_the_runs_go_and_how_to_open_them(stopped_and_
     assert "MLflow: runs go to sqlite:///" in output and "mlflow ui --backend-store-uri '" in output
     assert f"TensorBoard: events go to {run / 'tensorboard'}" in output
     assert f"tensorboard --logdir '{run.parent}'" in output
+
+
+def test_the_restarts_of_a_group_of_processes_reach_mlflow_and_tensorboard(tmp_path):
+    """results.json's ``restarts`` (trainer.max_restarts, filled by the launcher) become
+    MLflow tags and a TensorBoard text, as the run's status does."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from contrastive_cli.tracking.mlflow_tracker import MlflowTracker
+    from contrastive_cli.tracking.tensorboard_tracker import TensorboardTracker
+
+    run = tmp_path / "run"
+    run.mkdir()
+    restart = {"restart": 1, "failed_rank": 1, "reason": "was killed by SIGKILL"}
+    results = {"steps": 30, "restarts": [{**restart, "resumed_from_step": 22}]}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for tracker in (MlflowTracker(tracking_uri=uri), TensorboardTracker()):
+        tracker.start(run, {}, {}, False)
+        tracker.finish("completed", results, run)
+    tags = MlflowClient(tracking_uri=uri).search_runs(["0", "1"])[0].data.tags
+    assert tags["contrast.restarts"] == "1"
+    assert tags["contrast.restart.1"] == "rank 1: was killed by SIGKILL; resumed from step 22"
+    [events] = [p.parent for p in run.rglob("events.out.tfevents.*")]
+    texts = EventAccumulator(str(events), size_guidance={"tensors": 0}).Reload()
+    [text] = texts.Tensors("restarts/text_summary")
+    assert b"rank 1: was killed by SIGKILL; resumed from step 22" in text.tensor_proto.string_val[0]
