@@ -253,7 +253,12 @@ def plot_embedding_of(
     if sample is None:
         return None
     return plot_embedding(
-        sample.features.numpy(), sample.labels.numpy(), out, title, cfg.trainer.seed
+        sample.features.numpy(),
+        sample.labels.numpy(),
+        out,
+        title,
+        cfg.trainer.seed,
+        sample.class_names,
     )
 
 
@@ -521,14 +526,16 @@ class Built:
     monitor: KnnMonitor | None
 
 
-def build_run(cfg: DictConfig, dist: Dist = SINGLE) -> Built:
+def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = None) -> Built:
+    """Build a run from its config; ``data`` replaces the config's source (benchmarks that
+    fall back to other images when a dataset is not installed)."""
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
     runtime: Runtime = build(cfg.device)
     if dist.several and runtime.device.type == "cuda":  # one GPU per process on its node
         runtime = dataclasses.replace(runtime, device=torch.device("cuda", dist.local_rank))
         torch.cuda.set_device(runtime.device)
-    data = load_data(cfg)
+    data = load_data(cfg) if data is None else data
     check_data(cfg, data)
     augment = build(cfg.data.augment)
     training = build_training(cfg, runtime, data, build_encoder(cfg, t.seed), dist)
@@ -587,15 +594,18 @@ def train_steps(built: Built, steps: int, epochs: int, seed: int, dist: Dist = S
     return progress
 
 
-def restore(cfg: DictConfig, built: Built, files: RunFiles, resolved: dict) -> Progress:
+def restore(
+    cfg: DictConfig, built: Built, files: RunFiles, resolved: dict
+) -> tuple[Progress, float]:
     """The progress of the checkpoint to resume from (its state loaded into the method,
-    optimizer and schedule), or a fresh start. Refuses, in one line, a checkpoint made for
-    another training config and one whose contents do not fit what the config builds."""
+    optimizer and schedule) and the wall time the run had taken by then (earlier attempts),
+    or a fresh start. Refuses, in one line, a checkpoint made for another training config
+    and one whose contents do not fit what the config builds."""
     if not cfg.trainer.resume:
-        return Progress()
+        return Progress(), 0.0
     path = latest_valid_checkpoint(files.checkpoint().parent)
     if path is None:
-        return Progress()
+        return Progress(), 0.0
     state = load_checkpoint(path, map_location=built.runtime.device)
     _check_resumable(state, resolved, path)
     method, optimizer, scheduler = built.training[0], built.training[2], built.training[3]
@@ -613,8 +623,13 @@ def restore(cfg: DictConfig, built: Built, files: RunFiles, resolved: dict) -> P
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} does not fit the run's config: {problem}") from None
-    log.info(f"resuming from {path}: epoch {progress.epoch}, step {progress.step}")
-    return progress
+    # The epoch in progress, numbered as "stopped at epoch N" numbered it.
+    log.info(
+        f"resuming from {path}: epoch {progress.epoch + 1}/{cfg.trainer.epochs}, "
+        f"step {progress.step}"
+    )
+    earlier = state.get("wall_time_s", progress.train_seconds)  # older checkpoints: a floor
+    return progress, float(earlier) if isinstance(earlier, (int, float)) else 0.0
 
 
 def _check_resumable(state: dict, resolved: dict, path: Path) -> None:
@@ -749,7 +764,8 @@ def _run(
     built = build_run(cfg, dist)
     runtime, data, augment = built.runtime, built.data, built.augment
     method, step_fn, optimizer, scheduler, batches = built.training
-    progress = restore(cfg, built, files, resolved)
+    progress, earlier_s = restore(cfg, built, files, resolved)
+    started -= earlier_s  # wall times count the earlier attempts, as train_time_s does
     metrics_log = files.metrics(keep_epochs=progress.epoch)
     digest = training_digest(resolved)
 
@@ -765,8 +781,11 @@ def _run(
                 "progress": dataclasses.asdict(progress),
                 "config": resolved,
                 "config_digest": digest,
+                "wall_time_s": time.time() - started,  # this attempt and the earlier ones
             },
         )
+
+    last_save = [time.monotonic()]  # when a checkpoint was last written (the start counts)
 
     def end_epoch(progress: Progress, record: dict) -> int | None:
         """Monitor, log and checkpoint (rank 0); the epoch count trainer.time_budget fixes."""
@@ -805,8 +824,14 @@ def _run(
             + (f"  knn {record['knn']:.4f}" if "knn" in record else "")
             + (f"  ~{_duration(left)} of training left" if progress.epoch < t.epochs else "")
         )
-        if t.checkpoint:
+        # A cadence bounds the bytes written (a 100-epoch digits run rewrote 7 MB 100 times);
+        # a stop request saves on its own (train's hooks.save), the last epoch always.
+        every = t.get("checkpoint_every_s") or 0
+        if t.checkpoint and (
+            progress.epoch >= t.epochs or time.monotonic() - last_save[0] >= every
+        ):
             save(progress)
+            last_save[0] = time.monotonic()
         return epochs
 
     summary: dict[str, Any] = {
@@ -840,7 +865,8 @@ def _run(
 
     def interrupted(progress: Progress) -> Interrupted:
         message = (
-            f"stopped at epoch {progress.epoch + 1}, step {progress.step}; checkpoint saved; "
+            f"stopped at epoch {progress.epoch + 1}/{t.epochs}, step {progress.step}; "
+            "checkpoint saved; "
             f"continue with: contrast resume {run_dir}"
         )
         files.results(stopped("interrupted", progress, message))
@@ -942,6 +968,10 @@ def finish(
     # One feature extraction for the embedding map and TensorBoard's projector.
     sample = None
     if cfg.eval.plots or trackers:
+        log.info(
+            f"embedding map: features of up to {cfg.eval.embedding_points:,} test images"
+            + (", then t-SNE (or UMAP) and plots/" if cfg.eval.plots else "")
+        )
         sample = embedding_sample(encoder, built.data, built.augment, built.runtime, cfg)
         trackers.log_embedding(sample, progress.step)
     if cfg.eval.plots:

@@ -27,11 +27,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from contrastive_cli.config import CONF_DIR, OVERLAYS
-from contrastive_cli.errors import ConfigError, UserError
+from contrastive_cli.errors import ConfigError, UserError, raise_all
 from contrastive_cli.safety import _slots
 from contrastive_cli.schema import REQUIRED_IN, is_plain, problem, section_types, target_types
 
@@ -51,53 +51,89 @@ REQUIRED_NODES = ("data.name", "data.channels", "data.image_size", "data.source"
 
 
 # --------------------------------------------------------------------------- validate
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError (one line: key, value, what is allowed) for the first bad setting."""
-    from contrastive_cli.safety import check_targets
+def validate(cfg: DictConfig, torch_free: bool = False) -> None:
+    """Raise ConfigError (one line: key, value, what is allowed) for a bad setting; every bad
+    value and key at once (ConfigErrors), then the first bad combination or object.
 
-    check_targets(cfg)
-    _walk(cfg, cfg, "")
-    for section in REQUIRED_IN:
-        node = OmegaConf.select(cfg, section) if section else cfg
-        for key, tp in (section_types(section) or {}).items():
-            if key not in node.keys() and problem(None, tp):  # noqa: SIM118 (no resolving)
-                _missing(f"{section}.{key}".lstrip("."), tp)
-    for key in REQUIRED_NODES:
-        if not _has(cfg, key):
-            _missing(key, None)
-    for combination in COMBINATIONS:
-        if message := combination(cfg):
-            raise ConfigError(message)
+    ``torch_free``: only what needs no import of torch (the plain sections: trainer, eval,
+    optim.lr, data...; objects' arguments need their classes' annotations), so a typo is
+    reported in about a second."""
+    if not torch_free:
+        from contrastive_cli.safety import check_targets
+
+        check_targets(cfg)
+    problems = value_problems(cfg, torch_free)
+    raise_all(problems)
+    if torch_free:
+        return
+    raise_all([message for combination in COMBINATIONS if (message := combination(cfg))])
     _check_objects(cfg)
 
 
-def _walk(cfg: DictConfig, node: DictConfig, prefix: str) -> None:
-    """Check every key under ``node`` against its type, resolving values one by one; a node
-    (a section, an object) is walked in turn unless a plain value belongs there."""
-    for key in node:
-        full = f"{prefix}{key}"
-        if full == "hydra":
+def value_problems(cfg: DictConfig, torch_free: bool = False) -> list[str]:
+    """Every bad or unknown key and value of ``cfg``, and every required one missing."""
+    problems: list[str] = []
+    _walk(cfg, cfg, "", problems, torch_free)
+    for section in REQUIRED_IN:
+        node = OmegaConf.select(cfg, section, throw_on_resolution_failure=False) if section else cfg
+        if not isinstance(node, DictConfig):  # not a section at all: reported by _walk
             continue
-        expected = _expected(cfg, node, prefix.rstrip("."), str(key))
-        child = node._get_node(key)
-        raw = str(child._value()) if child is not None and child._is_interpolation() else ""
+        for key, tp in (section_types(section) or {}).items():
+            if key not in node.keys() and problem(None, tp):  # noqa: SIM118 (no resolving)
+                problems.append(_missing(f"{section}.{key}".lstrip("."), tp))
+    for key in REQUIRED_NODES:
+        if not _has(cfg, key):
+            problems.append(_missing(key, None))
+    return problems
+
+
+def _walk(
+    cfg: DictConfig, node: DictConfig, prefix: str, problems: list[str], torch_free: bool
+) -> None:
+    """Check every key under ``node`` against its type, resolving values one by one; a node
+    (a section, an object) is walked in turn unless a plain value belongs there. Each bad
+    key goes to ``problems``; ``torch_free`` leaves objects (``_target_`` nodes) out."""
+    if torch_free and "_target_" in node.keys():  # noqa: SIM118 - no resolving
+        return
+    for key in node:
         try:
-            value = node[key]
-        except MissingMandatoryValue:
-            raise ConfigError(f"{full} has no value (???); allowed: set it, {full}=...") from None
-        except OmegaConfBaseException as e:
-            what = f"{full}={raw}" if raw else full
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(
-                f"{what} cannot be resolved ({reason}); allowed: a value, or ${{key}} of an existing key"
-            ) from None
-        if isinstance(value, DictConfig) and not is_plain(expected):
-            _walk(cfg, value, f"{full}.")
-        elif allowed := problem(_plain(value), expected):
-            source = f" (from {raw})" if raw else ""
-            raise ConfigError(
-                f"{full}={_show(_plain(value))}{source} is not allowed; allowed: {allowed}"
-            )
+            _check_key(cfg, node, prefix, str(key), problems, torch_free)
+        except ConfigError as e:
+            problems.append(str(e))
+
+
+def _check_key(
+    cfg: DictConfig,
+    node: DictConfig,
+    prefix: str,
+    key: str,
+    problems: list[str],
+    torch_free: bool,
+) -> None:
+    """One key of ``node``: its type, its value, and the keys under it (``_walk``)."""
+    full = f"{prefix}{key}"
+    if full == "hydra":
+        return
+    expected = _expected(cfg, node, prefix.rstrip("."), str(key))
+    child = node._get_node(key)
+    raw = str(child._value()) if child is not None and child._is_interpolation() else ""
+    try:
+        value = node[key]
+    except MissingMandatoryValue:
+        raise ConfigError(f"{full} has no value (???); allowed: set it, {full}=...") from None
+    except OmegaConfBaseException as e:
+        what = f"{full}={raw}" if raw else full
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{what} cannot be resolved ({reason}); allowed: a value, or ${{key}} of an existing key"
+        ) from None
+    if isinstance(value, DictConfig) and not is_plain(expected):
+        _walk(cfg, value, f"{full}.", problems, torch_free)
+    elif allowed := problem(_plain(value), expected):
+        source = f" (from {raw})" if raw else ""
+        raise ConfigError(
+            f"{full}={_show(_plain(value))}{source} is not allowed; allowed: {allowed}"
+        )
 
 
 def _expected(cfg: DictConfig, node: DictConfig, path: str, key: str) -> Any:
@@ -123,7 +159,7 @@ def _expected(cfg: DictConfig, node: DictConfig, path: str, key: str) -> Any:
         return Any  # an object node in a container of them (tracker.mlflow)
     raise ConfigError(
         f"{full} is not allowed: contrast has no setting {full}{_suggest(cfg, full)}; "
-        "see `contrast train --cfg job` for the settings"
+        f"{_help_hint(full)}"
     )
 
 
@@ -133,7 +169,7 @@ def _has(cfg: DictConfig, key: str) -> bool:
     return isinstance(node, DictConfig) and leaf in node.keys()  # noqa: SIM118 (no resolving)
 
 
-def _missing(key: str, tp: Any) -> None:
+def _missing(key: str, tp: Any) -> str:
     from contrastive_cli.config import config_groups
 
     options = config_groups().get(key)
@@ -141,17 +177,60 @@ def _missing(key: str, tp: Any) -> None:
         allowed = f"{key}=<option>, one of {', '.join(options)}"
     else:
         allowed = f"{key}=<value>, as in `contrast train --cfg job`"
-    raise ConfigError(f"{key} is missing (deleted with ~{key}?); allowed: {allowed}")
+    return f"{key} is missing (deleted with ~{key}?); allowed: {allowed}"
 
 
-def _suggest(cfg: DictConfig, key: str) -> str:
+# Sections in the order `contrast train --help` shows them (and a near key is chosen).
+_SECTION_ORDER = ("trainer", "data", "encoder", "loss", "optim", "eval", "device", "tracker")
+
+
+def _help_hint(key: str) -> str:
+    """Where to read the settings near ``key``, in the words of the command line."""
+    section = key.lstrip("+~").split(".")[0].split("/")[0]
+    if section not in _SECTION_ORDER or "." not in key:
+        return "`contrast train --help` lists the settings"
+    return f"`contrast train --help {section}` lists its settings"
+
+
+def setting_keys(cfg: DictConfig) -> list[str]:
+    """Every leaf key of ``cfg`` as dotted paths, without resolving any value."""
+
     def keys(node: Any, prefix: str) -> list[str]:
         if not isinstance(node, DictConfig):
             return [prefix[:-1]]
         return [k for name in node for k in keys(node._get_node(name), f"{prefix}{name}.")]
 
-    close = difflib.get_close_matches(key, [k for k in keys(cfg, "") if k != key], n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
+    return keys(cfg, "")
+
+
+def nearest_key(cfg: DictConfig, key: str) -> str | None:
+    """The setting a user most likely meant by ``key``: one with the same last part
+    (``epochs`` -> ``trainer.epochs``), else the closest spelling of the whole key or of its
+    last part. Hydra's own settings only for keys under ``hydra.``."""
+    key = key.lstrip("+~")
+    known = [
+        k
+        for k in setting_keys(cfg)
+        if k != key
+        and (key.startswith("hydra.") or not k.startswith("hydra."))
+        and "._" not in k  # not _target_, _partial_: how objects are built, not settings
+    ]
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:  # the section a person sets most often first: trainer.epochs, not data.epochs
+        rank = {s: i for i, s in enumerate(_SECTION_ORDER)}
+        return min(same_leaf, key=lambda k: (k.count("."), rank.get(k.split(".")[0], 99)))
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return close[0]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(known)}
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+    return leaves[close[0]] if close else None
+
+
+def _suggest(cfg: DictConfig, key: str) -> str:
+    near = nearest_key(cfg, key)
+    return f" (did you mean {near}?)" if near else ""
 
 
 # --------------------------------------------------------------------------- combinations
@@ -444,39 +523,61 @@ def _show(value: Any) -> str:
 
 # --------------------------------------------------------------------------- command line
 _HYDRA_FLAGS = ("-m", "--multirun")
+# Hydra's own command-line flags (``contrast train --hydra-help``): left to Hydra.
+_HYDRA_VALUE_FLAGS = (
+    "-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+    "-cd", "--config-dir", "-sc", "--shell-completion", "--experimental-rerun", "-i", "--info",
+)  # fmt: skip
+_HYDRA_OTHER_FLAGS = ("-h", "--help", "--hydra-help", "--version", "--resolve", "-r", "--run")
 MAX_PRECHECKED_JOBS = 256
 
 
 def check_command_line(args: Sequence[str]) -> None:
     """Compose the config ``contrast train <args>`` would run and validate it, before Hydra
-    creates a run directory. Hydra's own errors (unknown key, unknown option, unparsable
-    value) become one ConfigError line. Sweeps (-m): every job's overrides must compose;
-    values are validated per job as it starts, so one bad job does not stop the others.
-    Other Hydra flags (--help, --cfg, ...) and ``debug=true`` are left to Hydra as they are.
+    creates a run directory. Every problem of the command line is reported at once, one
+    line each (ConfigErrors): options and flags it does not know (``--epochs 2`` is shown as
+    ``trainer.epochs=2``), unknown keys with the nearest known one, bad values. Typos are
+    found without importing torch (about a second); the objects' own arguments after.
+    Sweeps (-m): every job's overrides must compose; values are validated per job as it
+    starts, so one bad job does not stop the others. Hydra's own flags (--help, --cfg, ...)
+    and ``debug=true`` are left to Hydra as they are.
     """
     _check_config_name(args)
+    args, problems = _foreign_flags(list(args))
     if any(a.startswith("-") and a not in _HYDRA_FLAGS for a in args):
+        raise_all(problems)
         return
     multirun = any(a in _HYDRA_FLAGS for a in args)
     overrides = [a for a in args if a not in _HYDRA_FLAGS]
-    parsed = _parse(overrides)
+    parsed, unparsable = _parse_each(overrides)
+    problems += unparsable
     if any(
         o.key_or_group == "debug" and str(o.value()).lower() == "true"
         for o in parsed
         if not o.is_sweep_override()
     ):
+        raise_all(problems)
         return
     if not multirun:
-        sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
-        if sweeps:
-            raise ConfigError(
-                f"{sweeps[0]} is a sweep; add -m to run one job per value "
-                "(or quote it, key='a,b', to pass it as a string)"
-            )
+        problems += [
+            f"{o.input_line} is a sweep; add -m to run one job per value "
+            "(or quote it, key='a,b', to pass it as a string)"
+            for o in parsed
+            if o.is_sweep_override()
+        ]
+        problems += _override_problems(parsed)
+        if problems:  # and the plain values of the overrides that do apply
+            good = [o.input_line for o in parsed if not _named_in(o.input_line, problems)]
+            cfg = _compose_quietly(good)
+            if cfg is not None:
+                problems += value_problems(_without_hydra(cfg), torch_free=True)
+            raise_all(problems)
         cfg = _compose(overrides)
         check_output_dir(cfg, "hydra.run.dir")
+        validate(cfg, torch_free=True)  # the plain sections' values, before torch loads
         validate(cfg)
         return
+    raise_all(problems)
     jobs = _sweep_jobs(parsed)
     for job in jobs or []:
         try:
@@ -511,6 +612,149 @@ def _check_config_name(args: Sequence[str]) -> None:
             f"--config-name={name} is not allowed: no {stem}.yaml in {folder}; allowed: "
             f"{', '.join(found) or '(no configs there)'}"
         )
+
+
+def _parse_each(overrides: list[str]) -> tuple[list, list[str]]:
+    """(the overrides Hydra can parse, one problem for each it cannot)."""
+    parsed, problems = [], []
+    for text in overrides:
+        try:
+            parsed += _parse([text])
+        except ConfigError as e:
+            problems.append(str(e))
+    return parsed, problems
+
+
+def _named_in(override: str, problems: list[str]) -> bool:
+    key = override.partition("=")[0]
+    return any(p.startswith((override, key.lstrip("+~"), f"'{override}'")) for p in problems)
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def _is_group(name: str) -> bool:
+    from contrastive_cli.config import config_groups
+
+    return "/" in name or name in config_groups() or name in OVERLAYS
+
+
+def _override_problems(parsed: list) -> list[str]:
+    """Unknown options of config groups and unknown keys, each with the nearest known one,
+    found by composing the group choices alone (no torch): ``loss=ntxnet``,
+    ``trainer.epoch=2``, ``loss.temprature=0.1`` in one command line are three problems."""
+    from contrastive_cli.config import config_groups
+
+    groups = config_groups(overlays=True)
+    problems: list[str] = []
+    chosen: list[str] = []
+    for o in parsed:
+        name = str(o.key_or_group)
+        if not _is_group(name) or o.is_sweep_override():
+            continue
+        value = o.value()
+        values = value if isinstance(value, list) else [value]
+        options = groups.get(name)
+        bad = [v for v in values if isinstance(v, str) and options and v not in options]
+        if name in OVERLAYS and not o.is_add() and not o.is_delete():
+            continue  # experiment=x without +: _compose explains it
+        if bad:
+            near = difflib.get_close_matches(bad[0], options, n=1)
+            plus = "+" if o.is_add() else ""
+            hint = f" (did you mean {plus}{name}={near[0]}?)" if near else ""
+            problems.append(
+                f"{o.input_line} is not allowed: no such option{hint}; "
+                f"allowed: {', '.join(options)}"
+            )
+        else:
+            chosen.append(o.input_line)
+    base = _compose_quietly(chosen)
+    if base is None:
+        return problems
+    for o in parsed:
+        name = str(o.key_or_group)
+        if _is_group(name) or o.is_add() or o.is_force_add() or o.is_sweep_override():
+            continue
+        if not _node_exists(base, name):
+            problems.append(
+                f"{name} is not allowed: no such setting{_suggest(base, name)}; {_help_hint(name)}"
+            )
+    return problems
+
+
+def _node_exists(cfg: DictConfig, key: str) -> bool:
+    """``key`` names a key of ``cfg`` (no value is resolved)."""
+    node: Any = cfg
+    for part in key.split("."):
+        if isinstance(node, DictConfig) and part in node.keys():  # noqa: SIM118
+            node = node._get_node(part)
+        elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node._get_node(int(part))
+        else:
+            return False
+    return True
+
+
+def _foreign_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(args without flags Hydra does not know, one problem each): ``--epochs 2`` is not how
+    contrast takes settings, so the line shows the override that means it,
+    ``trainer.epochs=2``. A flag's value is the next argument unless it has ``=``."""
+    rest: list[str] = []
+    problems: list[str] = []
+    base: DictConfig | None = None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag = arg.split("=", 1)[0]
+        if not arg.startswith("--") or flag in (
+            *_HYDRA_FLAGS,
+            *_HYDRA_VALUE_FLAGS,
+            *_HYDRA_OTHER_FLAGS,
+        ):
+            rest.append(arg)
+            if flag in _HYDRA_VALUE_FLAGS and "=" not in arg and i + 1 < len(args):
+                rest.append(args[i + 1])
+                i += 1
+            i += 1
+            continue
+        if "=" in arg:
+            value: str | None = arg.split("=", 1)[1]
+        elif i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+            value = args[i + 1]
+            i += 1
+        else:
+            value = None
+        i += 1
+        base = base if base is not None else _compose_quietly([])
+        shown = f"{arg} {value}" if value is not None and "=" not in arg else arg
+        problems.append(_flag_problem(flag, value, shown, base))
+    return rest, problems
+
+
+def _flag_problem(flag: str, value: str | None, shown: str, base: DictConfig | None) -> str:
+    from contrastive_cli.config import config_groups
+
+    name = flag.lstrip("-").replace("-", "_")
+    written = value if value is not None else "<value>"
+    if name in config_groups() or name in OVERLAYS:
+        key = f"+{name}" if name in OVERLAYS else name
+    elif base is not None and _node_exists(base, name):
+        key = name
+    else:
+        key = nearest_key(base, name) if base is not None else None
+    if key is None:
+        return (
+            f"{shown} is not an option of contrast train: settings are given as key=value "
+            f"(e.g. trainer.epochs=2); `contrast train --help` lists them"
+        )
+    return (
+        f"{shown} is not an option of contrast train: settings are given as key=value; "
+        f"allowed: {key}={written}"
+    )
 
 
 def _parse(overrides: list[str]) -> list:  # list[Override]
@@ -625,6 +869,13 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def _compose_quietly(overrides: list[str]) -> DictConfig | None:
+    """The config, or None where it does not compose; remembered for the checks of one
+    command line, which compose the same overrides more than once (read it, never change it)."""
+    return _composed(tuple(overrides))
+
+
+@functools.lru_cache(maxsize=8)
+def _composed(overrides: tuple[str, ...]) -> DictConfig | None:
     try:
         return compose_with_hydra(overrides)
     except Exception:

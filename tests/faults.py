@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import urllib.error
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -16,7 +17,9 @@ from contrastive_cli.methods.simclr import SimCLR
 
 
 def offline_downloader(root: str, train: bool, download: bool) -> None:
-    """Stands in for torchvision's dataset classes on a machine without network."""
+    """Stands in for torchvision's dataset classes on a machine without network: like them,
+    it makes ``<root>/MNIST/raw`` before it tries to download."""
+    (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
     raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
 

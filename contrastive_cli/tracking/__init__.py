@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig
 
+from contrastive_cli import install_hint
 from contrastive_cli.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def require(module: str, tracker: str) -> None:
     if not found:
         raise ConfigError(
             f"tracker={tracker} needs the {module} package, which is not installed; "
-            "install it with: pip install 'contrast[tracking]'"
+            f"install it with: {install_hint('tracking')}"
         )
 
 

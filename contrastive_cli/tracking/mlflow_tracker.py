@@ -109,7 +109,9 @@ class MlflowTracker:
     ) -> None:
         state = read_state(run_dir).get(self.name, {}) if resumed else {}
         uri = state.get("tracking_uri") or resolve_uri(self.tracking_uri)
+        log.info(f"MLflow: starting (tracking URI {shown(uri)}; the first start takes a while)")
         self.client = connect(uri, self.timeout_s)
+        log.info(f"MLflow: runs go to {shown(uri)}; see them with: {open_command(shown(uri))}")
         run_id = state.get("run_id")
         if run_id and self._exists(run_id):
             self.run_id = run_id
@@ -286,6 +288,14 @@ def shown(uri: str) -> str:
         netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
         return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     return uri
+
+
+def open_command(uri: str) -> str:
+    """The command that shows the runs of ``uri``: a local store needs ``mlflow ui``, a
+    server is opened in a browser."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri '{uri}'"
 
 
 def connect(uri: str, timeout_s: float) -> Any:

@@ -11,6 +11,7 @@ checkpoint (TensorBoard's ``purge_step``), so curves do not fold back on themsel
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,10 @@ class TensorboardTracker:
 
         self.logdir = safe_path(run_dir, SUBDIR, create=False)  # never written through a link
         self.resumed = resumed
+        logging.getLogger(__name__).info(
+            f"TensorBoard: events go to {self.logdir}; see them with: "
+            f"tensorboard --logdir '{run_dir.parent}'"
+        )
         self.config_text = "```\n" + yaml.safe_dump(config, sort_keys=False) + "```"
 
     def _writer(self, step: int) -> Any:
