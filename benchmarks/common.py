@@ -65,14 +65,18 @@ class Options:
 
 # --------------------------------------------------------------------------- data
 def load_images(opts: Options, cfg: DictConfig, size: int | None = None) -> tuple[ImageData, str]:
-    """Fashion-MNIST when present (``data=auto``), else digits upsampled to 28x28, else
-    synthetic images; ``size`` keeps the first ``size`` training images (tiny runs)."""
+    """Fashion-MNIST when present (``data=auto``: found on disk, never downloaded), else
+    digits upsampled to 28x28, else synthetic images; ``size`` keeps the first ``size``
+    training images (tiny runs)."""
     from contrastive_cli.parts import load_data
 
     choice = opts.data
     data: ImageData | None = None
     if choice in ("auto", "fashion_mnist"):
         try:
+            if choice == "auto":  # present or not: no download attempt, no empty folder left
+                cfg = cfg.copy()
+                cfg.data.download = False
             data, name = load_data(cfg), "fashion_mnist"
         except DataError:
             if choice == "fashion_mnist":

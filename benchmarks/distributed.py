@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Options, machine, write
+from benchmarks.common import Options, load_images, machine, write
 
 NAME = "distributed"
 WORLD = 2
@@ -36,14 +36,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _steps(rank: int, world: int, overrides: list[str], steps: int, local: bool) -> float:
-    """Seconds per step of ``steps`` real steps (after 3 warm-up steps) on this process."""
+def _steps(
+    rank: int,
+    world: int,
+    overrides: list[str],
+    steps: int,
+    local: bool,
+    data: str = "auto",
+    size: int | None = None,
+) -> float:
+    """Seconds per step of ``steps`` real steps (after 3 warm-up steps) on this process, on
+    the images of ``--data`` (``auto``: Fashion-MNIST when present, else digits at 28x28; the
+    same fallback as the other benchmarks, so a machine without the dataset runs it too)."""
     from contrastive_cli.builder import build_run, train_steps
     from contrastive_cli.distributed import Dist, local_only
 
-    cfg = Options().config(*overrides)
+    opts = Options(data=data)
+    cfg = opts.config(*overrides)
+    images, _ = load_images(opts, cfg, size=size)
     d = Dist(rank, world, rank)
-    built = build_run(cfg, d)
+    built = build_run(cfg, d, data=images)
     method = built.training.method
     if local:  # a loss that sees only this process's rows
         method.gather = local_only
@@ -60,7 +72,15 @@ def _steps(rank: int, world: int, overrides: list[str], steps: int, local: bool)
     return statistics.median(timings)
 
 
-def _entry(rank: int, port: int, out: str, overrides: list[str], steps: int, local: bool) -> None:
+def _entry(
+    rank: int,
+    port: int,
+    out: str,
+    overrides: list[str],
+    steps: int,
+    local: bool,
+    data: tuple[str, int | None],
+) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(max(1, torch.get_num_threads() // WORLD))
@@ -68,18 +88,21 @@ def _entry(rank: int, port: int, out: str, overrides: list[str], steps: int, loc
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
-        seconds = _steps(rank, WORLD, overrides, steps, local)
+        seconds = _steps(rank, WORLD, overrides, steps, local, *data)
         if rank == 0:
             Path(out).write_text(str(seconds))
     finally:
         dist.destroy_process_group()
 
 
-def _several(overrides: list[str], steps: int, local: bool) -> float:
+def _several(overrides: list[str], steps: int, local: bool, data: tuple[str, int | None]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "seconds")
         torch.multiprocessing.spawn(
-            _entry, args=(_free_port(), out, overrides, steps, local), nprocs=WORLD, join=True
+            _entry,
+            args=(_free_port(), out, overrides, steps, local, data),
+            nprocs=WORLD,
+            join=True,
         )
         return float(Path(out).read_text())
 
@@ -89,15 +112,16 @@ def run(opts: Options) -> dict[str, Any]:
     steps = 3 if opts.quick else opts.steps
     batch = ["trainer.batch_size=32"] if opts.quick else []
     base = ["loss=ntxent", "device=cpu", "eval.every=0", *batch]
+    data = (opts.data, 2048 if opts.quick else None)
     variants = {
-        "1 process": lambda: _steps(0, 1, base, steps, local=False),
+        "1 process": lambda: _steps(0, 1, base, steps, False, *data),
         f"{WORLD}, local loss, local BN": lambda: _several(
-            [*base, "trainer.sync_bn=false"], steps, True
+            [*base, "trainer.sync_bn=false"], steps, True, data
         ),
         f"{WORLD}, gather, local BN": lambda: _several(
-            [*base, "trainer.sync_bn=false"], steps, False
+            [*base, "trainer.sync_bn=false"], steps, False, data
         ),
-        f"{WORLD}, gather + SyncBN": lambda: _several(base, steps, False),
+        f"{WORLD}, gather + SyncBN": lambda: _several(base, steps, False, data),
     }
     seconds = {name: measure() for name, measure in variants.items()}
     batch_size = Options().config(*base).trainer.batch_size

@@ -39,7 +39,8 @@ class Settings:
     batch_size: int
     seed: int
     resume: bool
-    checkpoint: bool  # after every epoch
+    checkpoint: bool  # after epochs, at most every checkpoint_every_s, and after the last
+    checkpoint_every_s: float
     log_every: int
     grad_clip: float
     time_budget: str | float | None
@@ -57,6 +58,7 @@ class Settings:
             seed=int(t.seed),
             resume=bool(t.resume),
             checkpoint=bool(t.checkpoint),
+            checkpoint_every_s=float(t.get("checkpoint_every_s") or 0),
             log_every=int(t.log_every),
             grad_clip=float(t.grad_clip),
             time_budget=t.time_budget,
@@ -81,15 +83,17 @@ class Built:
     encoder_metadata: dict[str, str]  # what encoder.safetensors carries
 
 
-def build_run(cfg: DictConfig, dist: Dist = SINGLE) -> Built:
-    """The run ``cfg`` describes, built: seeded, on its device, data loaded and checked."""
+def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = None) -> Built:
+    """The run ``cfg`` describes, built: seeded, on its device, data loaded and checked;
+    ``data`` replaces the config's source (benchmarks that fall back to other images when a
+    dataset is not installed)."""
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
     runtime: Runtime = build(cfg.device)
     if dist.several and runtime.device.type == "cuda":  # one GPU per process on its node
         runtime = dataclasses.replace(runtime, device=torch.device("cuda", dist.local_rank))
         torch.cuda.set_device(runtime.device)
-    data = load_data(cfg)
+    data = load_data(cfg) if data is None else data
     check_data(cfg, data)
     augment = build(cfg.data.augment)
     training = build_training(cfg, runtime, data, build_encoder(cfg, t.seed), dist)

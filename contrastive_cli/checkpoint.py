@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 import torch
 
 from contrastive_cli.errors import CheckpointError
+from contrastive_cli.writer import FILE_MODE
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
                 raise writer.error from None
             writer.write(_TRAILER.pack(MAGIC, writer.sha256.digest(), writer.size))
             f.flush()
+            os.fchmod(f.fileno(), FILE_MODE)  # mkstemp makes 0600; like every other output
             os.fsync(f.fileno())
         if path.exists():
             os.replace(path, previous_path(path))

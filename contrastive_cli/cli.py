@@ -9,7 +9,7 @@ import sys
 
 import contrastive_cli
 from contrastive_cli.config import OVERLAYS, config_groups
-from contrastive_cli.errors import UserError
+from contrastive_cli.errors import UserError, error_lines
 from contrastive_cli.untrusted import printable
 
 # name -> module under contrastive_cli.commands; each has HELP and main(args) -> exit code.
@@ -78,5 +78,6 @@ def _main(argv: list[str] | None) -> int:
     try:
         return _command(args[0]).main(args[1:])
     except UserError as e:  # it may quote a run file: shown without control characters
-        print(f"error: {printable(e)}", file=sys.stderr)
+        for line in error_lines(e):
+            print(f"error: {printable(line)}", file=sys.stderr)
         return e.exit_code

@@ -1,56 +1,88 @@
 """The command line of ``contrast train``, checked before Hydra starts, so that a bad config
 leaves no run directory: Hydra's own override errors (unknown key, unknown option,
-unparsable value) become one ConfigError line, and the composed config is validated
+unparsable value) become one ConfigError line each, and the composed config is validated
 (``contrastive_cli.validate``). Also ``check_output_dir``, for a directory a key names."""
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from contrastive_cli.config import CONF_DIR, OVERLAYS
-from contrastive_cli.errors import ConfigError, UserError
-from contrastive_cli.validate import _show, _suggest, validate
+from contrastive_cli.errors import ConfigError, UserError, raise_all
+from contrastive_cli.validate import (
+    _help_hint,
+    _show,
+    _suggest,
+    nearest_key,
+    validate,
+    value_problems,
+)
 
 # --------------------------------------------------------------------------- command line
 _HYDRA_FLAGS = ("-m", "--multirun")
+# Hydra's own command-line flags (``contrast train --hydra-help``): left to Hydra.
+_HYDRA_VALUE_FLAGS = (
+    "-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+    "-cd", "--config-dir", "-sc", "--shell-completion", "--experimental-rerun", "-i", "--info",
+)  # fmt: skip
+_HYDRA_OTHER_FLAGS = ("-h", "--help", "--hydra-help", "--version", "--resolve", "-r", "--run")
 MAX_PRECHECKED_JOBS = 256
 
 
 def check_command_line(args: Sequence[str]) -> None:
     """Compose the config ``contrast train <args>`` would run and validate it, before Hydra
-    creates a run directory. Hydra's own errors (unknown key, unknown option, unparsable
-    value) become one ConfigError line. Sweeps (-m): every job's overrides must compose;
-    values are validated per job as it starts, so one bad job does not stop the others.
-    Other Hydra flags (--help, --cfg, ...) and ``debug=true`` are left to Hydra as they are.
+    creates a run directory. Every problem of the command line is reported at once, one
+    line each (ConfigErrors): options and flags it does not know (``--epochs 2`` is shown as
+    ``trainer.epochs=2``), unknown keys with the nearest known one, bad values. Typos are
+    found without importing torch (about a second); the objects' own arguments after.
+    Sweeps (-m): every job's overrides must compose; values are validated per job as it
+    starts, so one bad job does not stop the others. Hydra's own flags (--help, --cfg, ...)
+    and ``debug=true`` are left to Hydra as they are.
     """
     _check_config_name(args)
+    args, problems = _foreign_flags(list(args))
     if any(a.startswith("-") and a not in _HYDRA_FLAGS for a in args):
+        raise_all(problems)
         return
     multirun = any(a in _HYDRA_FLAGS for a in args)
     overrides = [a for a in args if a not in _HYDRA_FLAGS]
-    parsed = _parse(overrides)
+    parsed, unparsable = _parse_each(overrides)
+    problems += unparsable
     if any(
         o.key_or_group == "debug" and str(o.value()).lower() == "true"
         for o in parsed
         if not o.is_sweep_override()
     ):
+        raise_all(problems)
         return
     if not multirun:
-        sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
-        if sweeps:
-            raise ConfigError(
-                f"{sweeps[0]} is a sweep; add -m to run one job per value "
-                "(or quote it, key='a,b', to pass it as a string)"
-            )
+        problems += [
+            f"{o.input_line} is a sweep; add -m to run one job per value "
+            "(or quote it, key='a,b', to pass it as a string)"
+            for o in parsed
+            if o.is_sweep_override()
+        ]
+        problems += _override_problems(parsed)
+        if problems:  # and the plain values of the overrides that do apply
+            good = [o.input_line for o in parsed if not _named_in(o.input_line, problems)]
+            cfg = _compose_quietly(good)
+            if cfg is not None:
+                problems += value_problems(_without_hydra(cfg), torch_free=True)
+            raise_all(problems)
         cfg = _compose(overrides)
         check_output_dir(cfg, "hydra.run.dir")
+        validate(cfg, torch_free=True)  # the plain sections' values, before torch loads
         validate(cfg)
         return
+    raise_all(problems)
     jobs = _sweep_jobs(parsed)
     for job in jobs or []:
         try:
@@ -85,6 +117,149 @@ def _check_config_name(args: Sequence[str]) -> None:
             f"--config-name={name} is not allowed: no {stem}.yaml in {folder}; allowed: "
             f"{', '.join(found) or '(no configs there)'}"
         )
+
+
+def _parse_each(overrides: list[str]) -> tuple[list, list[str]]:
+    """(the overrides Hydra can parse, one problem for each it cannot)."""
+    parsed, problems = [], []
+    for text in overrides:
+        try:
+            parsed += _parse([text])
+        except ConfigError as e:
+            problems.append(str(e))
+    return parsed, problems
+
+
+def _named_in(override: str, problems: list[str]) -> bool:
+    key = override.partition("=")[0]
+    return any(p.startswith((override, key.lstrip("+~"), f"'{override}'")) for p in problems)
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def _is_group(name: str) -> bool:
+    from contrastive_cli.config import config_groups
+
+    return "/" in name or name in config_groups() or name in OVERLAYS
+
+
+def _override_problems(parsed: list) -> list[str]:
+    """Unknown options of config groups and unknown keys, each with the nearest known one,
+    found by composing the group choices alone (no torch): ``loss=ntxnet``,
+    ``trainer.epoch=2``, ``loss.temprature=0.1`` in one command line are three problems."""
+    from contrastive_cli.config import config_groups
+
+    groups = config_groups(overlays=True)
+    problems: list[str] = []
+    chosen: list[str] = []
+    for o in parsed:
+        name = str(o.key_or_group)
+        if not _is_group(name) or o.is_sweep_override():
+            continue
+        value = o.value()
+        values = value if isinstance(value, list) else [value]
+        options = groups.get(name)
+        bad = [v for v in values if isinstance(v, str) and options and v not in options]
+        if name in OVERLAYS and not o.is_add() and not o.is_delete():
+            continue  # experiment=x without +: _compose explains it
+        if bad:
+            near = difflib.get_close_matches(bad[0], options, n=1)
+            plus = "+" if o.is_add() else ""
+            hint = f" (did you mean {plus}{name}={near[0]}?)" if near else ""
+            problems.append(
+                f"{o.input_line} is not allowed: no such option{hint}; "
+                f"allowed: {', '.join(options)}"
+            )
+        else:
+            chosen.append(o.input_line)
+    base = _compose_quietly(chosen)
+    if base is None:
+        return problems
+    for o in parsed:
+        name = str(o.key_or_group)
+        if _is_group(name) or o.is_add() or o.is_force_add() or o.is_sweep_override():
+            continue
+        if not _node_exists(base, name):
+            problems.append(
+                f"{name} is not allowed: no such setting{_suggest(base, name)}; {_help_hint(name)}"
+            )
+    return problems
+
+
+def _node_exists(cfg: DictConfig, key: str) -> bool:
+    """``key`` names a key of ``cfg`` (no value is resolved)."""
+    node: Any = cfg
+    for part in key.split("."):
+        if isinstance(node, DictConfig) and part in node.keys():  # noqa: SIM118
+            node = node._get_node(part)
+        elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node._get_node(int(part))
+        else:
+            return False
+    return True
+
+
+def _foreign_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(args without flags Hydra does not know, one problem each): ``--epochs 2`` is not how
+    contrast takes settings, so the line shows the override that means it,
+    ``trainer.epochs=2``. A flag's value is the next argument unless it has ``=``."""
+    rest: list[str] = []
+    problems: list[str] = []
+    base: DictConfig | None = None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag = arg.split("=", 1)[0]
+        if not arg.startswith("--") or flag in (
+            *_HYDRA_FLAGS,
+            *_HYDRA_VALUE_FLAGS,
+            *_HYDRA_OTHER_FLAGS,
+        ):
+            rest.append(arg)
+            if flag in _HYDRA_VALUE_FLAGS and "=" not in arg and i + 1 < len(args):
+                rest.append(args[i + 1])
+                i += 1
+            i += 1
+            continue
+        if "=" in arg:
+            value: str | None = arg.split("=", 1)[1]
+        elif i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+            value = args[i + 1]
+            i += 1
+        else:
+            value = None
+        i += 1
+        base = base if base is not None else _compose_quietly([])
+        shown = f"{arg} {value}" if value is not None and "=" not in arg else arg
+        problems.append(_flag_problem(flag, value, shown, base))
+    return rest, problems
+
+
+def _flag_problem(flag: str, value: str | None, shown: str, base: DictConfig | None) -> str:
+    from contrastive_cli.config import config_groups
+
+    name = flag.lstrip("-").replace("-", "_")
+    written = value if value is not None else "<value>"
+    if name in config_groups() or name in OVERLAYS:
+        key = f"+{name}" if name in OVERLAYS else name
+    elif base is not None and _node_exists(base, name):
+        key = name
+    else:
+        key = nearest_key(base, name) if base is not None else None
+    if key is None:
+        return (
+            f"{shown} is not an option of contrast train: settings are given as key=value "
+            f"(e.g. trainer.epochs=2); `contrast train --help` lists them"
+        )
+    return (
+        f"{shown} is not an option of contrast train: settings are given as key=value; "
+        f"allowed: {key}={written}"
+    )
 
 
 def _parse(overrides: list[str]) -> list:  # list[Override]
@@ -199,6 +374,13 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def _compose_quietly(overrides: list[str]) -> DictConfig | None:
+    """The config, or None where it does not compose; remembered for the checks of one
+    command line, which compose the same overrides more than once (read it, never change it)."""
+    return _composed(tuple(overrides))
+
+
+@functools.lru_cache(maxsize=8)
+def _composed(overrides: tuple[str, ...]) -> DictConfig | None:
     try:
         return compose_with_hydra(overrides)
     except Exception:

@@ -15,6 +15,28 @@ class ConfigError(UserError):
     exit_code = 2
 
 
+class ConfigErrors(ConfigError):
+    """Several config problems of one command line, reported together: one ``error:`` line
+    each (``error_lines``)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(dict.fromkeys(problems))  # in order, each once
+        super().__init__("; ".join(self.problems))
+
+
+def error_lines(e: BaseException) -> list[str]:
+    """What the CLI prints for an error, one line each: every problem of a ConfigErrors."""
+    return list(getattr(e, "problems", None) or [str(e)])
+
+
+def raise_all(problems: list[str]) -> None:
+    """Raise the problems found (none: return): a plain ConfigError for one, else all."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigErrors(problems)
+
+
 class DataError(UserError):
     """Data that is missing, unreadable or cannot be downloaded."""
 

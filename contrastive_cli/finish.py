@@ -65,6 +65,10 @@ def finish(
     # One feature extraction for the embedding map and TensorBoard's projector.
     sample = None
     if s.plots or trackers:
+        log.info(
+            f"embedding map: features of up to {s.embedding[0]:,} test images"
+            + (", then t-SNE (or UMAP) and plots/" if s.plots else "")
+        )
         sample = embedding_sample(encoder, built.data, built.augment, built.runtime, *s.embedding)
         trackers.log_embedding(sample, progress.step)
     if s.plots:
@@ -116,7 +120,9 @@ def plot_embedding_of(
 
     if sample is None:
         return None
-    return plot_embedding(sample.features.numpy(), sample.labels.numpy(), out, title, seed)
+    return plot_embedding(
+        sample.features.numpy(), sample.labels.numpy(), out, title, seed, sample.class_names
+    )
 
 
 def embedding_map(run: Run, out: Path) -> Path | None:

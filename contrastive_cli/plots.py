@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,9 +53,15 @@ def plot_curves(series: Sequence[tuple[str, list[dict]]], out: Path) -> Path:
 
 
 def plot_embedding(
-    features: np.ndarray, labels: np.ndarray, out: Path, title: str, seed: int = 0
+    features: np.ndarray,
+    labels: np.ndarray,
+    out: Path,
+    title: str,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
-    """2-D map of features (UMAP when installed, else t-SNE), coloured by class."""
+    """2-D map of features (UMAP when installed, else t-SNE), coloured by class (named in
+    the legend when the data has class names)."""
     try:
         import umap  # type: ignore[import-not-found]
 
@@ -73,7 +80,8 @@ def plot_embedding(
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for i, c in enumerate(classes):
         pts = xy[labels == c]
-        ax.scatter(pts[:, 0], pts[:, 1], s=4, color=cmap(i % cmap.N), label=str(c))
+        name = class_names[c] if class_names is not None and 0 <= c < len(class_names) else c
+        ax.scatter(pts[:, 0], pts[:, 1], s=4, color=cmap(i % cmap.N), label=str(name))
     ax.set(title=f"{title} ({method}, {len(features)} test images)", xticks=[], yticks=[])
     if len(classes) <= 20:
         ax.legend(markerscale=3, fontsize=7, loc="best")
@@ -104,11 +112,24 @@ def sweep_scores(runs: Sequence[Run], metric: str | None = None) -> tuple[list[f
     return scores, metric_label(named.pop()) if len(named) == 1 else "k-NN (first of eval.knn_k)"
 
 
+def one_sweep(runs: Sequence[Run]) -> bool:
+    """The runs are jobs of one Hydra sweep: one parent folder, which holds the basic
+    sweeper's multirun.yaml or only job folders named ``<job number>_...`` (other sweepers)."""
+    parents = {r.path.parent for r in runs}
+    if len(parents) != 1:
+        return False
+    parent = parents.pop()
+    numbered = all(re.match(r"\d+_", r.path.name) for r in runs)
+    return (parent / "multirun.yaml").is_file() or numbered
+
+
 def plot_sweep(runs: Sequence[Run], out: Path, metric: str | None = None) -> Path | None:
-    """The metric against each swept value (one panel per swept key); None if nothing was
-    swept. ``metric`` None: the headline k-NN accuracy (see ``sweep_scores``)."""
+    """The metric against each swept value (one panel per swept key), every point labelled
+    with its run; None if nothing was swept or the runs are not one sweep's jobs (runs of
+    different sweeps or none differ in more than the swept keys, so the plot would mislead).
+    ``metric`` None: the headline k-NN accuracy (see ``sweep_scores``)."""
     swept = swept_keys(runs)
-    if not swept:
+    if not swept or not one_sweep(runs):
         return None
     scores, ylabel = sweep_scores(runs, metric)
     fig, axes = plt.subplots(1, len(swept), figsize=(4.5 * len(swept), 4), dpi=DPI, squeeze=False)
@@ -121,6 +142,10 @@ def plot_sweep(runs: Sequence[Run], out: Path, metric: str | None = None) -> Pat
             xs, numeric = [order.index(v) for v in values], False
             ax.set_xticks(range(len(order)), order, rotation=30)
         ax.scatter(xs, scores)
+        for x, y, run in zip(xs, scores, runs, strict=True):
+            ax.annotate(
+                run.path.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
         if numeric and len(set(xs)) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 100:
             ax.set_xscale("log")
         ax.set(title=key, xlabel=key, ylabel=ylabel)

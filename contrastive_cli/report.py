@@ -157,7 +157,8 @@ def results_table(results: dict) -> str:
         (title, metrics),
     ]
     rows = [(name, m) for name, m in rows if m]
-    width = max(len(name) for name, _ in rows)
+    gain = "gain over best baseline"
+    width = max(len(name) for name in [gain, *(name for name, _ in rows)])
     header = " " * width + "".join(f"  {metric_label(k):>12}" for k in keys)
     lines = [header]
     for name, m in rows:
@@ -168,10 +169,13 @@ def results_table(results: dict) -> str:
     best = {k: max((b[k] for b in baselines.values() if b and k in b), default=None) for k in keys}
     if any(v is not None for v in best.values()) and metrics:
         lines.append(
-            f"{'gain over best baseline':<{width}}"
+            f"{gain:<{width}}"
             + "".join(
                 f"  {metrics[k] - best[k]:>+12.4f}" if best[k] is not None else f"  {'':>12}"
                 for k in keys
             )
         )
+    split = str(results.get("split") or "")
+    if split.startswith("heldout"):  # `contrast eval --heldout`: not a test-split result
+        lines.insert(0, f"held-out (train): {split}, not the test split")
     return "\n".join(lines)

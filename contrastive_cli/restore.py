@@ -20,14 +20,17 @@ from contrastive_cli.weights import load_weights
 log = logging.getLogger(__name__)
 
 
-def restore(training: Training, device: torch.device, files: RunFiles, resolved: dict) -> Progress:
+def restore(
+    training: Training, device: torch.device, files: RunFiles, resolved: dict, epochs: int
+) -> tuple[Progress, float]:
     """The progress of the checkpoint to resume from (its state loaded into the method,
     optimizer and schedule), or a fresh start when there is none. Refuses, in one line, a
     checkpoint made for another training config (``resolved``: the run's) and one whose
-    contents do not fit what the config builds."""
+    contents do not fit what the config builds. Also returns the wall time the run had taken
+    by then (earlier attempts)."""
     path = latest_valid_checkpoint(files.checkpoint().parent)
     if path is None:
-        return Progress()
+        return Progress(), 0.0
     state = load_checkpoint(path, map_location=device)
     _check_resumable(state, resolved, path)
     method, optimizer, scheduler = training.method, training.optimizer, training.scheduler
@@ -45,8 +48,10 @@ def restore(training: Training, device: torch.device, files: RunFiles, resolved:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} does not fit the run's config: {problem}") from None
-    log.info(f"resuming from {path}: epoch {progress.epoch}, step {progress.step}")
-    return progress
+    # The epoch in progress, numbered as "stopped at epoch N" numbered it.
+    log.info(f"resuming from {path}: epoch {progress.epoch + 1}/{epochs}, step {progress.step}")
+    earlier = state.get("wall_time_s", progress.train_seconds)  # older checkpoints: a floor
+    return progress, float(earlier) if isinstance(earlier, (int, float)) else 0.0
 
 
 def _check_resumable(state: dict, resolved: dict, path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from contrastive_cli import writer
+from contrastive_cli import failures, writer
 from contrastive_cli.builder import Built, build_run
 from contrastive_cli.callbacks.budget import TimeBudget
 from contrastive_cli.callbacks.checkpointing import Checkpointing
@@ -126,11 +126,12 @@ def _run(
     built = build_run(cfg, dist)
     s = built.settings
     record = ConfigRecord(cfg)
-    progress = (
-        restore(built.training, built.runtime.device, files, record.resolved)
+    progress, earlier_s = (
+        restore(built.training, built.runtime.device, files, record.resolved, s.epochs)
         if s.resume
-        else Progress()
+        else (Progress(), 0.0)
     )
+    started -= earlier_s  # wall times count the earlier attempts, as train_time_s does
     metrics_log = files.metrics(keep_epochs=progress.epoch)
     summary = Summary(
         files,
@@ -145,6 +146,7 @@ def _run(
             "seed": s.seed,
             "device": built.runtime.describe(),
             "processes": dist.world_size,
+            **failures.restarts_so_far(),  # an elastically restarted group's earlier failures
         },
     )
     batches = built.training.batches
@@ -211,7 +213,13 @@ def run_callbacks(
         MetricsFile(metrics_log),
         TrackerLog(trackers, s.log_every),
         EpochLine(),
-        Checkpointing(files.checkpoint, record, s.checkpoint),
+        Checkpointing(
+            files.checkpoint,
+            record,
+            s.checkpoint,
+            lambda: time.time() - summary.started,
+            s.checkpoint_every_s,
+        ),
         *tail,
     ]
 

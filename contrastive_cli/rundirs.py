@@ -217,14 +217,22 @@ def load_run(path: Path) -> Run:
     )
 
 
+# Tracker stores under a runs tree: MLflow keeps a copy of each run directory's files as
+# artifacts (outputs/mlartifacts/<experiment>/<run id>/artifacts/...), which is no run.
+TRACKER_STORES = frozenset({"mlartifacts", "mlruns"})
+
+
 def find_runs(roots: Iterable[Path]) -> list[Run]:
-    """Every run directory at or under ``roots`` (a run, a sweep, or a whole tree)."""
+    """Every run directory at or under ``roots`` (a run, a sweep, or a whole tree), not
+    counting the copies inside tracker stores (``TRACKER_STORES``)."""
     seen: dict[Path, Run] = {}
     for root in roots:
         root = Path(root).expanduser()
         if not root.exists():
             raise UserError(f"{root} does not exist")
         for config in sorted(root.rglob(str(CONFIG))):
+            if TRACKER_STORES & set(config.relative_to(root).parts):
+                continue
             run_dir = config.parent.parent
             key = run_dir.resolve()
             if key not in seen:

@@ -192,6 +192,7 @@ class Trainer:
     seed: Seed
     deterministic: bool
     checkpoint: bool
+    checkpoint_every_s: NonNegative | None  # None (older configs): every epoch
     resume: bool
     log_every: PositiveInt
     grad_clip: NonNegative

@@ -11,13 +11,13 @@
    encoder, method, optimizer and schedule build from the config, the encoder on a dummy
    input of the configured image shape, all on PyTorch's ``meta`` device (no memory).
 
-``check_data`` covers what is only known once the data is loaded; the command line itself
-is checked before Hydra starts by ``contrastive_cli.command_line``.
+``check_command_line`` runs before Hydra starts (so a bad config leaves no run directory):
+it turns Hydra's own override errors into one line too. ``check_data`` covers what is only
+known once the data is loaded.
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
 import typing
 from collections.abc import Callable
@@ -27,7 +27,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from contrastive_cli.config import CONF_DIR
-from contrastive_cli.errors import ConfigError, UserError
+from contrastive_cli.errors import ConfigError, UserError, raise_all
+from contrastive_cli.keys import _help_hint, _suggest, nearest_key, setting_keys  # noqa: F401
 from contrastive_cli.safety import _slots
 from contrastive_cli.schema import REQUIRED_IN, is_plain, problem, section_types, target_types
 
@@ -47,53 +48,89 @@ REQUIRED_NODES = ("data.name", "data.channels", "data.image_size", "data.source"
 
 
 # --------------------------------------------------------------------------- validate
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError (one line: key, value, what is allowed) for the first bad setting."""
-    from contrastive_cli.safety import check_targets
+def validate(cfg: DictConfig, torch_free: bool = False) -> None:
+    """Raise ConfigError (one line: key, value, what is allowed) for a bad setting; every bad
+    value and key at once (ConfigErrors), then the first bad combination or object.
 
-    check_targets(cfg)
-    _walk(cfg, cfg, "")
-    for section in REQUIRED_IN:
-        node = OmegaConf.select(cfg, section) if section else cfg
-        for key, tp in (section_types(section) or {}).items():
-            if key not in node.keys() and problem(None, tp):  # noqa: SIM118 (no resolving)
-                _missing(f"{section}.{key}".lstrip("."), tp)
-    for key in REQUIRED_NODES:
-        if not _has(cfg, key):
-            _missing(key, None)
-    for combination in COMBINATIONS:
-        if message := combination(cfg):
-            raise ConfigError(message)
+    ``torch_free``: only what needs no import of torch (the plain sections: trainer, eval,
+    optim.lr, data...; objects' arguments need their classes' annotations), so a typo is
+    reported in about a second."""
+    if not torch_free:
+        from contrastive_cli.safety import check_targets
+
+        check_targets(cfg)
+    problems = value_problems(cfg, torch_free)
+    raise_all(problems)
+    if torch_free:
+        return
+    raise_all([message for combination in COMBINATIONS if (message := combination(cfg))])
     _check_objects(cfg)
 
 
-def _walk(cfg: DictConfig, node: DictConfig, prefix: str) -> None:
-    """Check every key under ``node`` against its type, resolving values one by one; a node
-    (a section, an object) is walked in turn unless a plain value belongs there."""
-    for key in node:
-        full = f"{prefix}{key}"
-        if full == "hydra":
+def value_problems(cfg: DictConfig, torch_free: bool = False) -> list[str]:
+    """Every bad or unknown key and value of ``cfg``, and every required one missing."""
+    problems: list[str] = []
+    _walk(cfg, cfg, "", problems, torch_free)
+    for section in REQUIRED_IN:
+        node = OmegaConf.select(cfg, section, throw_on_resolution_failure=False) if section else cfg
+        if not isinstance(node, DictConfig):  # not a section at all: reported by _walk
             continue
-        expected = _expected(cfg, node, prefix.rstrip("."), str(key))
-        child = node._get_node(key)
-        raw = str(child._value()) if child is not None and child._is_interpolation() else ""
+        for key, tp in (section_types(section) or {}).items():
+            if key not in node.keys() and problem(None, tp):  # noqa: SIM118 (no resolving)
+                problems.append(_missing(f"{section}.{key}".lstrip("."), tp))
+    for key in REQUIRED_NODES:
+        if not _has(cfg, key):
+            problems.append(_missing(key, None))
+    return problems
+
+
+def _walk(
+    cfg: DictConfig, node: DictConfig, prefix: str, problems: list[str], torch_free: bool
+) -> None:
+    """Check every key under ``node`` against its type, resolving values one by one; a node
+    (a section, an object) is walked in turn unless a plain value belongs there. Each bad
+    key goes to ``problems``; ``torch_free`` leaves objects (``_target_`` nodes) out."""
+    if torch_free and "_target_" in node.keys():  # noqa: SIM118 - no resolving
+        return
+    for key in node:
         try:
-            value = node[key]
-        except MissingMandatoryValue:
-            raise ConfigError(f"{full} has no value (???); allowed: set it, {full}=...") from None
-        except OmegaConfBaseException as e:
-            what = f"{full}={raw}" if raw else full
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(
-                f"{what} cannot be resolved ({reason}); allowed: a value, or ${{key}} of an existing key"
-            ) from None
-        if isinstance(value, DictConfig) and not is_plain(expected):
-            _walk(cfg, value, f"{full}.")
-        elif allowed := problem(_plain(value), expected):
-            source = f" (from {raw})" if raw else ""
-            raise ConfigError(
-                f"{full}={_show(_plain(value))}{source} is not allowed; allowed: {allowed}"
-            )
+            _check_key(cfg, node, prefix, str(key), problems, torch_free)
+        except ConfigError as e:
+            problems.append(str(e))
+
+
+def _check_key(
+    cfg: DictConfig,
+    node: DictConfig,
+    prefix: str,
+    key: str,
+    problems: list[str],
+    torch_free: bool,
+) -> None:
+    """One key of ``node``: its type, its value, and the keys under it (``_walk``)."""
+    full = f"{prefix}{key}"
+    if full == "hydra":
+        return
+    expected = _expected(cfg, node, prefix.rstrip("."), str(key))
+    child = node._get_node(key)
+    raw = str(child._value()) if child is not None and child._is_interpolation() else ""
+    try:
+        value = node[key]
+    except MissingMandatoryValue:
+        raise ConfigError(f"{full} has no value (???); allowed: set it, {full}=...") from None
+    except OmegaConfBaseException as e:
+        what = f"{full}={raw}" if raw else full
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{what} cannot be resolved ({reason}); allowed: a value, or ${{key}} of an existing key"
+        ) from None
+    if isinstance(value, DictConfig) and not is_plain(expected):
+        _walk(cfg, value, f"{full}.", problems, torch_free)
+    elif allowed := problem(_plain(value), expected):
+        source = f" (from {raw})" if raw else ""
+        raise ConfigError(
+            f"{full}={_show(_plain(value))}{source} is not allowed; allowed: {allowed}"
+        )
 
 
 def _expected(cfg: DictConfig, node: DictConfig, path: str, key: str) -> Any:
@@ -119,7 +156,7 @@ def _expected(cfg: DictConfig, node: DictConfig, path: str, key: str) -> Any:
         return Any  # an object node in a container of them (tracker.mlflow)
     raise ConfigError(
         f"{full} is not allowed: contrast has no setting {full}{_suggest(cfg, full)}; "
-        "see `contrast train --cfg job` for the settings"
+        f"{_help_hint(full)}"
     )
 
 
@@ -129,7 +166,7 @@ def _has(cfg: DictConfig, key: str) -> bool:
     return isinstance(node, DictConfig) and leaf in node.keys()  # noqa: SIM118 (no resolving)
 
 
-def _missing(key: str, tp: Any) -> None:
+def _missing(key: str, tp: Any) -> str:
     from contrastive_cli.config import config_groups
 
     options = config_groups().get(key)
@@ -137,19 +174,10 @@ def _missing(key: str, tp: Any) -> None:
         allowed = f"{key}=<option>, one of {', '.join(options)}"
     else:
         allowed = f"{key}=<value>, as in `contrast train --cfg job`"
-    raise ConfigError(f"{key} is missing (deleted with ~{key}?); allowed: {allowed}")
+    return f"{key} is missing (deleted with ~{key}?); allowed: {allowed}"
 
 
-def _suggest(cfg: DictConfig, key: str) -> str:
-    def keys(node: Any, prefix: str) -> list[str]:
-        if not isinstance(node, DictConfig):
-            return [prefix[:-1]]
-        return [k for name in node for k in keys(node._get_node(name), f"{prefix}{name}.")]
-
-    close = difflib.get_close_matches(key, [k for k in keys(cfg, "") if k != key], n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
+# Sections in the order `contrast train --help` shows them (and a near key is chosen).
 # --------------------------------------------------------------------------- combinations
 def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key)

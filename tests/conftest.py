@@ -23,6 +23,7 @@ TINY = [
     "eval.monitor_bank=500",
     "eval.monitor_queries=100",
     "eval.embedding_points=200",
+    "trainer.checkpoint_every_s=0",  # a checkpoint every epoch: what kill/resume tests stop at
 ]
 
 
@@ -106,3 +107,14 @@ def _session_baseline_cache(tmp_path_factory):
 def _empty_baseline_cache(_session_baseline_cache, tmp_path_factory, monkeypatch):
     """And every test starts with an empty baseline cache of its own."""
     monkeypatch.setenv("CONTRAST_CACHE", str(tmp_path_factory.mktemp("contrast-cache")))
+
+
+@pytest.fixture
+def no_datasets(tmp_path_factory, monkeypatch) -> Path:
+    """A machine with no dataset installed: ``CONTRAST_DATA`` (the data root) and
+    ``CONTRAST_SYSTEM_DATA`` (Debian's /usr/share/datasets) point at one empty folder, which
+    the test may check stays empty. Inherited by spawned processes."""
+    empty = tmp_path_factory.mktemp("no-datasets")
+    monkeypatch.setenv("CONTRAST_DATA", str(empty))
+    monkeypatch.setenv("CONTRAST_SYSTEM_DATA", str(empty))
+    return empty

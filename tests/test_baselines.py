@@ -143,3 +143,24 @@ def test_cache_dir_follows_contrast_cache_then_xdg(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "xdg" / "contrast" / "baselines"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "contrast" / "baselines"
+
+
+def test_evaluation_says_what_it_is_doing(compose_cfg, caplog):
+    """No silence after the last epoch: a line before and after each evaluated entry (raw
+    pixels, the random-init encoder, the trained one), then none for cached ones."""
+    with caplog.at_level(logging.INFO, logger="contrastive_cli"):
+        evaluate(compose_cfg)
+    lines = [r.getMessage() for r in caplog.records]
+    starts = [ln for ln in lines if ln.startswith("evaluating ")]
+    assert [ln.split(" (")[0] for ln in starts] == [
+        "evaluating 1/3: raw pixels",
+        "evaluating 2/3: trained encoder",
+        "evaluating 3/3: random-init encoder",
+    ]
+    assert "1,437 train + 360 test images" in starts[0]
+    assert sum(ln.startswith("evaluated ") for ln in lines) == 3
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="contrastive_cli"):
+        evaluate(compose_cfg)  # both baselines from the cache now
+    starts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluating")]
+    assert [ln.split(" (")[0] for ln in starts] == ["evaluating 1/1: trained encoder"]

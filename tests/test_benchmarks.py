@@ -126,9 +126,22 @@ def test_options():
         parse(["nonsense"])
 
 
-def test_distributed(tmp_path):
+def test_distributed(tmp_path, no_datasets):
+    """The default ``--data auto`` on a machine without Fashion-MNIST: the benchmark's own
+    fallback (digits at 28x28), in every process, with no download attempt."""
     opts, _ = parse(["--quick", "--out", str(tmp_path)])
     result = importlib.import_module("benchmarks.distributed").run(opts)
     assert len(result["results"]) == 4
     assert all(r["seconds_per_step"] > 0 for r in result["results"].values())
     assert "all-gather" in (tmp_path / "distributed.md").read_text()
+
+
+def test_auto_data_falls_back_without_fashion_mnist_and_leaves_nothing(no_datasets):
+    """``--data auto`` looks for Fashion-MNIST on disk only: without it, digits at 28x28, and
+    no download attempt or empty ``data/FashionMNIST`` left behind."""
+    from benchmarks.common import Options, load_images
+
+    opts = Options(data="auto")
+    data, name = load_images(opts, opts.config(), size=256)
+    assert name.startswith("digits") and data.train.images.shape[1:] == (1, 28, 28)
+    assert not any(no_datasets.iterdir())

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,7 @@ def test_a_real_run_checkpoints_plain_data_and_resumes_from_prev(tmp_path, compo
         "eval.probe.weight_decays=[1e-3]",
         "eval.knn_k=[20]",
         "device=cpu",
+        "trainer.checkpoint_every_s=0",
     ]
     run_training(compose_cfg(*overrides), tmp_path)
     last, prev = tmp_path / "checkpoints" / "last.pt", tmp_path / "checkpoints" / "prev.pt"
@@ -267,3 +269,41 @@ def test_malicious_last_pt_is_refused_by_contrast_train_resume(tmp_path):
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: checkpoint {last} was refused") and ".system" in lines[0]
     assert not marker.exists() and "Traceback" not in proc.stderr
+
+
+def test_checkpoints_are_written_0644_like_every_other_output(tmp_path):
+    """mkstemp creates 0600 files; a checkpoint is shared like results.json and plots."""
+    path = tmp_path / "checkpoints" / "last.pt"
+    ckpt.save_checkpoint(path, {"epoch": 1})
+    ckpt.save_checkpoint(path, {"epoch": 2})
+    assert {stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()} == {0o644}
+
+
+@pytest.mark.parametrize("every,saves", [(3600, 1), (0, 3)])
+def test_checkpoints_follow_a_cadence_and_the_end_always_gets_one(
+    tmp_path, compose_cfg, monkeypatch, every, saves
+):
+    """trainer.checkpoint_every_s bounds the bytes written: with a long cadence three epochs
+    write one checkpoint (the last epoch's), with 0 one per epoch."""
+    from contrastive_cli import run
+
+    written = []
+    real = run.save_checkpoint
+    monkeypatch.setattr(run, "save_checkpoint", lambda p, s: (written.append(1), real(p, s)))
+    cfg = compose_cfg(
+        "trainer.epochs=3",
+        "trainer.batch_size=512",
+        f"trainer.checkpoint_every_s={every}",
+        "eval.every=0",
+        "eval.baselines=false",
+        "eval.plots=false",
+        "eval.probe.max_iter=5",
+        "eval.probe.weight_decays=[1e-3]",
+        "eval.knn_k=[20]",
+        "device=cpu",
+    )
+    run.run_training(cfg, tmp_path)
+    assert (
+        len(written) == saves
+        and load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]["epoch"] == 3
+    )

@@ -113,9 +113,9 @@ def test_help_lists_groups_and_options(tmp_path):
         assert text in top
     train_help = run_cli(["train", "--help"], cwd=tmp_path, check=True).stdout
     for text in (
-        "data: cifar10, cifar100, digits, fashion_mnist, folder, mnist, stl10",
-        f"loss: {', '.join(LOSSES)}",
-        "knn_temperature",
+        "data=digits (options: cifar10, cifar100, digits, fashion_mnist, folder, mnist, stl10)",
+        f"loss=ntxent (options: {', '.join(LOSSES)})",
+        "eval.knn_temperature",
     ):
         assert text in train_help
 
@@ -135,3 +135,5 @@ def test_missing_data_is_one_line_naming_the_files(tmp_path):
     assert "Traceback" not in proc.stderr
     [line] = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert "train-images-idx3-ubyte" in line and "MNIST/raw" in line
+    # nothing ran: no `failed` run directory left for `contrast runs` to list
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]

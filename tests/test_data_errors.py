@@ -11,6 +11,7 @@ from contrastive_cli.data.sources import load_cifar, load_idx_dataset
 from contrastive_cli.errors import DataError
 from contrastive_cli.parts import load_data
 from tests.conftest import run_cli
+from tests.fakes import write_mnist
 from tests.faults import offline_downloader
 
 IDX = [
@@ -74,6 +75,9 @@ def test_failed_download_through_the_cli(tmp_path):
     # Without internet the user learns which files to put where.
     assert "train-images-idx3-ubyte[.gz]" in lines[0]
     assert str(tmp_path / "data" / "MNIST" / "raw") in lines[0]
+    # the failed download leaves no empty data/MNIST/raw, the failed run no run directory
+    assert not (tmp_path / "data").exists()
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
 
 
 def test_unreadable_data_file_is_one_line(tmp_path, monkeypatch, compose_cfg):
@@ -104,3 +108,18 @@ def test_unreadable_data_file_through_the_cli(tmp_path):
     )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 1 and len(lines) == 1 and "Permission denied" in lines[0], proc.stderr
+
+
+def test_the_system_dataset_folder_is_a_switch(no_datasets, compose_cfg, tmp_path):
+    """``CONTRAST_SYSTEM_DATA`` replaces /usr/share/datasets (Debian's dataset packages), so
+    CI (``.ci/run``) can hide an installed Fashion-MNIST; files there are found offline."""
+    cfg = compose_cfg("data=fashion_mnist", "data.download=false")
+    assert list(cfg.data.source.extra_dirs) == [f"{no_datasets}/fashion-mnist"]
+    with pytest.raises(DataError, match="data=fashion_mnist"):
+        load_data(cfg)
+    debian = tmp_path / "debian"
+    write_mnist(debian / "fashion-mnist")
+    os.environ["CONTRAST_SYSTEM_DATA"] = str(debian)  # restored by the fixture's monkeypatch
+    data = load_data(compose_cfg("data=fashion_mnist", "data.download=false"))
+    assert data.train.images.shape == (6, 1, 28, 28)
+    assert not any(no_datasets.iterdir())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import stat
 import sys
 
 import numpy as np
@@ -175,3 +176,15 @@ def test_parquet_without_pyarrow_is_a_one_line_error(trained, tmp_path, capsys, 
     assert embed(run, "--out", tmp_path / "e.parquet") == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "writing parquet needs pyarrow" in line and ".npy or .csv" in line
+
+
+def test_everything_a_run_and_embed_write_is_readable_like_results(trained, tmp_path):
+    """Checkpoints, weights and embeddings were written 0600 (mkstemp) while results.json
+    was 0644: every file is now readable by the group and others, as the results are."""
+    _, run = trained
+    out = tmp_path / "e.npy"
+    assert embed(run, "--out", out) == 0
+    files = [p for p in run.rglob("*") if p.is_file()] + [out]
+    assert any(p.suffix == ".pt" for p in files) and any(p.suffix == ".safetensors" for p in files)
+    unreadable = [p for p in files if stat.S_IMODE(p.stat().st_mode) & 0o644 != 0o644]
+    assert not unreadable, [(str(p), oct(p.stat().st_mode)) for p in unreadable]

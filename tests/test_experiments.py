@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -144,8 +146,15 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(reference, tmp
     results = read_results(run)
     assert results["status"] == "interrupted"
     assert f"contrast resume {run}" in out
-    run_cli(["resume", str(run)], cwd=tmp_path, check=True)
+    [stopped_at] = re.findall(r"stopped at epoch (\d+/\d+)", out)
+    resumed = run_cli(["resume", str(run)], cwd=tmp_path, check=True)
     assert compared_values(run) == compared_values(reference)
+    # the same epoch number in both messages; wall time counts the first attempt too
+    assert f"resuming from {run / 'checkpoints' / 'last.pt'}: epoch {stopped_at}," in (
+        resumed.stdout + resumed.stderr
+    )
+    final = read_results(run)
+    assert final["wall_time_s"] >= max(final["train_time_s"], results["wall_time_s"])
 
 
 def test_sweep_with_a_failing_job_finishes_the_others_and_exits_nonzero(tmp_path):
@@ -188,6 +197,16 @@ def test_runs_lists_sorts_filters_and_writes_csv(reference, tmp_path):
         check=True,
     )
     assert len(json.loads(some.stdout)) == 1
+
+
+def test_runs_leaves_out_mlflows_artifact_copies(reference, tmp_path):
+    """MLflow keeps a copy of a run's files under outputs/mlartifacts/: not a second run."""
+    from contrastive_cli.rundirs import find_runs
+
+    outputs = tmp_path / "outputs"
+    shutil.copytree(reference, outputs / "2026-12-05" / "run")
+    shutil.copytree(reference, outputs / "mlartifacts" / "1" / "abc123" / "artifacts")
+    assert [r.path for r in find_runs([outputs])] == [outputs / "2026-12-05" / "run"]
 
 
 def test_eval_of_the_saved_encoder_reproduces_the_runs_numbers(reference, tmp_path):
@@ -314,6 +333,13 @@ def test_eval_heldout_scores_on_part_of_train_never_on_test(reference, tmp_path)
         check=True,
     )
     assert json.loads(out.read_text())["split"] == "heldout 0.25 of train"
+    default = run_cli(
+        ["eval", str(reference), "--heldout", "0.25", "eval.baselines=false"], cwd=tmp_path
+    )
+    assert (
+        "held-out (train)" in default.stdout.splitlines()[0] or "held-out (train)" in default.stdout
+    )
+    assert list((reference / "evals").glob("digits_heldout-train_*.json"))
     bad = run_cli(["eval", str(reference), "--heldout", "1.5"], cwd=tmp_path)
     assert bad.returncode == 2 and "--heldout=1.5 is not allowed" in bad.stderr
     assert "Traceback" not in bad.stderr

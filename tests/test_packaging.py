@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO, TINY
 
@@ -30,6 +33,7 @@ def test_wheel_install_runs_without_the_checkout(tmp_path):
         timeout=300,
     )
     [wheel] = wheels.glob("*.whl")
+    assert wheel.name.startswith("contrastive_cli-")  # the distribution is ours on PyPI
     subprocess.run(
         [
             sys.executable,
@@ -77,3 +81,26 @@ def test_wheel_install_runs_without_the_checkout(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert json.loads((work / "run" / "results.json").read_text())["status"] == "completed"
+
+
+def test_the_distribution_name_is_ours_everywhere():
+    """``contrast`` on PyPI is an unrelated project: pyproject, every install hint in the
+    package and every ``pip install`` line of the README name ``contrastive-cli``; the
+    command stays ``contrast``."""
+    import contrastive_cli
+
+    tomllib = pytest.importorskip(
+        "tomllib", reason="reads pyproject.toml with Python 3.11's tomllib"
+    )
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["name"] == contrastive_cli.DISTRIBUTION == "contrastive-cli"
+    assert project["scripts"] == {"contrast": "contrastive_cli.cli:main"}
+    assert contrastive_cli.install_hint("tracking") == "pip install 'contrastive-cli[tracking]'"
+    texts = [p.read_text() for p in (REPO / "contrastive_cli").rglob("*.py")]
+    texts.append((REPO / "README.md").read_text())
+    for text in texts:
+        assert not re.search(r"pip install '?contrast(\[|'|\s|$)", text)
+    readme = (REPO / "README.md").read_text()
+    for extra in project["optional-dependencies"]:
+        if extra != "dev":
+            assert f"pip install '{contrastive_cli.DISTRIBUTION}[{extra}]'" in readme, extra

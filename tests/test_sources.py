@@ -300,3 +300,16 @@ def test_cifar_missing_files_are_named(tmp_path):
 def test_cifar_without_a_downloader_does_not_download(tmp_path):
     with pytest.raises(DataError, match="test_batch"):
         cifar10(tmp_path, download=True, downloader=None)
+
+
+def test_built_in_datasets_name_their_classes(tmp_path):
+    """Plots, the projector and embeddings files show Fashion-MNIST's clothes, not 0-9."""
+    from contrastive_cli.data.sources import CLASS_NAMES, load_digits
+
+    assert load_digits().class_names == [str(i) for i in range(10)]
+    write_mnist(tmp_path / "FashionMNIST" / "raw")
+    data = load_idx_dataset(
+        root=str(tmp_path), download=False, folder="FashionMNIST", name="fashion_mnist"
+    )
+    assert data.class_names == CLASS_NAMES["fashion_mnist"] and data.class_names[9] == "Ankle boot"
+    assert all(len(names) == 10 for names in CLASS_NAMES.values())

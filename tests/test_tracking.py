@@ -25,7 +25,7 @@ from tests.conftest import REPO, TINY, read_results, run_cli, run_dirs
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("mlflow", "tensorboard")),
-    reason="needs the tracking extra: pip install 'contrast[tracking]'",
+    reason="needs the tracking extra: pip install 'contrastive-cli[tracking]'",
 )
 
 # 3 epochs x 22 steps on digits; loss and lr every 10 steps of an epoch (steps 10, 20, 32, ...).
@@ -222,7 +222,11 @@ def test_tensorboard_scalars_and_projector(stopped_and_resumed):
     config = text_format.Parse((logdir / "projector_config.pbtxt").read_text(), ProjectorConfig())
     [embedding] = config.embeddings
     tensors = np.loadtxt(logdir / embedding.tensor_path, delimiter="\t", ndmin=2)
-    labels = [int(v) for v in (logdir / embedding.metadata_path).read_text().split()]
+    # label and class name per point (digits' class names are the digits themselves)
+    header, *rows = (logdir / embedding.metadata_path).read_text().splitlines()
+    assert header.split("\t") == ["label", "class"]
+    labels = [int(row.split("\t")[0]) for row in rows]
+    assert all(row.split("\t")[1] == row.split("\t")[0] for row in rows)
     assert list(embedding.sprite.single_image_dim) == [8, 8]
     assert (logdir / embedding.sprite.image_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     expected = _embedding_of(run)
@@ -523,7 +527,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(tmp_path, 
     )
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
-    assert "tracker=mlflow" in line and "pip install 'contrast[tracking]'" in line
+    assert "tracker=mlflow" in line and "pip install 'contrastive-cli[tracking]'" in line
     assert not (tmp_path / "outputs").exists()  # refused before a run directory exists
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(ConfigError, match=r"tracker=tensorboard needs the tensorboard package"):
@@ -596,3 +600,36 @@ def test_a_failing_tracker_is_one_warning_and_the_others_go_on(tmp_path, caplog)
         f"warning: tracker=broken: ConnectionError: server went away; the run goes on without it "
         f"(results in {tmp_path})"
     ]
+
+
+def test_the_first_lines_say_where_the_runs_go_and_how_to_open_them(stopped_and_resumed):
+    _, run, _, _, output = stopped_and_resumed
+    assert "MLflow: runs go to sqlite:///" in output and "mlflow ui --backend-store-uri '" in output
+    assert f"TensorBoard: events go to {run / 'tensorboard'}" in output
+    assert f"tensorboard --logdir '{run.parent}'" in output
+
+
+def test_the_restarts_of_a_group_of_processes_reach_mlflow_and_tensorboard(tmp_path):
+    """results.json's ``restarts`` (trainer.max_restarts, filled by the launcher) become
+    MLflow tags and a TensorBoard text, as the run's status does."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from contrastive_cli.tracking.mlflow_tracker import MlflowTracker
+    from contrastive_cli.tracking.tensorboard_tracker import TensorboardTracker
+
+    run = tmp_path / "run"
+    run.mkdir()
+    restart = {"restart": 1, "failed_rank": 1, "reason": "was killed by SIGKILL"}
+    results = {"steps": 30, "restarts": [{**restart, "resumed_from_step": 22}]}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for tracker in (MlflowTracker(tracking_uri=uri), TensorboardTracker()):
+        tracker.start(run, {}, {}, False)
+        tracker.finish("completed", results, run)
+    tags = MlflowClient(tracking_uri=uri).search_runs(["0", "1"])[0].data.tags
+    assert tags["contrast.restarts"] == "1"
+    assert tags["contrast.restart.1"] == "rank 1: was killed by SIGKILL; resumed from step 22"
+    [events] = [p.parent for p in run.rglob("events.out.tfevents.*")]
+    texts = EventAccumulator(str(events), size_guidance={"tensors": 0}).Reload()
+    [text] = texts.Tensors("restarts/text_summary")
+    assert b"rank 1: was killed by SIGKILL; resumed from step 22" in text.tensor_proto.string_val[0]

@@ -4,6 +4,8 @@ and no run directory; every shipped config option validates cleanly."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,10 +15,10 @@ from omegaconf import DictConfig, open_dict
 from contrastive_cli import cli
 from contrastive_cli.command_line import check_command_line
 from contrastive_cli.config import compose, config_groups
-from contrastive_cli.errors import ConfigError, UserError
+from contrastive_cli.errors import ConfigError, ConfigErrors, UserError
 from contrastive_cli.schema import is_plain, target_types
 from contrastive_cli.validate import _expected, validate
-from tests.conftest import run_cli, run_dirs
+from tests.conftest import REPO, run_cli, run_dirs
 
 # (overrides, text the one error line must contain: the key, or key=value). BAD_CLI runs
 # through the real CLI in a subprocess each; all of BAD also through cli.main in-process.
@@ -357,3 +359,63 @@ def test_read_only_output_dir_is_one_line(tmp_path):
     locked.mkdir(mode=0o555)
     with pytest.raises(UserError, match="is not writable"):
         check_command_line([f"hydra.run.dir={locked}/run"])
+
+
+def test_every_problem_of_a_command_line_at_once_each_with_its_did_you_mean(tmp_path):
+    """Two typos, an unknown option and a bad value: four lines, one per problem, each with
+    the nearest known name; found before torch is imported (what keeps it near a second)."""
+    code = (
+        "import sys; from contrastive_cli.cli import main; rc = main(sys.argv[1:]); "
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); "
+        "sys.exit(rc)"
+    )
+    args = ["train", "trainer.epoch=2", "loss.temprature=0.1", "loss=ntxnet", "eval.every=-1"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 4, proc.stderr
+    assert all(line.startswith("error: ") for line in lines)
+    text = proc.stderr
+    assert "trainer.epoch is not allowed" in text and "did you mean trainer.epochs?" in text
+    assert "loss.temprature" in text and "did you mean loss.temperature?" in text
+    assert "loss=ntxnet" in text and "did you mean loss=ntxent?" in text
+    assert "eval.every=-1 is not allowed" in text
+    assert "_target_" not in text and "--cfg" not in text  # the user's words, not Hydra's
+    assert "torch not imported" in proc.stdout
+    assert "Traceback" not in text and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,shown",
+    [
+        (["--epochs", "2"], "allowed: trainer.epochs=2"),
+        (["--epochs=2"], "allowed: trainer.epochs=2"),
+        (["--batch-size", "32"], "allowed: trainer.batch_size=32"),
+        (["--loss", "moco"], "allowed: loss=moco"),
+        (["--trainer.seed", "3"], "allowed: trainer.seed=3"),
+        (["--experiment", "digits"], "allowed: +experiment=digits"),
+    ],
+)
+def test_a_flag_gets_the_override_that_means_it(flags, shown, capsys):
+    assert cli.main(["train", *flags]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {' '.join(flags)} is not an option") and shown in line, line
+
+
+def test_a_flag_and_a_typo_together():
+    with pytest.raises(ConfigErrors) as e:
+        check_command_line(["--epochs", "2", "trainer.bach_size=8"])
+    assert len(e.value.problems) == 2
+    assert "trainer.epochs=2" in e.value.problems[0]
+    assert "did you mean trainer.batch_size?" in e.value.problems[1]
+
+
+def test_a_bare_key_is_matched_to_its_section():
+    with pytest.raises(ConfigError, match=r"did you mean trainer\.epochs\?"):
+        check_command_line(["epochs=3"])

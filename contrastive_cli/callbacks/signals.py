@@ -27,7 +27,8 @@ class Signals(Callback):
     def stop_requested(self, loop: Loop) -> None:
         progress = loop.progress
         message = (
-            f"stopped at epoch {progress.epoch + 1}, step {progress.step}; checkpoint saved; "
+            f"stopped at epoch {progress.epoch + 1}/{loop.epochs}, step {progress.step}; "
+            "checkpoint saved; "
             f"continue with: contrast resume {self.run_dir}"
         )
         self.report("interrupted", loop, message)

@@ -22,10 +22,12 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from contrastive_cli import install_hint
 from contrastive_cli.config import apply_overrides, build
 from contrastive_cli.errors import ConfigError, DataError
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.validate import validate
+from contrastive_cli.writer import FILE_MODE
 
 HELP = "write a trained encoder's embeddings of a dataset (.parquet, .npy or .csv)"
 FORMATS = (".parquet", ".npy", ".csv")
@@ -96,7 +98,7 @@ def _check_out(out: Path) -> None:
         except ImportError:
             raise ConfigError(
                 f"--out {out}: writing parquet needs pyarrow (pip install pyarrow, or "
-                "pip install 'contrast[parquet]'); or write .npy or .csv"
+                f"{install_hint('parquet')}); or write .npy or .csv"
             ) from None
 
 
@@ -184,6 +186,7 @@ def write(out: Path, rows: dict[str, np.ndarray], metadata: dict[str, str]) -> N
         {".parquet": _parquet, ".npy": _npy, ".csv": _csv}[out.suffix.lower()](
             Path(tmp), rows, metadata
         )
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; like every other output
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -209,7 +209,8 @@ def main(args: list[str]) -> int:
     print("\n".join(printable(line) for line in results_table(results).splitlines()))
     out = ns.out
     if out is None:
-        name = f"evals/{cfg.data.name}_{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
+        split = "" if ns.heldout is None else "_heldout-train"
+        name = f"evals/{cfg.data.name}{split}_{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
         in_run = (weights.parent / ".hydra").is_dir()  # into a run directory: never via a link
         out = safe_path(weights.parent, name) if in_run else Path(name)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -19,13 +20,30 @@ from omegaconf import DictConfig, OmegaConf
 
 from contrastive_cli.command_line import check_command_line
 from contrastive_cli.config import CONF_DIR, expand_home
-from contrastive_cli.distributed import place_from_env
-from contrastive_cli.errors import ConfigError, Refused, RunExists, UserError
+from contrastive_cli.errors import (
+    ConfigError,
+    DataError,
+    Refused,
+    RunExists,
+    UserError,
+    error_lines,
+)
 from contrastive_cli.signals import Interrupted
 from contrastive_cli.untrusted import printable
 
 log = logging.getLogger(__name__)
 HELP = "train an encoder with a contrastive loss, then evaluate it (Hydra overrides)"
+
+
+def place_from_env():  # -> contrastive_cli.distributed.Place | None
+    """``distributed.place_from_env`` without importing torch in the usual single process
+    (it returns None unless a launcher set RANK or SLURM_PROCID), so a typo is reported
+    before torch loads."""
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        return None
+    from contrastive_cli.distributed import place_from_env as place
+
+    return place()
 
 
 def objective(results: dict) -> float:
@@ -54,14 +72,24 @@ def _train_task(cfg: DictConfig) -> float:
         return objective(run_job(cfg, run_dir, dict(hc.runtime.choices)))
     except UserError as e:
         refused = isinstance(e, (RunExists, Refused))  # nothing in run_dir was changed
-        if main and not refused and not (run_dir / "results.json").exists():
+        if (
+            main
+            and not multirun
+            and not refused
+            and isinstance(e, (DataError, ConfigError))  # data missing, or too few images
+            and _only_started(run_dir, cfg)
+        ):
+            _remove_run_dir(run_dir)  # nothing ran: no `failed` directory to list or clean up
+        elif main and not refused and not (run_dir / "results.json").exists():
             _record_failure(run_dir, str(e))
         if cfg.get("debug"):
             raise
         if multirun:
-            log.error(f"error: {printable(e)}")
+            for line in error_lines(e):
+                log.error(f"error: {printable(line)}")
             return math.nan
-        print(f"error: {printable(e)}", file=sys.stderr)
+        for line in error_lines(e):
+            print(f"error: {printable(line)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:  # a bug: keep the traceback, but let a sweep's other jobs run
         if main:
@@ -70,6 +98,26 @@ def _train_task(cfg: DictConfig) -> float:
             log.exception("job failed")
             return math.nan
         raise
+
+
+# What a run directory holds before training starts: Hydra's config, the log, the lock.
+_STARTED_ONLY = {".hydra", "train.log", ".lock"}
+
+
+def _only_started(run_dir: Path, cfg: DictConfig) -> bool:
+    """The run directory of a new run that has written nothing of its own yet."""
+    if cfg.trainer.get("resume") or not run_dir.is_dir():
+        return False
+    return {p.name for p in run_dir.iterdir()} <= _STARTED_ONLY
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    """Remove a run directory that holds only what starting it wrote (and its date folder,
+    when that is left empty). Best effort: the error is what the user must see."""
+    with contextlib.suppress(OSError):
+        shutil.rmtree(run_dir)
+        if re.fullmatch(r"\d{4}-\d\d-\d\d", run_dir.parent.name):
+            run_dir.parent.rmdir()  # outputs/<date>/ when this was its only run
 
 
 def _record_failure(run_dir: Path, error: str) -> None:
@@ -96,12 +144,32 @@ def _explicit_run_dir(args: list[str]) -> tuple[int, Path] | None:
     return None
 
 
+def _help(args: list[str]) -> int | None:
+    """``contrast train [overrides] --help [KEY]``: the settings reference (``reference``),
+    for the group choices given and one section or key when KEY is given; None when the
+    command line asks for something else. No torch, no run directory."""
+    flags = [i for i, a in enumerate(args) if a in ("-h", "--help")]
+    if not flags:
+        return None
+    from contrastive_cli.reference import reference
+
+    i = flags[0]
+    nxt = args[i + 1] if i + 1 < len(args) else None
+    only = nxt if nxt is not None and not nxt.startswith("-") and "=" not in nxt else None
+    rest = [a for j, a in enumerate(args) if j != i and not (only is not None and j == i + 1)]
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    print(reference(overrides, only))
+    return 0
+
+
 def _holds_a_run(folder: Path) -> bool:
     return any(os.path.lexists(folder / f) for f in ("results.json", "checkpoints", ".hydra"))
 
 
 def main(args: list[str]) -> int:
     args = [expand_home(a) for a in args]  # the shell leaves ~ in data.path=~/photos
+    if (code := _help(args)) is not None:
+        return code
     # Hydra writes .hydra/ into the run directory before any of our code runs, so a run
     # directory given on the command line is checked here, before Hydra starts.
     found = _explicit_run_dir(args)

@@ -7,6 +7,7 @@ these loaders look. Which folder and files each dataset uses is set in ``conf/da
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import pickle
@@ -23,6 +24,24 @@ from contrastive_cli.data.datasets import ImageData, Split, stratified_test_mask
 from contrastive_cli.errors import ConfigError, DataError
 from contrastive_cli.schema import Count, Fraction, NonEmpty, Text
 
+# Class names of the built-in datasets, for plots, the projector and embeddings files
+# (CIFAR-100's come from its archive's meta file).
+CLASS_NAMES: dict[str, list[str]] = {
+    "digits": [str(i) for i in range(10)],
+    "mnist": [str(i) for i in range(10)],
+    "fashion_mnist": [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ],
+    "cifar10": [
+        "airplane", "automobile", "bird", "cat", "deer",
+        "dog", "frog", "horse", "ship", "truck",
+    ],
+    "stl10": [
+        "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
+    ],
+}  # fmt: skip
+
 
 def load_digits(test_fraction: Fraction = 0.2, split_seed: Count = 0) -> ImageData:
     """scikit-learn's 8x8 digits (1,797 images, ships with the package; no download).
@@ -38,7 +57,11 @@ def load_digits(test_fraction: Fraction = 0.2, split_seed: Count = 0) -> ImageDa
     is_test = torch.from_numpy(stratified_test_mask(bunch.target, test_fraction, split_seed))
     train = Split(images[~is_test], labels[~is_test])
     return ImageData(
-        pretrain=train, train=train, test=Split(images[is_test], labels[is_test]), num_classes=10
+        pretrain=train,
+        train=train,
+        test=Split(images[is_test], labels[is_test]),
+        num_classes=10,
+        class_names=CLASS_NAMES["digits"],
     )
 
 
@@ -120,7 +143,11 @@ def load_idx_dataset(
             torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
         )
     return ImageData(
-        pretrain=splits["train"], train=splits["train"], test=splits["test"], num_classes=10
+        pretrain=splits["train"],
+        train=splits["train"],
+        test=splits["test"],
+        num_classes=10,
+        class_names=CLASS_NAMES.get(name),
     )
 
 
@@ -198,7 +225,28 @@ def load_cifar(
         return Split(images, torch.from_numpy(np.concatenate([p[1] for p in parts])))
 
     train = read(train_files)
-    return ImageData(pretrain=train, train=train, test=read(test_files), num_classes=num_classes)
+    names = CLASS_NAMES.get(name) or _cifar_class_names(directory, num_classes)
+    return ImageData(
+        pretrain=train,
+        train=train,
+        test=read(test_files),
+        num_classes=num_classes,
+        class_names=names,
+    )
+
+
+def _cifar_class_names(directory: Path, num_classes: int) -> list[str] | None:
+    """CIFAR-100's fine label names from the archive's ``meta`` file, if it is there."""
+    path = directory / "meta"
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as f:
+            meta = _ArrayUnpickler(f, encoding="latin1").load()
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta["fine_label_names"]]
+    except Exception:  # a damaged or foreign meta file: numbers instead of names
+        return None
+    return names if len(names) == num_classes else None
 
 
 def _missing(name: str, files: str, by_hand: str, download: bool) -> DataError:
@@ -218,17 +266,36 @@ def _download(
 ) -> None:
     """Fetch with torchvision's code, once per ``calls`` entry (its split arguments); any
     failure (offline, disk) becomes one line that ends with ``offline``: which files to put
-    where by hand."""
+    where by hand, and leaves no empty folder behind (torchvision makes ``<root>/MNIST/raw``
+    before it downloads)."""
+    existed = _folders(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         for split in calls:
             downloader(root=str(root), download=True, **split)
     except Exception as e:  # network errors come in many types (URLError, OSError, RuntimeError)
+        _remove_empty_new_folders(root, existed)
         reason = str(e).strip().splitlines()[0].rstrip(":") if str(e).strip() else ""
         raise DataError(
             f"data={name}: download into {root} failed ({reason or type(e).__name__}); "
             f"without internet, {offline}"
         ) from None
+
+
+def _folders(root: Path) -> set[Path]:
+    """``root``'s existing ancestors, itself and every folder under it."""
+    found = {p for p in (root, *root.parents) if p.is_dir()}
+    if root.is_dir():
+        found |= {p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()}
+    return found
+
+
+def _remove_empty_new_folders(root: Path, existed: set[Path]) -> None:
+    """Remove the folders a failed download made that are still empty, deepest first."""
+    made = [p for p in _folders(root) if p not in existed]
+    for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty (a partial file): kept, it is named
+            folder.rmdir()
 
 
 # --------------------------------------------------------------------------- STL-10
@@ -291,4 +358,10 @@ def load_stl10(
         splits[split] = Split(images, labels)
     parts = [splits[p] for p in pretrain_split.split("+")]
     pretrain = parts[0] if len(parts) == 1 else Split(torch.cat([p.images for p in parts]))
-    return ImageData(pretrain=pretrain, train=splits["train"], test=splits["test"], num_classes=10)
+    return ImageData(
+        pretrain=pretrain,
+        train=splits["train"],
+        test=splits["test"],
+        num_classes=10,
+        class_names=CLASS_NAMES["stl10"],
+    )

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig
 
+from contrastive_cli import install_hint
 from contrastive_cli.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def require(module: str, tracker: str) -> None:
     if not found:
         raise ConfigError(
             f"tracker={tracker} needs the {module} package, which is not installed; "
-            "install it with: pip install 'contrast[tracking]'"
+            f"install it with: {install_hint('tracking')}"
         )
 
 
@@ -106,6 +107,14 @@ def update_state(directory: Path, tracker: str, entry: dict[str, Any]) -> None:
 
 def is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def restart_line(restart: dict[str, Any]) -> str:
+    """One restart of a group of processes, as results.json records it, in words."""
+    return (
+        f"rank {restart.get('failed_rank')}: {restart.get('reason')}; resumed from step "
+        f"{restart.get('resumed_from_step')}"
+    )
 
 
 def one_line(e: BaseException) -> str:

@@ -39,6 +39,7 @@ from contrastive_cli.tracking import (
     is_number,
     read_state,
     require,
+    restart_line,
     update_state,
 )
 from contrastive_cli.untrusted import is_regular
@@ -108,7 +109,9 @@ class MlflowTracker:
     ) -> None:
         state = read_state(run_dir).get(self.name, {}) if resumed else {}
         uri = state.get("tracking_uri") or resolve_uri(self.tracking_uri)
+        log.info(f"MLflow: starting (tracking URI {shown(uri)}; the first start takes a while)")
         self.client = connect(uri, self.timeout_s)
+        log.info(f"MLflow: runs go to {shown(uri)}; see them with: {open_command(shown(uri))}")
         run_id = state.get("run_id")
         if run_id and self._exists(run_id):
             self.run_id = run_id
@@ -171,6 +174,9 @@ class MlflowTracker:
         tags = {"contrast.status": status}
         if results.get("error"):
             tags["contrast.error"] = str(results["error"])
+        for i, restart in enumerate(results.get("restarts") or [], 1):  # elastic restarts
+            tags["contrast.restarts"] = str(i)
+            tags[f"contrast.restart.{i}"] = restart_line(restart)
         if results.get("versions"):  # what results.json records (a resume may run newer code)
             tags.update(version_tags(results["versions"]))
         self._log(
@@ -282,6 +288,14 @@ def shown(uri: str) -> str:
         netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
         return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     return uri
+
+
+def open_command(uri: str) -> str:
+    """The command that shows the runs of ``uri``: a local store needs ``mlflow ui``, a
+    server is opened in a browser."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri '{uri}'"
 
 
 def connect(uri: str, timeout_s: float) -> Any:

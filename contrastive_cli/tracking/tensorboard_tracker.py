@@ -11,10 +11,11 @@ checkpoint (TensorBoard's ``purge_step``), so curves do not fold back on themsel
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from contrastive_cli.tracking import EmbeddingSample, is_number, require
+from contrastive_cli.tracking import EmbeddingSample, is_number, require, restart_line
 
 SUBDIR = "tensorboard"
 
@@ -40,6 +41,10 @@ class TensorboardTracker:
 
         self.logdir = safe_path(run_dir, SUBDIR, create=False)  # never written through a link
         self.resumed = resumed
+        logging.getLogger(__name__).info(
+            f"TensorBoard: events go to {self.logdir}; see them with: "
+            f"tensorboard --logdir '{run_dir.parent}'"
+        )
         self.config_text = "```\n" + yaml.safe_dump(config, sort_keys=False) + "```"
 
     def _writer(self, step: int) -> Any:
@@ -95,6 +100,9 @@ class TensorboardTracker:
             for key, value in (values or {}).items():
                 if is_number(value):
                     writer.add_scalar(f"baseline/{baseline}/{key}", value, step)
+        if results.get("restarts"):  # elastic restarts of a group of processes
+            lines = [restart_line(r) for r in results["restarts"]]
+            writer.add_text("restarts", "\n\n".join(lines), step)
         writer.add_text(
             "status", status + (f": {results['error']}" if results.get("error") else ""), step
         )
