@@ -25,6 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from contrastive_cli.confdir import CONF_DIR
 from contrastive_cli.errors import ConfigError
 
 EXTRA_ENV = "CONTRAST_EXTRA_TARGETS"
@@ -67,8 +68,6 @@ def _slots(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 @functools.cache
 def shipped_targets() -> dict[str, frozenset[str]]:
     """{slot: the targets shipped options put there}, read from the package's conf/."""
-    from contrastive_cli.config import CONF_DIR
-
     found: dict[str, set[str]] = {}
     root = OmegaConf.load(CONF_DIR / "config.yaml")
     with_prefix: list[tuple[str, Any]] = [
