@@ -432,12 +432,10 @@ class RunFiles:
         return MetricsLog(self.file("metrics.jsonl"), keep_epochs) if self.writes else None
 
     def config(self, cfg: DictConfig) -> None:
-        """Rewrite the saved configs (resolved and interpolated) with ``cfg``'s values."""
-        if self.writes:
-            for name, resolve in (("config.yaml", True), ("config_unresolved.yaml", False)):
-                if (self.path / ".hydra" / name).exists():
-                    text = OmegaConf.to_yaml(cfg, resolve=resolve)
-                    writer.write_text_atomic(self.file(Path(".hydra") / name), text)
+        """Rewrite the saved config (resolved) with ``cfg``'s values."""
+        if self.writes and (self.path / ".hydra" / "config.yaml").exists():
+            text = OmegaConf.to_yaml(cfg, resolve=True)
+            writer.write_text_atomic(self.file(Path(".hydra") / "config.yaml"), text)
 
     def results(self, results: dict[str, Any]) -> None:
         if self.writes:

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from contrastive_cli.config import apply_overrides, build, compose
 from contrastive_cli.errors import ConfigError, UserError
+from contrastive_cli.rebuild import check_plain, metadata_encoder
 from contrastive_cli.report import results_table, write_json
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.writer import safe_path
@@ -44,6 +45,7 @@ def read_encoder_metadata(path: Path) -> dict[str, Any]:
             meta = f.metadata() or {}
     except Exception as e:  # SafetensorError: bad header, sizes, not a safetensors file
         raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+    check_plain(meta, f"the metadata of {path}")  # no ${ or instantiation key, anywhere
     if meta.get("format") != ENCODER_FORMAT:
         raise UserError(f"{path} has no contrast metadata; evaluate it through its run directory")
 
@@ -66,10 +68,8 @@ def read_encoder_metadata(path: Path) -> dict[str, Any]:
         encoder = json.loads(meta.get("encoder", ""))
     except (json.JSONDecodeError, RecursionError):
         encoder = None
-    if not isinstance(encoder, dict) or not isinstance(encoder.get("_target_"), str):
-        raise UserError(f"{path}: metadata encoder is not a JSON object with a _target_")
     return {
-        "encoder": encoder,
+        "encoder": metadata_encoder(encoder, str(path)),
         "data": meta["data"],
         "channels": integer("channels", 1, 4),
         "image_size": integer("image_size", 1, 4096),
@@ -104,7 +104,7 @@ def _source(
         weights = path if path.is_file() else path / "encoder.safetensors"
         if not weights.is_file():
             raise UserError(f"{path} has no encoder.safetensors (the run did not finish training)")
-        saved = run.config(interpolated=True)
+        saved = run.config()
         cfg = apply_overrides(saved, overrides, GROUPS, KEYS, "contrast eval")
         validate(cfg)
         return weights, cfg, saved, run.choices

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from omegaconf import OmegaConf, open_dict
 
 from contrastive_cli.config import claim_directory
 from contrastive_cli.errors import ConfigError
+from contrastive_cli.rebuild import rebuild
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.signals import Interrupted
 
@@ -70,13 +70,17 @@ def main(args: list[str]) -> int:
     )
     ns = parser.parse_args(args)
     original = load_run(ns.run_dir)
+    cfg = original.config()  # rebuilt from conf/ and the run's overrides: refused first if not
     if original.status != "completed":
         why = f" ({original.problem})" if original.problem else ""
         raise ConfigError(
             f"{original.path} has status {original.status!r}{why}; only completed runs can be "
             f"reproduced (use `contrast resume {original.path}` for interrupted ones)"
         )
-    cfg = original.config()
+    overrides = [*original.overrides, "eval.cache_baselines=false"]
+    if cfg.trainer.time_budget is None and rebuild(original.overrides, "")[0].trainer.time_budget:
+        # the epochs its time budget fixed, as a value: the rerun measures no budget
+        overrides += [f"trainer.epochs={cfg.trainer.epochs}", "trainer.time_budget=null"]
     with open_dict(cfg):
         cfg.trainer.resume = False
         cfg.eval.cache_baselines = False  # recompute the baselines too: nothing is taken as given
@@ -92,9 +96,8 @@ def main(args: list[str]) -> int:
         )
     )
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
-    for name in ("hydra.yaml", "overrides.yaml", "config_unresolved.yaml"):
-        if (original.path / ".hydra" / name).is_file():
-            shutil.copy2(original.path / ".hydra" / name, out / ".hydra" / name)
+    # The new run's record: the overrides it was rebuilt from, and what they gave.
+    OmegaConf.save(OmegaConf.create(overrides), out / ".hydra" / "overrides.yaml")
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml", resolve=True)
     (out / "reproduces.txt").write_text(f"{original.path.resolve()}\n")
 

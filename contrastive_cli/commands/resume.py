@@ -46,9 +46,7 @@ def main(args: list[str]) -> int:
         return 0
     from contrastive_cli.launch import run_job
 
-    cfg = apply_overrides(
-        run.config(interpolated=True), ns.overrides, GROUPS, KEYS, "contrast resume"
-    )
+    cfg = apply_overrides(run.config(), ns.overrides, GROUPS, KEYS, "contrast resume")
     with open_dict(cfg):
         cfg.trainer.resume = True
     try:

@@ -41,11 +41,8 @@ def _train_task(cfg: DictConfig) -> float:
     main = place is None or place.rank == 0
     try:
         if main:
-            # The saved config is complete and resolved: a later edit to conf/ or the
-            # environment cannot change what a rerun of this directory does.
-            OmegaConf.save(
-                cfg, run_dir / hc.output_subdir / "config_unresolved.yaml"
-            )  # for overrides later
+            # The saved config is complete and resolved: the record that commands reading
+            # this run compare their rebuilt config with (contrastive_cli.rebuild).
             OmegaConf.save(cfg, run_dir / hc.output_subdir / "config.yaml", resolve=True)
         return objective(run_job(cfg, run_dir, dict(hc.runtime.choices)))
     except UserError as e:
