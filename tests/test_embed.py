@@ -48,9 +48,7 @@ def trained(tmp_path_factory):
 def in_process(run, overrides=()):
     """{path or index: features} computed here, without the embed command's code."""
     run_cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    cfg = apply_overrides(
-        load_run(run).config(interpolated=True), overrides, GROUPS, KEYS, "contrast embed"
-    )
+    cfg = apply_overrides(load_run(run).config(), overrides, GROUPS, KEYS, "contrast embed")
     encoder = build_encoder(run_cfg, 0)
     encoder.load_state_dict(load_file(str(run / "encoder.safetensors")))
     normalize = build(run_cfg.data.augment).normalize

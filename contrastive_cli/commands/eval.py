@@ -101,10 +101,10 @@ def _source(
         path.suffix == ".safetensors" and (run_dir / ".hydra" / "config.yaml").is_file()
     ):
         run = load_run(run_dir)
+        saved = run.config()  # refused first if its files are not plain data
         weights = path if path.is_file() else path / "encoder.safetensors"
         if not weights.is_file():
             raise UserError(f"{path} has no encoder.safetensors (the run did not finish training)")
-        saved = run.config()
         cfg = apply_overrides(saved, overrides, GROUPS, KEYS, "contrast eval")
         validate(cfg)
         return weights, cfg, saved, run.choices
