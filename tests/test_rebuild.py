@@ -98,7 +98,7 @@ def test_choices_come_from_the_config_not_from_hydra_yaml(run):
     edit(run, "hydra.yaml", lambda d: d["hydra"]["runtime"]["choices"].update(loss="supcon"))
     loaded = load_run(run)
     assert "loss='supcon'" in loaded.problem and "loss=moco" in loaded.problem
-    with pytest.raises(ConfigError, match="hydra.yaml"):
+    with pytest.raises(ConfigError, match=r"hydra\.yaml"):
         loaded.config()
     (run / ".hydra" / "hydra.yaml").unlink()  # no record of choices: derived all the same
     assert load_run(run).choices["loss"] == "moco"
