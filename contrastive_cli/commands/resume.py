@@ -25,6 +25,7 @@ KEYS = (
     "data.download",
     "data.workers",
     "data.cache_dir",
+    "tracker.mlflow.tracking_uri",  # where to log: this command's, never the run directory's
 )
 
 

@@ -97,6 +97,41 @@ def read_state(directory: Path) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
+def regular_files(run_dir: Path, names: Sequence[str]) -> list[tuple[Path, str]]:
+    """(file, folder within the artifacts) of every regular file at or under ``names`` in
+    ``run_dir``, never through a symbolic link: a link there could send any file of this
+    machine to a tracker. Links are left out with one warning line."""
+    found: list[tuple[Path, str]] = []
+    skipped: list[str] = []
+    for name in names:
+        top = run_dir / name
+        if top.is_symlink():
+            skipped.append(name)
+            continue
+        if top.is_file():
+            found.append((top, str(Path(name).parent) if Path(name).parent != Path(".") else ""))
+            continue
+        if not top.is_dir():
+            continue
+        for folder, dirs, files in os.walk(top, followlinks=False):
+            here = Path(folder)
+            for d in [d for d in dirs if (here / d).is_symlink()]:
+                skipped.append(str((here / d).relative_to(run_dir)))
+                dirs.remove(d)
+            for f in sorted(files):
+                path = here / f
+                if path.is_symlink() or not path.is_file():
+                    skipped.append(str(path.relative_to(run_dir)))
+                else:
+                    found.append((path, str(here.relative_to(run_dir))))
+    if skipped:
+        log.warning(
+            f"warning: not sent to the tracker (symbolic links or special files): "
+            f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}"
+        )
+    return found
+
+
 def update_state(directory: Path, tracker: str, entry: dict[str, Any]) -> None:
     """Record ``entry`` under ``tracker`` in the directory's ``tracking.json`` (atomically)."""
     from contrastive_cli.report import write_json

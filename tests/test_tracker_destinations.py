@@ -1,0 +1,105 @@
+"""Trackers never take a destination from a run directory: the store, the server and the
+folders come from the current command line and environment; files sent to a tracker are
+regular files inside the run directory, never through a link."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from contrastive_cli.rundirs import load_run
+from contrastive_cli.tracking import Trackers, regular_files
+from tests.test_rebuild import record
+
+pytest.importorskip("mlflow")
+
+
+def test_a_recorded_tracking_uri_is_dropped_when_the_config_is_rebuilt(tmp_path):
+    elsewhere = tmp_path / "theirs.db"
+    run = record(
+        tmp_path / "run", ["tracker=mlflow", f"tracker.mlflow.tracking_uri=sqlite:///{elsewhere}"]
+    )
+    loaded = load_run(run)
+    assert loaded.problem is None, loaded.problem
+    cfg = loaded.config()
+    assert cfg.tracker.mlflow.tracking_uri is None  # this command's: flag, else environment
+    assert not any("tracking_uri" in o for o in loaded.overrides)
+
+
+def test_resume_never_logs_to_the_store_a_run_directory_names(tmp_path, monkeypatch, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from contrastive_cli.tracking.mlflow_tracker import MlflowTracker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    theirs = tmp_path / "elsewhere" / "theirs.db"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tracking.json").write_text(
+        json.dumps({"mlflow": {"tracking_uri": f"sqlite:///{theirs}", "run_id": "a" * 32}})
+    )
+    tracker = MlflowTracker()
+    with caplog.at_level(logging.WARNING):
+        tracker.start(run, {"trainer": {"epochs": 1}}, {"loss": "ntxent"}, resumed=True)
+    assert not theirs.parent.exists(), "wrote to the store the run directory named"
+    ours = tmp_path / "outputs" / "mlflow.db"
+    assert ours.is_file()
+    [mlrun] = MlflowClient(f"sqlite:///{ours}").search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{ours}").search_experiments()]
+    )
+    assert mlrun.info.run_id == tracker.run_id != "a" * 32
+    assert "another store" in caplog.text and str(theirs) not in caplog.text
+    saved = json.loads((run / "tracking.json").read_text())["mlflow"]
+    assert saved["tracking_uri"] == f"sqlite:///{ours}"
+
+
+def test_files_sent_to_a_tracker_are_regular_files_inside_the_run(tmp_path, caplog):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the server")
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("a: 1\n")
+    (run / ".hydra" / "stolen.yaml").symlink_to(secret)
+    (run / "plots").symlink_to(tmp_path)
+    (run / "results.json").symlink_to(secret)
+    with caplog.at_level(logging.WARNING):
+        found = regular_files(run, ["results.json", ".hydra", "plots"])
+    assert found == [(run / ".hydra" / "config.yaml", ".hydra")]
+    assert "symbolic links" in caplog.text
+
+
+def test_tensorboard_never_writes_through_a_linked_folder(tmp_path, caplog):
+    from contrastive_cli.tracking.tensorboard_tracker import TensorboardTracker
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tensorboard").symlink_to(elsewhere)
+    trackers = Trackers([TensorboardTracker()])
+    with caplog.at_level(logging.WARNING):
+        trackers.start(run, {"a": 1}, {}, resumed=False)
+        trackers.log_epoch({"epoch": 1, "step": 1, "loss": 1.0})
+        trackers.finish("completed", {}, run)
+    assert list(elsewhere.iterdir()) == []
+    assert "symbolic link" in caplog.text and len(caplog.records) == 1
+
+
+def test_a_resumed_run_in_the_same_store_continues_its_mlflow_run(tmp_path, monkeypatch):
+    from contrastive_cli.tracking.mlflow_tracker import MlflowTracker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    first = MlflowTracker()
+    first.start(run, {"trainer": {"epochs": 1}}, {}, resumed=False)
+    first.finish("interrupted", {}, run)
+    again = MlflowTracker()
+    again.start(run, {"trainer": {"epochs": 1}}, {}, resumed=True)
+    assert again.run_id == first.run_id
+    assert Path(tmp_path / "outputs" / "mlflow.db").is_file()
