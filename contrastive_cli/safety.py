@@ -119,9 +119,12 @@ def check_targets(cfg: DictConfig, source: str = "the config") -> None:
     job = OmegaConf.masked_copy(cfg, [k for k in keys if k != "hydra"]) if "hydra" in keys else cfg
     for slot, raw in _slots(job):
         target = raw
-        if isinstance(raw, str) and "${" in raw:
-            target = OmegaConf.select(job, f"{slot}._target_" if slot else "_target_")
         shown = f"{slot}._target_" if slot else "_target_"
+        if isinstance(raw, str) and "${" in raw:  # never resolved: it could show a secret
+            raise ConfigError(
+                f"{shown}={raw[:80]!r} in {source} is not allowed: a _target_ is never "
+                "interpolated; allowed: the dotted name of a callable contrast ships for that slot"
+            )
         if not isinstance(target, str):
             raise ConfigError(
                 f"{shown} in {source} is not allowed: it holds a {type(target).__name__}; "
