@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from contrastive_cli.errors import ConfigError
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.validate import compose_with_hydra
 
+MADE = Path(tempfile.gettempdir()) / f"contrast-made-by-a-run-{os.getpid()}"  # must never appear
 OVERRIDES = ["loss=moco", "trainer.epochs=3", "eval.baselines=false"]
 
 
@@ -116,7 +119,7 @@ HOSTILE_CONFIGS = {
         root="${oc.${hydra.n}:{_target_: builtins.exec}}"
     ),
     "oc.decode": lambda c: c["data"].update(root="${oc.decode:'{_target_: builtins.exec}'}"),
-    "unique_dir": lambda c: c["data"].update(root="${unique_dir:/tmp/made-by-a-run}"),
+    "unique_dir": lambda c: c["data"].update(root="${unique_dir:" + str(MADE) + "}"),
     "a _target_ where a value belongs": lambda c: c["device"].update(type=PAYLOAD),
     "_partial_ in a new place": lambda c: c["trainer"].update(_partial_=True),
     "a shipped target in another slot": lambda c: c["encoder"].update(
@@ -151,14 +154,14 @@ def test_a_hostile_saved_config_is_refused_before_anything_runs(
         line = one_line(capsys, code)
         assert "config.yaml" in line and "not allowed" in line, line
     assert not any("builtins" in s for s in spy), spy
-    assert not (tmp_path / "MARKER").exists() and not Path("/tmp/made-by-a-run").exists()
+    assert not (tmp_path / "MARKER").exists() and not MADE.exists()
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert {p.name for p in tmp_path.iterdir()} <= {"run", "plots"}
 
 
 HOSTILE_OVERRIDES = {
     "interpolation": "loss.temperature=${oc.env:HOME}",
-    "resolver": "data.root=${unique_dir:/tmp/made-by-a-run}",
+    "resolver": "data.root=${unique_dir:" + str(MADE) + "}",
     "target": "encoder._target_=builtins.exec",
     "args": "+encoder._args_=[1]",
     "mapping with a target": "device.type={_target_:builtins.exec}",
@@ -176,7 +179,7 @@ def test_a_hostile_recorded_override_is_refused_in_one_line(run, tmp_path, capsy
     line = one_line(capsys, cli.main(["eval", str(run)]))
     assert "overrides.yaml" in line and "not" in line, line
     assert not any("builtins" in s for s in spy)
-    assert not Path("/tmp/made-by-a-run").exists()
+    assert not MADE.exists()
 
 
 @pytest.mark.parametrize(
@@ -195,7 +198,11 @@ def test_yaml_tags_in_run_files_are_refused(run, tmp_path, capsys, name, text):
 
 
 def test_hydra_yaml_choices_are_data(run, capsys):
-    edit(run, "hydra.yaml", lambda d: d["hydra"]["runtime"].update(choices="${unique_dir:/tmp/x}"))
+    edit(
+        run,
+        "hydra.yaml",
+        lambda d: d["hydra"]["runtime"].update(choices="${unique_dir:" + str(MADE) + "}"),
+    )
     one_line(capsys, cli.main(["eval", str(run)]))
     edit(run, "hydra.yaml", lambda d: d["hydra"]["runtime"].update(choices={"loss": "${oc.env:X}"}))
     line = one_line(capsys, cli.main(["eval", str(run)]))

@@ -15,6 +15,7 @@ from contrastive_cli.errors import ConfigError
 from contrastive_cli.rebuild import rebuild
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.signals import Interrupted
+from contrastive_cli.validate import validate
 
 TIMINGS = {"seconds"}  # wall-clock numbers, never expected to repeat
 HELP = "rerun RUN_DIR's saved config into a new run dir and report identical or the differences"
@@ -84,6 +85,7 @@ def main(args: list[str]) -> int:
     with open_dict(cfg):
         cfg.trainer.resume = False
         cfg.eval.cache_baselines = False  # recompute the baselines too: nothing is taken as given
+    validate(cfg)  # before the new run directory exists: a refused reproduce leaves nothing
     now = datetime.now()
     out = Path(
         claim_directory(
