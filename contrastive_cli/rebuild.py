@@ -22,6 +22,7 @@ Trackers never take a destination from a run directory: a recorded
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 from collections.abc import Iterator, Sequence
@@ -192,8 +193,6 @@ def rebuild(overrides: Sequence[str], source: str) -> tuple[DictConfig, dict[str
     ``overrides``: each checked as a value, then composed with contrast's own conf/.
     Destinations (``DESTINATIONS``) are dropped: they come from the reader's command line
     and environment."""
-    import copy
-
     parsed = _parse(overrides, source)
     used = []
     for override, text in zip(parsed, overrides, strict=True):
@@ -250,8 +249,15 @@ def compare(saved: Any, cfg: DictConfig, source: str) -> DictConfig:
             )
         with open_dict(cfg):
             cfg.trainer.epochs, cfg.trainer.time_budget = epochs, None
+    # Compared as on the machine that made the run: its data.root (from its environment)
+    # flows into the keys that refer to it (data.source.root), so they are set from the file.
+    probe = copy.deepcopy(cfg)
+    root = (saved.get("data") or {}).get("root") if isinstance(saved.get("data"), dict) else None
+    if isinstance(root, str) and "data" in probe and "root" in probe.data:
+        with open_dict(probe):
+            probe.data.root = root
     try:
-        rebuilt = _flat(OmegaConf.to_container(cfg, resolve=True))
+        rebuilt = _flat(OmegaConf.to_container(probe, resolve=True))
     except Exception as e:  # an interpolation of our own conf/ that does not resolve
         raise ConfigError(f"{source}: the rebuilt config does not resolve ({e})") from None
     for key, value in _flat(saved).items():

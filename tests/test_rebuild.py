@@ -277,3 +277,15 @@ def test_weights_metadata_rebuilds_the_shipped_encoder():
         {"_target_": "contrastive_cli.models.encoders.ConvNet", "widths": [8, 16]}, "f"
     )
     assert list(node.widths) == [8, 16] and list(node.strides) == [2, 2, 2, 2]
+
+
+def test_a_run_made_with_another_data_root_rebuilds_with_yours(tmp_path, monkeypatch):
+    """data.root comes from CONTRAST_DATA on the machine that made the run; the keys that
+    refer to it (data.source.root) agree with the saved config, and the reader's root is used."""
+    monkeypatch.setenv("CONTRAST_DATA", "/theirs/data")
+    run = record(tmp_path / "run", ["data=mnist"])
+    saved = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    assert saved["data"]["source"]["root"] == "/theirs/data"
+    monkeypatch.setenv("CONTRAST_DATA", str(tmp_path / "mine"))
+    cfg = load_run(run).config()
+    assert cfg.data.source.root == str(tmp_path / "mine")
