@@ -109,6 +109,9 @@ run_directory = st.fixed_dictionaries(
     {
         "config": st.lists(st.tuples(key, value), max_size=3),
         "overrides": st.lists(override, max_size=2),
+        # config.yaml as contrast train would have saved it for those overrides (so only the
+        # override checks stand between a payload and Hydra), or the base run's
+        "recorded": st.booleans(),
         "choices": st.one_of(
             st.none(),
             st.dictionaries(
@@ -132,6 +135,12 @@ def _put(node: dict, dotted: str, new) -> None:
 
 def _write(run: Path, spec: dict) -> None:
     config = json.loads(json.dumps(BASE_CONFIG))
+    if spec["recorded"] and not any("${" in o for o in spec["overrides"]):  # resolving
+        # their interpolations here would run them in the test itself
+        with contextlib.suppress(Exception):  # overrides Hydra cannot compose: the base run's
+            cfg = compose_with_hydra(OVERRIDES + spec["overrides"])
+            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+            config = OmegaConf.to_container(cfg, resolve=True)
     for dotted, new in spec["config"]:
         _put(config, dotted, new)
     choices = dict(BASE_CHOICES)
