@@ -342,3 +342,25 @@ def metadata_encoder(encoder: Any, source: str) -> DictConfig:
             )
         node[key] = value
     return node
+
+
+ENV_KEPT = ("data.root",)  # a path, not a secret: the comparison needs it (data.source.root)
+
+
+def saved_config(cfg: DictConfig) -> str:
+    """The YAML of ``.hydra/config.yaml``: ``cfg`` resolved, except that a value read from the
+    environment (``${oc.env:NAME}``, a token in a tracking URI...) is written as where it came
+    from, never as itself. ``data.root`` excepted (a path the comparison needs)."""
+    import yaml
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    raw = _flat(OmegaConf.to_container(cfg, resolve=False))
+    for key, value in raw.items():
+        if isinstance(value, str) and "oc.env:" in value and key not in ENV_KEPT:
+            *parents, last = key.split(".")
+            node = resolved
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            names = ", ".join(re.findall(r"oc\.env:\s*([\w.]+)", value))
+            node[last] = f"(not recorded: read from the environment, {names})"
+    return yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)

@@ -434,8 +434,9 @@ class RunFiles:
     def config(self, cfg: DictConfig) -> None:
         """Rewrite the saved config (resolved) with ``cfg``'s values."""
         if self.writes and (self.path / ".hydra" / "config.yaml").exists():
-            text = OmegaConf.to_yaml(cfg, resolve=True)
-            writer.write_text_atomic(self.file(Path(".hydra") / "config.yaml"), text)
+            from contrastive_cli.rebuild import saved_config
+
+            writer.write_text_atomic(self.file(Path(".hydra") / "config.yaml"), saved_config(cfg))
 
     def results(self, results: dict[str, Any]) -> None:
         if self.writes:

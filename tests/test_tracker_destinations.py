@@ -103,3 +103,21 @@ def test_a_resumed_run_in_the_same_store_continues_its_mlflow_run(tmp_path, monk
     again.start(run, {"trainer": {"epochs": 1}}, {}, resumed=True)
     assert again.run_id == first.run_id
     assert Path(tmp_path / "outputs" / "mlflow.db").is_file()
+
+
+def test_a_value_read_from_the_environment_is_never_saved(monkeypatch):
+    """A token in a tracking URI, passed as ${oc.env:...}: config.yaml says where it came
+    from, not what it is (data.root, a path the comparison needs, stays)."""
+    from omegaconf import OmegaConf
+
+    from contrastive_cli.rebuild import saved_config
+    from contrastive_cli.validate import compose_with_hydra
+
+    monkeypatch.setenv("CONTRAST_TEST_TOKEN", "https://user:hunter2@mlflow.example")
+    monkeypatch.setenv("CONTRAST_DATA", "/my/data")
+    cfg = compose_with_hydra(
+        ["tracker=mlflow", "tracker.mlflow.tracking_uri=${oc.env:CONTRAST_TEST_TOKEN}"]
+    )
+    text = saved_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    assert "hunter2" not in text and "CONTRAST_TEST_TOKEN" in text
+    assert "root: /my/data" in text

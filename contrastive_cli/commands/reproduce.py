@@ -12,7 +12,7 @@ from omegaconf import OmegaConf, open_dict
 
 from contrastive_cli.config import claim_directory
 from contrastive_cli.errors import ConfigError
-from contrastive_cli.rebuild import rebuild
+from contrastive_cli.rebuild import rebuild, saved_config
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.signals import Interrupted
 from contrastive_cli.validate import validate
@@ -100,7 +100,7 @@ def main(args: list[str]) -> int:
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
     # The new run's record: the overrides it was rebuilt from, and what they gave.
     OmegaConf.save(OmegaConf.create(overrides), out / ".hydra" / "overrides.yaml")
-    OmegaConf.save(cfg, out / ".hydra" / "config.yaml", resolve=True)
+    (out / ".hydra" / "config.yaml").write_text(saved_config(cfg))
     (out / "reproduces.txt").write_text(f"{original.path.resolve()}\n")
 
     from contrastive_cli.launch import run_job

@@ -12,11 +12,12 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from contrastive_cli.config import CONF_DIR, expand_home
 from contrastive_cli.distributed import place_from_env
 from contrastive_cli.errors import ConfigError, RunExists, UserError
+from contrastive_cli.rebuild import saved_config
 from contrastive_cli.signals import Interrupted
 from contrastive_cli.validate import check_command_line
 
@@ -43,7 +44,8 @@ def _train_task(cfg: DictConfig) -> float:
         if main:
             # The saved config is complete and resolved: the record that commands reading
             # this run compare their rebuilt config with (contrastive_cli.rebuild).
-            OmegaConf.save(cfg, run_dir / hc.output_subdir / "config.yaml", resolve=True)
+            # Values read from the environment are not written (saved_config).
+            (run_dir / hc.output_subdir / "config.yaml").write_text(saved_config(cfg))
         return objective(run_job(cfg, run_dir, dict(hc.runtime.choices)))
     except UserError as e:
         if main and not isinstance(e, RunExists) and not (run_dir / "results.json").exists():
