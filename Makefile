@@ -13,7 +13,7 @@ TORCH  ?= torch>=2.10 torchvision>=0.25
 endif
 PYTEST ?= -q
 
-.PHONY: install run test test-all lint format bench clean
+.PHONY: install run test test-all lint format bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,12 @@ format: install
 
 bench: install
 	$(BIN)/python -m benchmarks
+
+# The GPU check (benchmarks/gpu_check.sh; README, GPU): on a GPU machine as it is; DEVICE=cpu
+# rehearses every step here at small sizes. Results in benchmarks/results/gpu_check/ or $$OUT.
+DEVICE ?= cuda
+gpu-check:
+	DEVICE=$(DEVICE) PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

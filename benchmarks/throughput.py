@@ -294,6 +294,8 @@ def measure_loss(opts: Options, loss: str, data: ImageData, steps: int) -> dict[
     cfg = opts.config(*overrides)
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     runtime: Runtime = build(cfg.device)
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     augment: Augment = build(cfg.data.augment)
     parts = build_training(cfg, runtime, data, build_encoder(cfg, cfg.trainer.seed))
     batch_size = parts.batches.batch_size
@@ -359,6 +361,12 @@ def measure_loss(opts: Options, loss: str, data: ImageData, steps: int) -> dict[
         "steps": steps,
         "steps_per_epoch": len(parts.batches),
         "images_per_run": images,
+        "encoder": cfg.encoder._target_.rsplit(".", 1)[-1],
+        "data": f"{cfg.data.name} ({cfg.data.channels}x{cfg.data.image_size}x{cfg.data.image_size})",
+        # the largest GPU memory the tensors of any feed held (None off CUDA)
+        "peak_gpu_mib": torch.cuda.max_memory_allocated(runtime.device) / 2**20
+        if runtime.device.type == "cuda"
+        else None,
     }
     for mode, timings in runs.items():
         seconds = [t.wall_s for t in timings]
@@ -445,7 +453,8 @@ def run(opts: Options) -> dict[str, Any]:
     )
     r0 = results[0]
     notes = [
-        f"Data: {source}; data.augment of data=fashion_mnist; encoder=cnn; batch {r0['batch_size']}; "
+        f"Data: {source}; shapes and data.augment of data={r0['data']}; encoder {r0['encoder']}; "
+        f"batch {r0['batch_size']}; "
         f"device {r0['device']}. Each run is a partial epoch of {r0['steps']} steps "
         f"({r0['images_per_run']:,} images) of `contrastive_cli.train.train`; 'epoch s' extrapolates "
         f"to the full {r0['steps_per_epoch']} steps. {opts.repeats} runs each after a warm-up.",
