@@ -162,7 +162,8 @@ def test_missing_run_dir_and_weights(trained, tmp_path, capsys):
     _, run = trained
     partial = tmp_path / "partial"
     (partial / ".hydra").mkdir(parents=True)
-    (partial / ".hydra" / "config.yaml").write_text((run / ".hydra" / "config.yaml").read_text())
+    for name in ("config.yaml", "overrides.yaml"):  # the record a config is rebuilt from
+        (partial / ".hydra" / name).write_text((run / ".hydra" / name).read_text())
     assert embed(partial, "--out", tmp_path / "e.npy") == 1
     assert "encoder.safetensors is missing" in capsys.readouterr().err
 
