@@ -178,9 +178,19 @@ def _parse(overrides: Sequence[str], source: str) -> list[Any]:
 def _composed(overrides: tuple[str, ...]) -> tuple[DictConfig, tuple[tuple[str, Any], ...]]:
     """The job config of ``overrides`` from conf/, and its group choices (cached: a sweep's
     runs share most of them; callers get a copy)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.singleton import Singleton
+
     from contrastive_cli.validate import compose_with_hydra
 
-    cfg = compose_with_hydra(list(overrides))
+    # Inside a running Hydra app (a sweep's end-of-sweep table reads its runs), Hydra's global
+    # state is the app's: set it aside while composing, and put it back.
+    running = Singleton._instances.pop(GlobalHydra, None)
+    try:
+        cfg = compose_with_hydra(list(overrides))
+    finally:
+        if running is not None:
+            Singleton._instances[GlobalHydra] = running
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices, resolve=False)
     choices = {k: v for k, v in choices.items() if not str(k).startswith("hydra/")}
     with open_dict(cfg):
