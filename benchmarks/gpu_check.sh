@@ -55,23 +55,25 @@ step() {  # step NAME COMMAND...: run it, print its time and exit code, record b
 
 # --------------------------------------------------------------------------- setup
 export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
+if [ -z "${CONTRAST_DATA:-}" ] && [ -d "$REPO/.data" ]; then
+    export CONTRAST_DATA="$REPO/.data"
+fi
+missing() {
+    "$PY" - <<'EOF'
+import importlib.util
+names = ["torch", "torchvision", "hydra", "omegaconf", "pydantic", "numpy", "safetensors",
+         "sklearn", "matplotlib", "tqdm", "PIL", "pytest"]
+print(" ".join(n for n in names if importlib.util.find_spec(n) is None))
+EOF
+}
+if [ -n "$(missing)" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+    echo "installing $(missing) from $WHEELS (offline, --no-deps)"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --target "$WORK/site" "$WHEELS"/*.whl || { echo "installing $WHEELS/*.whl failed"; exit 1; }
     export PYTHONPATH="$REPO:$WORK/site${PYTHONPATH#"$REPO"}"
 fi
-if [ -z "${CONTRAST_DATA:-}" ] && [ -d "$REPO/.data" ]; then
-    export CONTRAST_DATA="$REPO/.data"
-fi
-missing=$("$PY" - <<'EOF'
-import importlib
-names = ["torch", "torchvision", "hydra", "omegaconf", "pydantic", "numpy", "safetensors",
-         "sklearn", "matplotlib", "tqdm", "PIL", "pytest", "contrastive_cli.cli"]
-print(" ".join(n for n in names if importlib.util.find_spec(n.split(".")[0]) is None))
-EOF
-)
-if [ -n "$missing" ]; then
-    echo "missing Python packages: $missing (carry their wheels in $WHEELS; see the README's GPU section)"
+if [ -n "$(missing)" ]; then
+    echo "missing Python packages: $(missing); carry their wheels in $WHEELS (bash benchmarks/gpu_wheels.sh)"
     exit 1
 fi
 

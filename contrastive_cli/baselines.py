@@ -72,7 +72,9 @@ def digest_images(images: Any, labels: Tensor | None) -> str | None:
                 st = os.stat(path)
             except OSError:
                 return None
-            h.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            # The name's bytes (os.fsencode): a non-UTF-8 file name is a surrogate in the str
+            h.update(os.fsencode(os.path.abspath(path)))
+            h.update(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     else:
         return None
     if labels is not None:

@@ -164,7 +164,9 @@ def latest_valid_checkpoint(directory: Path, name: str = "last.pt") -> Path | No
     checkpoint at all, and raises CheckpointError when there are some but none is usable,
     so that a resume never silently starts over.
     """
-    candidates = [p for p in (directory / name, previous_path(directory / name)) if p.exists()]
+    candidates = [
+        p for p in (directory / name, previous_path(directory / name)) if os.path.lexists(p)
+    ]
     problems = []
     for path in candidates:
         try:
@@ -183,14 +185,14 @@ def latest_valid_checkpoint(directory: Path, name: str = "last.pt") -> Path | No
 
 
 def _verified_archive(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    from contrastive_cli.untrusted import Missing, UntrustedFile, read_bytes
+
+    try:  # a regular file only: never through a link, never a FIFO or device
+        data = read_bytes(path, "weights", root=path.parent)
+    except Missing:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except OSError as e:
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({os.strerror(e.errno) if e.errno else e})"
-        ) from None
+    except UntrustedFile as e:
+        raise CheckpointError(f"checkpoint {e}") from None
     if len(data) < _TRAILER.size:
         raise CheckpointError(
             f"checkpoint {path} is incomplete ({len(data)} bytes; truncated or not written by contrast)"

@@ -10,6 +10,7 @@ import sys
 import contrastive_cli
 from contrastive_cli.config import OVERLAYS, config_groups
 from contrastive_cli.errors import UserError
+from contrastive_cli.untrusted import printable
 
 # name -> module under contrastive_cli.commands; each has HELP and main(args) -> exit code.
 COMMANDS = ["train", "runs", "resume", "reproduce", "eval", "plot", "embed"]
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    # A file name that is not UTF-8 (a surrogate in Python's str) is printed as \xNN
+    # rather than failing the print or the log line that names it.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -71,6 +77,6 @@ def _main(argv: list[str] | None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         return _command(args[0]).main(args[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # it may quote a run file: shown without control characters
+        print(f"error: {printable(e)}", file=sys.stderr)
         return e.exit_code

@@ -39,6 +39,15 @@ class RunExists(ConfigError):
     """The chosen run directory already holds a run (it is left untouched)."""
 
 
+class Refused(UserError):
+    """A command refused before it changed anything in the run directory (a resume whose
+    config no longer fits the checkpoint, a directory in use): no failure is recorded there."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be written, or is missing, damaged or unsafe to load."""
 

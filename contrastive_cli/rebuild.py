@@ -37,8 +37,9 @@ from contrastive_cli.safety import EXTRA_ENV, allowed_targets
 SPECIAL_KEY = re.compile(r"^_\w*_$")  # _target_, _args_, _partial_, _recursive_, _convert_
 # Keys a run's record may not decide for whoever reads it: where things are (data.root comes
 # from the reader's environment), whether this command resumes, and where tracking goes.
-NOT_COMPARED = ("data.root", "trainer.resume", "tracker")
-DESTINATIONS = ("tracker.mlflow.tracking_uri",)  # never taken from a run directory
+NOT_COMPARED = ("data.root", "data.cache_dir", "data.source.cache_dir", "trainer.resume", "tracker")
+# Never taken from a run directory: where tracking goes, where a folder's decoded cache goes.
+DESTINATIONS = ("tracker.mlflow.tracking_uri", "data.cache_dir")
 
 
 def _shown(value: Any, limit: int = 80) -> str:

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 import contrastive_cli
-from contrastive_cli.errors import UserError
 from contrastive_cli.tables import knn_keys
 from contrastive_cli.writer import open_append, write_json, write_text_atomic
 
@@ -53,27 +52,32 @@ class MetricsLog:
         return read_metrics(self.path)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl. A last line cut short is ignored (the run was killed
-    while writing it); any other line that is not a JSON object is a one-line error."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as e:
-        raise UserError(f"{path} cannot be read ({e.strerror or e})") from None
+def read_metrics(path: Path, root: Path | None = None) -> list[dict]:
+    """The records of a metrics.jsonl, read through ``contrastive_cli.untrusted`` (a regular
+    file of bounded size, never a link, FIFO or device; finite numbers). A last line cut short
+    is ignored (the run was killed while writing it); any other line that is not an epoch
+    record is a one-line error. ``root``: the run directory (no link below it is followed)."""
+    from contrastive_cli.untrusted import MAX_LINE, UntrustedFile, parse_json, read_bytes
+
+    data = read_bytes(path, "metrics", root or path.parent)  # refusals: one line, exit 2
+    lines = data.decode(errors="replace").splitlines()
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE:
+            raise UntrustedFile(
+                f"{path} line {i + 1} is {len(line):,} characters; allowed: at most {MAX_LINE:,} "
+                "(an epoch record is a few hundred)"
+            )
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
+            record = parse_json(line, f"{path} line {i + 1}")
+        except UntrustedFile as e:
+            if i == len(lines) - 1 and "not valid JSON" in str(e):
                 break
-            raise UserError(
-                f"{path} line {i + 1} is not valid JSON (the file is damaged)"
-            ) from None
+            raise UntrustedFile(f"{e} (the file is damaged)") from None
         if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-            raise UserError(f"{path} line {i + 1} is not an epoch record (the file is damaged)")
+            raise UntrustedFile(f"{path} line {i + 1} is not an epoch record (the file is damaged)")
         records.append(record)
     return records
 

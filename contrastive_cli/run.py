@@ -42,6 +42,7 @@ from contrastive_cli.errors import (
     ConfigError,
     DataError,
     Diverged,
+    Refused,
     RunExists,
     UserError,
 )
@@ -57,6 +58,7 @@ from contrastive_cli.schedule import set_total_steps
 from contrastive_cli.signals import GracefulStop, Interrupted
 from contrastive_cli.tracking import EmbeddingSample, Trackers, build_trackers
 from contrastive_cli.train import Hooks, Progress, progress_from_state, train
+from contrastive_cli.untrusted import printable
 from contrastive_cli.validate import check_data, validate
 
 log = logging.getLogger(__name__)
@@ -264,8 +266,7 @@ def embedding_map(run: Run, out: Path) -> Path | None:
     validate(cfg)
     runtime = build(cfg.device)
     data = load_data(cfg)
-    encoder = build_encoder(cfg, cfg.trainer.seed)
-    load_weights(encoder, read_weights(weights), weights)
+    encoder = load_trained_encoder(cfg, weights)
     title = f"{run.choices.get('loss', '')} on {cfg.data.name}"
     return plot_embedding_of(
         encoder.to(runtime.device), data, build(cfg.data.augment), runtime, cfg, out, title
@@ -274,17 +275,59 @@ def embedding_map(run: Run, out: Path) -> Path | None:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; one CheckpointError line for a damaged file (bad
-    header, sizes that do not match the data, not a safetensors file)."""
-    from safetensors.torch import load_file
+    header, sizes that do not match the data, not a safetensors file) or one that is not a
+    regular file (a link, a FIFO)."""
+    from safetensors.torch import load
+
+    from contrastive_cli.untrusted import UntrustedFile, read_bytes, safetensors_header
 
     try:
-        return load_file(str(path))
-    except OSError as e:
-        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from None
+        safetensors_header(path)
+        return load(read_bytes(path, "weights", root=path.parent))
+    except UntrustedFile as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # SafetensorError and friends
         text = str(e).strip()
         reason = (text.splitlines()[0] if text else type(e).__name__)[:200]
         raise CheckpointError(f"{path} is not a readable safetensors file ({reason})") from None
+
+
+def load_trained_encoder(cfg: DictConfig, path: Path) -> torch.nn.Module:
+    """The encoder ``cfg`` builds, with the trained weights of ``path``. Its shapes are first
+    compared, on the meta device (no memory), with the tensors the file's header declares,
+    so an encoder config that does not fit the file (widths of a billion, from a forged
+    config or metadata) is one line before anything is allocated."""
+    from contrastive_cli.untrusted import UntrustedFile, safetensors_header
+
+    try:
+        shapes, _ = safetensors_header(path)
+    except UntrustedFile as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        with torch.device("meta"):
+            expected = {
+                k: tuple(v.shape)
+                for k, v in build_encoder(cfg, cfg.trainer.seed).state_dict().items()
+            }
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as e:
+        raise CheckpointError(
+            f"{path}: the encoder config cannot be built ({type(e).__name__})"
+        ) from None
+    if expected != shapes:
+        missing = [k for k in expected if k not in shapes]
+        wrong = [k for k in expected if k in shapes and expected[k] != shapes[k]]
+        extra = [k for k in shapes if k not in expected]
+        problem = (
+            f"{missing[0]} is missing ({len(missing)} entries)"
+            if missing
+            else f"{wrong[0]} is {shapes[wrong[0]]}, the config builds {expected[wrong[0]]}"
+            if wrong
+            else f"{len(extra)} unexpected entries (e.g. {extra[0]})"
+        )
+        raise CheckpointError(f"{path} does not fit the run's config: {printable(problem)}")
+    encoder = build_encoder(cfg, cfg.trainer.seed)
+    load_weights(encoder, read_weights(path), path)
+    return encoder
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, Any], source: Path) -> None:
@@ -407,7 +450,7 @@ class RunFiles:
         self.path = path
         self.writes = writes  # only one process of several writes the run directory
         for name in self.NAMES:
-            writer.safe_path(path, name, create=False)
+            writer.check_file(writer.safe_path(path, name, create=False))
 
     def file(self, relative: str | Path) -> Path:
         return writer.safe_path(self.path, relative, create=self.writes)
@@ -604,6 +647,21 @@ def _check_resumable(state: dict, resolved: dict, path: Path) -> None:
         )
 
 
+def check_resumable(cfg: DictConfig, run_dir: Path) -> None:
+    """With ``trainer.resume``: Refused (one line) when the run's checkpoint was made for
+    other training settings, checked before the run directory is locked, logged to or
+    written, so that a refused resume changes nothing on disk (``restore`` checks again)."""
+    if not cfg.trainer.resume or not (run_dir / CHECKPOINT.parent).is_dir():
+        return
+    try:
+        path = latest_valid_checkpoint(run_dir / CHECKPOINT.parent)
+        if path is not None:
+            state = load_checkpoint(path, map_location="cpu")
+            _check_resumable(state, OmegaConf.to_container(cfg, resolve=True), path)
+    except (ConfigError, CheckpointError) as e:
+        raise Refused(str(e), e.exit_code) from None
+
+
 def run_training(
     cfg: DictConfig,
     run_dir: Path,
@@ -616,6 +674,7 @@ def run_training(
     directory's lock (a launcher of several processes holds it for them)."""
     started = time.time()
     validate(cfg)
+    check_resumable(cfg, run_dir)  # before anything in run_dir is touched
     run_dir.mkdir(parents=True, exist_ok=True)
     files = RunFiles(run_dir, writes=dist.main)
     held = writer.lock(run_dir, "resume" if cfg.trainer.resume else "train")
@@ -723,7 +782,7 @@ def _run(
             epochs = _fit_to_budget(budget, first, steady, dist)
             with open_dict(cfg):
                 cfg.trainer.epochs, cfg.trainer.time_budget = epochs, None
-            resolved["trainer"].update(epochs=epochs, time_budget=None)
+            resolved.update(OmegaConf.to_container(cfg, resolve=True))  # and what follows epochs
             digest = training_digest(resolved)
             set_total_steps(scheduler, epochs * len(batches))
             summary["epochs"] = epochs

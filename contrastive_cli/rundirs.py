@@ -5,7 +5,7 @@ A run directory is whatever holds ``.hydra/config.yaml``; no database is needed.
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from contrastive_cli.errors import ConfigError, UserError
+from contrastive_cli.untrusted import printable
 
 CONFIG = Path(".hydra") / "config.yaml"  # complete and resolved
 
@@ -23,35 +24,23 @@ CONFIG = Path(".hydra") / "config.yaml"  # complete and resolved
 MAX_CONFIG_BYTES = 1 << 20  # a saved config is a few kB; a larger one is not ours
 
 
-def read_config_file(path: Path) -> Any:
+def read_config_file(path: Path, root: Path | None = None) -> Any:
     """A YAML file of a run directory, as OmegaConf; one ConfigError line for anything
-    that is not a small, plain YAML document (unreadable, not UTF-8, malformed, or using
-    anchors/aliases, which can make a few bytes expand into gigabytes)."""
-    import yaml
+    that is not a small, plain YAML document: not a regular file (a link, FIFO, device or
+    folder), over 1 MiB, not UTF-8, malformed, nested too deeply, or using aliases (a few
+    bytes expanding into gigabytes) or tags (see ``contrastive_cli.untrusted``). ``root``:
+    the run directory, inside which no path component may be a link."""
+    from contrastive_cli.untrusted import check_yaml, read_text
 
+    text = read_text(path, "config", root)
+    check_yaml(text, str(path))
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path} is {size:,} bytes, not a saved config (at most 1 MiB)")
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path} cannot be read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not a text (UTF-8) file") from None
-    try:
-        for ev in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(ev, yaml.AliasEvent):
-                raise ConfigError(f"{path} uses YAML aliases (*name), which saved configs never do")
-            if getattr(ev, "tag", None) is not None:  # !!python/..., !!binary, !custom: not data
-                raise ConfigError(
-                    f"{path} uses the YAML tag {str(ev.tag)[:60]!r}, which saved configs never do"
-                )
         return OmegaConf.create(text)
-    except ConfigError:
-        raise
-    except Exception as e:  # yaml.YAMLError, OmegaConf's errors, recursion on deep nesting
+    except Exception as e:  # yaml.YAMLError, OmegaConf's errors
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path} is not a valid config file ({reason[:200]})") from None
+        raise ConfigError(
+            f"{path} is not a valid config file ({printable(reason)[:200]})"
+        ) from None
 
 
 def _problem_in_results(results: Any) -> str | None:
@@ -89,15 +78,17 @@ def _is_number(v: Any) -> bool:
 
 
 def read_results(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(results, None), or (None, why it is unreadable); (None, None) when there is none."""
-    if not path.is_file():
-        return None, None
+    """(results, None), or (None, why it is unreadable); (None, None) when there is none.
+    Read through ``contrastive_cli.untrusted``: a regular file of at most 1 MiB, plain JSON
+    with finite numbers of sane size."""
+    from contrastive_cli.untrusted import Missing, UntrustedFile, read_json
+
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        return None, f"results.json cannot be read ({e.strerror or e})"
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        return None, f"results.json is not valid JSON ({type(e).__name__})"
+        results = read_json(path, "json", root=path.parent)
+    except Missing:
+        return None, None
+    except UntrustedFile as e:
+        return None, str(e).replace(str(path), "results.json", 1)
     problem = _problem_in_results(results)
     return (None, f"results.json: {problem}") if problem else (results, None)
 
@@ -144,7 +135,7 @@ class Run:
         from contrastive_cli.report import read_metrics
 
         path = self.path / "metrics.jsonl"
-        return read_metrics(path) if path.exists() else []
+        return read_metrics(path, root=self.path) if os.path.lexists(path) else []
 
 
 def load_run(path: Path) -> Run:
@@ -155,7 +146,7 @@ def load_run(path: Path) -> Run:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ConfigError(f"RUN_DIR={path}: no such folder")
-    if not (path / CONFIG).is_file():
+    if not os.path.lexists(path / CONFIG):
         raise ConfigError(
             f"RUN_DIR={path}: not a run directory (no {CONFIG}); `contrast runs` lists them"
         )
@@ -177,9 +168,9 @@ def read_overrides(path: Path) -> list[str]:
     """``.hydra/overrides.yaml``: a list of strings, checked as data (none: no overrides)."""
     from contrastive_cli.rebuild import check_plain
 
-    if not path.is_file():
+    if not os.path.lexists(path):
         return []
-    loaded = read_config_file(path)
+    loaded = read_config_file(path, path.parent.parent)
     if not isinstance(loaded, ListConfig):
         raise ConfigError(f"{path} is not a list of overrides")
     overrides = OmegaConf.to_container(loaded, resolve=False)
@@ -204,13 +195,13 @@ def rebuild_config(path: Path) -> tuple[DictConfig, dict[str, str], list[str]]:
 
     overrides_file = path / ".hydra" / "overrides.yaml"
     overrides = read_overrides(overrides_file)
-    saved = OmegaConf.to_container(read_config_file(path / CONFIG), resolve=False)
+    saved = OmegaConf.to_container(read_config_file(path / CONFIG, path), resolve=False)
     special = shipped_special_keys() | {f"{slot}._target_" for slot in allowed_targets()}
     check_plain(saved, str(path / CONFIG), special)
     hydra_file = path / ".hydra" / "hydra.yaml"
     recorded = None
-    if hydra_file.is_file():  # as a plain container: selecting a node could resolve it
-        loaded = OmegaConf.to_container(read_config_file(hydra_file), resolve=False)
+    if os.path.lexists(hydra_file):  # as a plain container: selecting a node could resolve it
+        loaded = OmegaConf.to_container(read_config_file(hydra_file, path), resolve=False)
         for key in ("hydra", "runtime", "choices"):
             loaded = loaded.get(key) if isinstance(loaded, dict) else None
         recorded = loaded

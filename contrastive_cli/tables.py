@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from contrastive_cli.errors import UserError
 from contrastive_cli.rundirs import Run
+from contrastive_cli.untrusted import printable
 
 COLUMNS = [
     "date",
@@ -87,7 +88,9 @@ def run_row(run: Run) -> dict[str, Any]:
         row["error"] = results["error"]
     if run.problem:
         row["error"] = run.problem
-    return row
+    # Every string came from files someone else may have written: no escape sequence,
+    # carriage return or bidi override reaches the terminal (or a CSV shown on one).
+    return {k: printable(v) if isinstance(v, str) else v for k, v in row.items()}
 
 
 def matches(run: Run, row: dict[str, Any], condition: str) -> bool:

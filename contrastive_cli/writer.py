@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from contrastive_cli.errors import UserError
+from contrastive_cli.errors import Refused, UserError
 
 LOCK = ".lock"
 FILE_MODE = 0o644  # like every other output: readable by the group and others
@@ -53,6 +53,29 @@ def safe_path(run_dir: Path, relative: str | Path, create: bool = True) -> Path:
     return path
 
 
+def check_file(path: Path) -> Path:
+    """``path`` unless something other than a regular file sits there: a FIFO would block
+    the first write, a folder or device fail it midway; refused before the run starts."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # not there yet (or its folder is not)
+        return path
+    if stat.S_ISLNK(mode):
+        raise UnsafePath(
+            f"{path} is a symbolic link; contrast does not write through links in a run "
+            "directory (remove it, or copy the run to a new folder)"
+        )
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "a FIFO or device"
+        raise UnsafePath(
+            f"{path} is {what}; allowed: a regular file (remove it, or copy the run to a new "
+            "folder)"
+        )
+    return path
+
+
 def write_text_atomic(path: Path, text: str, mode: int = FILE_MODE) -> None:
     """Write ``text`` to a temp file beside ``path``, then rename it over ``path``: readers
     never see half a file, a link at ``path`` is replaced rather than followed, and a failed
@@ -76,24 +99,50 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def open_append(path: Path) -> int:
-    """A file descriptor appending to ``path``, refusing a symbolic link at ``path``."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    """A file descriptor appending to ``path``, refusing a symbolic link, and anything but a
+    regular file (a FIFO would block the open until someone reads it; a folder, a device)."""
+    import stat
+
+    flags = (
+        os.O_WRONLY
+        | os.O_APPEND
+        | os.O_CREAT
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+    )
     try:
-        return os.open(path, flags, FILE_MODE)
+        fd = os.open(path, flags, FILE_MODE)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UnsafePath(
                 f"{path} is a symbolic link; contrast does not write through links in a run "
                 "directory (remove it, or copy the run to a new folder)"
             ) from None
+        if e.errno in (errno.EISDIR, errno.ENXIO):  # a folder; a FIFO nobody reads, a socket
+            raise UnsafePath(
+                f"{path} is a {'folder' if e.errno == errno.EISDIR else 'FIFO or socket'}; "
+                "allowed: a regular file (remove it, or copy the run to a new folder)"
+            ) from None
         raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafePath(
+            f"{path} is not a regular file (a FIFO or device); allowed: a regular file "
+            "(remove it, or copy the run to a new folder)"
+        )
+    os.set_blocking(fd, True)
+    return fd
 
 
 class SafeFileHandler(logging.FileHandler):
     """A logging FileHandler that will not follow a symbolic link (train.log)."""
 
     def _open(self):  # type: ignore[override]
-        return os.fdopen(open_append(Path(self.baseFilename)), "a", encoding=self.encoding)
+        return os.fdopen(  # a non-UTF-8 file name in a message is written as \xNN
+            open_append(Path(self.baseFilename)), "a", encoding="utf-8", errors="backslashreplace"
+        )
 
 
 @contextlib.contextmanager
@@ -117,9 +166,10 @@ def lock(run_dir: Path, command: str) -> Iterator[None]:
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             holder = _read_holder(path)
-            raise UserError(
+            raise Refused(
                 f"{run_dir} is in use by another contrast command{holder}; wait for it to finish "
-                "(two commands writing one run directory would mix their checkpoints)"
+                "(two commands writing one run directory would mix their checkpoints)",
+                exit_code=1,
             ) from None
         # The holder before us may have removed the file after we opened it: then this lock
         # guards nothing, and the new file is the one to lock.
@@ -145,8 +195,13 @@ def lock(run_dir: Path, command: str) -> Iterator[None]:
 
 
 def _read_holder(path: Path) -> str:
+    """Who holds the lock, from the file's "<pid> <command>" (read as untrusted: bounded,
+    no link, no FIFO; shown without control characters)."""
+    from contrastive_cli.untrusted import UntrustedFile, printable, read_bytes
+
     try:
-        pid, _, command = path.read_text(errors="replace").strip().partition(" ")
-    except OSError:
+        text = read_bytes(path, "lock", path.parent).decode(errors="replace")
+    except UntrustedFile:
         return ""
-    return f" (`contrast {command}`, pid {pid})" if pid.isdigit() else ""
+    pid, _, command = text.strip().partition(" ")
+    return f" (`contrast {printable(command)[:40]}`, pid {pid})" if pid.isdigit() else ""

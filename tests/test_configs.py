@@ -214,6 +214,38 @@ def test_the_new_methods_defaults(compose_cfg):
     )
 
 
+def test_swav_nnclr_and_mocov3_defaults(compose_cfg):
+    """SwAV: T=0.1, eps 0.05, 3 Sinkhorn iterations, 3000 prototypes, queue 3840 from epoch
+    15, prototypes frozen for 1 epoch, its epochs those of the run; NNCLR: T=0.1, a 256-d
+    support set; MoCo v3: T=0.2, momentum 0.99 -> 1, 256-d keys."""
+    loss = lambda *o: compose_cfg(*o).loss  # noqa: E731
+    swav = loss("loss=swav", "trainer.epochs=7")
+    assert (swav.temperature, swav.epsilon, swav.sinkhorn_iterations, swav.prototypes) == (
+        0.1,
+        0.05,
+        3,
+        3000,
+    )
+    assert (swav.queue_size, swav.queue_start_epoch, swav.freeze_prototypes_epochs) == (3840, 15, 1)
+    assert swav.epochs == 7 and swav.projection_dim == swav.projector.out_dim
+    nnclr = loss("loss=nnclr")
+    assert (nnclr.temperature, nnclr.projection_dim, nnclr.predictor.out_dim) == (0.1, 256, 256)
+    mocov3 = loss("loss=mocov3")
+    assert (mocov3.temperature, mocov3.base_momentum, mocov3.projection_dim) == (0.2, 0.99, 256)
+
+
+@pytest.mark.parametrize("local_crops", [0, 2])
+def test_swav_builds_and_steps_with_local_crops(compose_cfg, local_crops):
+    cfg = compose_cfg("loss=swav", "encoder=mlp", f"data.augment.local_crops={local_crops}")
+    torch.manual_seed(0)
+    method = build(cfg.loss, encoder=build(cfg.encoder, in_channels=1, image_size=8))
+    views = [torch.randn(8, 1, 8, 8) for _ in range(2)] + [
+        torch.randn(8, 1, 8, 8) for _ in range(local_crops)
+    ]
+    value = method(views)
+    assert value.dim() == 0 and torch.isfinite(value)
+
+
 @pytest.mark.parametrize("override", ["loss.positives=labels", "loss.distance=cosine"])
 def test_contrastive_options_build(compose_cfg, override):
     cfg = compose_cfg("loss=contrastive", "encoder=mlp", override)

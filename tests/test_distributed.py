@@ -79,6 +79,13 @@ METHODS = {
     "triplet": ["loss=triplet", "loss.mining=semihard"],
     "triplet-labels": ["loss=triplet", "loss.positives=labels", "loss.mining=hard"],
     "contrastive-labels": ["loss=contrastive", "loss.positives=labels"],
+    # SwAV's queue filled with every rank's rows, and learning prototypes (frozen by default)
+    "swav-queue": [
+        "loss=swav",
+        "loss.queue_size=32",
+        "loss.queue_start_epoch=0",
+        "loss.freeze_prototypes_epochs=0",
+    ],
 }
 N = 16  # global batch
 
@@ -190,6 +197,14 @@ E2E = {
     "triplet-labels": ["loss=triplet", "loss.positives=labels", "loss.mining=all"],
     "contrastive-labels": ["loss=contrastive", "loss.positives=labels"],
     "dino-local-crops": ["loss=dino", "data.augment.local_crops=2"],
+    # SwAV's queue full after step 1 and in Sinkhorn at steps 2 and 3, prototypes learning
+    "swav-queue-local-crops": [
+        "loss=swav",
+        "loss.queue_size=64",
+        "loss.queue_start_epoch=0",
+        "loss.freeze_prototypes_epochs=0",
+        "data.augment.local_crops=2",
+    ],
     # A ReLU is a kink: at step 3 one pre-activation of SupCon's BatchNorm-free projector lies
     # within rounding of 0, and float32 summation order puts it on either side (one hidden
     # unit's gradient for one sample, 1e-3 of the encoder's gradient; the float64 checks

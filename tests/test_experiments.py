@@ -87,6 +87,40 @@ def test_dino_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
     assert compared_values(run) == compared_values(tmp_path / "whole")
 
 
+@pytest.mark.parametrize(
+    "method",
+    [
+        # the support set (a queue of 256: full from the checkpoint on)
+        ["loss=nnclr", "loss.queue_size=256"],
+        # the momentum encoder and its cosine schedule's place
+        ["loss=mocov3"],
+        # the queue (full in the checkpoint), the epoch clock: prototypes thaw at epoch 3,
+        # after the resume; local crops
+        [
+            "loss=swav",
+            "loss.queue_size=128",
+            "loss.queue_start_epoch=0",
+            "loss.freeze_prototypes_epochs=2",
+            "data.augment.local_crops=2",
+        ],
+    ],
+    ids=["nnclr", "mocov3", "swav"],
+)
+def test_queue_and_clock_methods_killed_then_resumed_equal_an_uninterrupted_run(tmp_path, method):
+    """Killed in epoch 2 and resumed from the end of epoch 1: state beyond weights (queues,
+    momentum encoder, SwAV's epoch clock and frozen-prototype epochs) is in the checkpoint."""
+    cfg = [*CFG, *method, "eval.baselines=false"]
+    run_cli(["train", *cfg, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path, check=True)
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "tests.harness", "kill-in-step", "30", "--", "train", *cfg]
+    proc = subprocess.run(
+        [*args, f"hydra.run.dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_cli(["resume", str(run)], cwd=tmp_path, check=True)
+    assert compared_values(run) == compared_values(tmp_path / "whole")
+
+
 def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(reference, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(
@@ -212,6 +246,29 @@ def test_a_time_budget_fixes_the_epochs_in_the_saved_config_and_reproduces(tmp_p
         ["reproduce", str(run), "--out", str(tmp_path / "again")], cwd=tmp_path, check=True
     )
     assert "identical" in again.stdout
+
+
+def test_a_time_budget_keeps_a_run_whose_loss_follows_the_epochs_resumable(tmp_path):
+    """SwAV's loss.epochs is ${trainer.epochs} (its epoch clock): when trainer.time_budget
+    fixes the epochs, the checkpoint's config digest must be that of the saved config, or an
+    interrupted run could not resume (it was the stale loss.epochs before)."""
+    import torch
+    import yaml
+
+    from contrastive_cli.run import _check_resumable
+
+    run = tmp_path / "run"
+    cfg = [o for o in CFG if not o.startswith("trainer.epochs")]
+    args = ["train", *cfg, "loss=swav", "trainer.epochs=3", "trainer.time_budget=4s"]
+    run_cli(
+        [*args, "eval.every=0", "eval.baselines=false", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        check=True,
+    )
+    saved = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    assert saved["loss"]["epochs"] == saved["trainer"]["epochs"]
+    path = run / "checkpoints" / "last.pt"
+    _check_resumable(torch.load(path, weights_only=True), saved, path)
 
 
 def test_a_time_budget_spends_what_the_first_step_compiled_once():

@@ -10,8 +10,11 @@ from contrastive_cli.losses import (
     barlow_twins_loss,
     contrastive_loss,
     dino_loss,
+    mocov3_loss,
+    nnclr_loss,
     simsiam_loss,
     supcon_loss,
+    swav_loss,
     triplet_loss,
     vicreg_loss,
 )
@@ -55,6 +58,9 @@ LOSSES = {
     "supcon": lambda x: supcon_loss(x[:16], x[16:], torch.arange(16) % 4, 0.1),
     "contrastive": lambda x: contrastive_loss(x, ids, 1.0),
     "dino": lambda x: dino_loss([x[:16], x[16:]], [x[16:], x[:16]], torch.zeros(32), 0.1, 0.04),
+    "swav": lambda x: swav_loss([x[:16], x[16:]], [x[16:].softmax(1), x[:16].softmax(1)], 0.1),
+    "nnclr": lambda x: nnclr_loss(x[:16], x[16:], x[16:], x[:16], bf16_exact(64, 32, seed=2)),
+    "mocov3": lambda x: mocov3_loss(x[:16], x[16:], x[16:], x[:16], 0.2),
 }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from contrastive_cli.rundirs import load_run
-from contrastive_cli.tracking import Trackers, regular_files
+from contrastive_cli.tracking import Trackers
 from tests.test_rebuild import record
 
 pytest.importorskip("mlflow")
@@ -55,21 +55,6 @@ def test_resume_never_logs_to_the_store_a_run_directory_names(tmp_path, monkeypa
     assert "another store" in caplog.text and str(theirs) not in caplog.text
     saved = json.loads((run / "tracking.json").read_text())["mlflow"]
     assert saved["tracking_uri"] == f"sqlite:///{ours}"
-
-
-def test_files_sent_to_a_tracker_are_regular_files_inside_the_run(tmp_path, caplog):
-    secret = tmp_path / "secret.txt"
-    secret.write_text("not for the server")
-    run = tmp_path / "run"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text("a: 1\n")
-    (run / ".hydra" / "stolen.yaml").symlink_to(secret)
-    (run / "plots").symlink_to(tmp_path)
-    (run / "results.json").symlink_to(secret)
-    with caplog.at_level(logging.WARNING):
-        found = regular_files(run, ["results.json", ".hydra", "plots"])
-    assert found == [(run / ".hydra" / "config.yaml", ".hydra")]
-    assert "symbolic links" in caplog.text
 
 
 def test_tensorboard_never_writes_through_a_linked_folder(tmp_path, caplog):

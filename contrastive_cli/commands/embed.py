@@ -103,16 +103,14 @@ def _check_out(out: Path) -> None:
 def load_encoder(run_dir: Path, run_cfg: DictConfig) -> torch.nn.Module:
     """The run's encoder, rebuilt from its config as ``contrast train`` built it, with the
     trained weights from ``encoder.safetensors`` (no pickles)."""
-    from contrastive_cli.run import build_encoder, load_weights, read_weights
+    from contrastive_cli.run import load_trained_encoder
 
     path = run_dir / "encoder.safetensors"
     if not path.is_file():
         raise DataError(
             f"{path} is missing: the run has not finished (see {run_dir / 'results.json'})"
         )
-    encoder = build_encoder(run_cfg, run_cfg.trainer.seed)
-    load_weights(encoder, read_weights(path), path)
-    return encoder
+    return load_trained_encoder(run_cfg, path)
 
 
 def embed(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, np.ndarray]:
@@ -159,6 +157,8 @@ def embed(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, np.n
             split.labels.numpy() if split.labels is not None else np.full(len(split), -1)
         )
     labels = np.concatenate(columns["label"]).astype(np.int64)
+    if columns["id"] and isinstance(columns["id"][0], str):
+        columns["id"] = [_text_path(p) for p in columns["id"]]
     rows = {
         "split": np.array(columns["split"]),
         "path" if isinstance(columns["id"][0], str) else "index": np.array(columns["id"]),
@@ -168,6 +168,12 @@ def embed(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, np.n
         rows["class"] = np.array([data.class_names[i] if i >= 0 else "" for i in labels])
     rows["embedding"] = np.concatenate(columns["embedding"]).astype(np.float32)
     return rows
+
+
+def _text_path(path: str) -> str:
+    """A file name as text every format can hold: bytes that are not UTF-8 (kept by Python
+    as lone surrogates, which UTF-8 writers refuse) become ``\\xNN``, as ``ls -b`` shows them."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def write(out: Path, rows: dict[str, np.ndarray], metadata: dict[str, str]) -> None:

@@ -4,20 +4,19 @@ of a saved encoder on any configured dataset (transfer needs the same channels).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
-from safetensors import safe_open
 
 from contrastive_cli.config import apply_overrides, build, compose
 from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.rebuild import check_plain, metadata_encoder
 from contrastive_cli.report import results_table, write_json
 from contrastive_cli.rundirs import load_run
+from contrastive_cli.untrusted import UntrustedFile, parse_json, printable, safetensors_header
 from contrastive_cli.writer import safe_path
 
 if TYPE_CHECKING:
@@ -40,11 +39,7 @@ def read_encoder_metadata(path: Path) -> dict[str, Any]:
     image_size and seed (integers in range). Anything else is one UserError line."""
     from contrastive_cli.config import config_groups
 
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # SafetensorError: bad header, sizes, not a safetensors file
-        raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+    _, meta = safetensors_header(path)  # header only, checked against the file; no allocation
     check_plain(meta, f"the metadata of {path}")  # no ${ or instantiation key, anywhere
     if meta.get("format") != ENCODER_FORMAT:
         raise UserError(f"{path} has no contrast metadata; evaluate it through its run directory")
@@ -65,8 +60,8 @@ def read_encoder_metadata(path: Path) -> dict[str, Any]:
             f"{', '.join(data_options)}"
         )
     try:
-        encoder = json.loads(meta.get("encoder", ""))
-    except (json.JSONDecodeError, RecursionError):
+        encoder = parse_json(meta.get("encoder", ""), f"{path}: metadata encoder")
+    except UntrustedFile:
         encoder = None
     return {
         "encoder": metadata_encoder(encoder, str(path)),
@@ -110,6 +105,7 @@ def _source(
         return weights, cfg, saved, run.choices
     if path.suffix != ".safetensors" or not path.is_file():
         raise UserError(f"{path} is neither a run directory nor an .safetensors encoder file")
+    path = path.resolve()  # a bare file the user named: a link to it is theirs to follow
     meta = read_encoder_metadata(path)
     saved = OmegaConf.create(
         {
@@ -181,13 +177,7 @@ def main(args: list[str]) -> int:
             f"{trained_on.name} with {trained_on.channels}; choose data with {trained_on.channels}"
         )
 
-    from contrastive_cli.run import (
-        build_encoder,
-        evaluate_encoder,
-        load_data,
-        load_weights,
-        read_weights,
-    )
+    from contrastive_cli.run import evaluate_encoder, load_data, load_trained_encoder
 
     runtime = build(cfg.device)
     data = load_data(cfg)
@@ -195,8 +185,7 @@ def main(args: list[str]) -> int:
         raise UserError(f"data={cfg.data.name} has no labels to evaluate with")
     if ns.heldout is not None:
         data = heldout_split(data, ns.heldout, cfg.data.name)
-    encoder = build_encoder(cfg, cfg.trainer.seed)
-    load_weights(encoder, read_weights(weights), weights)
+    encoder = load_trained_encoder(cfg, weights)
     encoder.to(runtime.device)
     augment = build(cfg.data.augment)
     metrics, baselines, from_cache = evaluate_encoder(
@@ -215,7 +204,7 @@ def main(args: list[str]) -> int:
         "overrides": ns.overrides,
         "split": "test" if ns.heldout is None else f"heldout {ns.heldout} of train",
     }
-    print(results_table(results))
+    print("\n".join(printable(line) for line in results_table(results).splitlines()))
     out = ns.out
     if out is None:
         name = f"evals/{cfg.data.name}_{datetime.now():%Y-%m-%d_%H-%M-%S}.json"

@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
+from contrastive_cli.errors import UserError
 from contrastive_cli.plots import plot_curves, plot_sweep, run_label
-from contrastive_cli.rundirs import find_runs
+from contrastive_cli.rundirs import Run, find_runs
+from contrastive_cli.untrusted import printable
 from contrastive_cli.writer import safe_path
 
+log = logging.getLogger(__name__)
 HELP = "loss and k-NN curves (several runs on one figure), embedding map, sweep metric vs value"
+
+
+def _metrics(run: Run, of: int) -> list[dict]:
+    """The run's metrics.jsonl records. Over several runs, one whose file is refused
+    (damaged, a link, a FIFO, numbers out of range) is left out with a warning, so one
+    hostile run cannot stop the plot of a whole tree; a single run's refusal is the error."""
+    try:
+        return run.metrics()
+    except UserError as e:
+        if of == 1:
+            raise
+        log.warning(f"warning: {printable(e)}; {printable(run.path)} is left out of the curves")
+        return []
 
 
 def main(args: list[str]) -> int:
@@ -37,7 +54,7 @@ def main(args: list[str]) -> int:
     else:
         out = ns.out or Path("plots")
         curves, sweep_png = out / "curves.png", out / "sweep.png"
-    written = [plot_curves([(run_label(r, runs), r.metrics()) for r in runs], curves)]
+    written = [plot_curves([(run_label(r, runs), _metrics(r, len(runs))) for r in runs], curves)]
     if len(runs) > 1 and (sweep := plot_sweep(runs, sweep_png)) is not None:
         written.append(sweep)
     if not ns.no_embedding:

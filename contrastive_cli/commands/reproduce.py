@@ -15,6 +15,7 @@ from contrastive_cli.errors import ConfigError
 from contrastive_cli.rebuild import rebuild, saved_config
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.signals import Interrupted
+from contrastive_cli.untrusted import printable
 from contrastive_cli.validate import validate
 
 TIMINGS = {"seconds"}  # wall-clock numbers, never expected to repeat
@@ -127,7 +128,7 @@ def main(args: list[str]) -> int:
         f"{verdict}: {len(diffs)} values differ, largest |difference| {worst:.3g}, tolerance {tolerance:g}"
     )
     for key, a, b, d in diffs[:20]:
-        print(f"  {key:<40} {a!s:>22} {b!s:>22}  {d:.3g}")
+        print(f"  {printable(key):<40} {a!s:>22} {b!s:>22}  {d:.3g}")  # keys from run files
     if len(diffs) > 20:
         print(f"  ... and {len(diffs) - 20} more")
     return 0 if worst <= tolerance else 1

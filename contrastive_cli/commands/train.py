@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -16,9 +19,10 @@ from omegaconf import DictConfig
 
 from contrastive_cli.config import CONF_DIR, expand_home
 from contrastive_cli.distributed import place_from_env
-from contrastive_cli.errors import ConfigError, RunExists, UserError
+from contrastive_cli.errors import ConfigError, Refused, RunExists, UserError
 from contrastive_cli.rebuild import saved_config
 from contrastive_cli.signals import Interrupted
+from contrastive_cli.untrusted import printable
 from contrastive_cli.validate import check_command_line
 
 log = logging.getLogger(__name__)
@@ -48,14 +52,15 @@ def _train_task(cfg: DictConfig) -> float:
             (run_dir / hc.output_subdir / "config.yaml").write_text(saved_config(cfg))
         return objective(run_job(cfg, run_dir, dict(hc.runtime.choices)))
     except UserError as e:
-        if main and not isinstance(e, RunExists) and not (run_dir / "results.json").exists():
+        refused = isinstance(e, (RunExists, Refused))  # nothing in run_dir was changed
+        if main and not refused and not (run_dir / "results.json").exists():
             _record_failure(run_dir, str(e))
         if cfg.get("debug"):
             raise
         if multirun:
-            log.error(f"error: {e}")
+            log.error(f"error: {printable(e)}")
             return math.nan
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:  # a bug: keep the traceback, but let a sweep's other jobs run
         if main:
@@ -77,21 +82,35 @@ def _record_failure(run_dir: Path, error: str) -> None:
         )
 
 
-def _explicit_run_dir(args: list[str]) -> Path | None:
-    for arg in args:
+def _explicit_run_dir(args: list[str]) -> tuple[int, Path] | None:
+    """(position in ``args``, the folder) of a ``hydra.run.dir``/``hydra.sweep.dir`` given
+    on the command line, resolved by real path (``<missing>/../<run>`` is ``<run>``, as it
+    will be once Hydra has created ``<missing>``); None when not given or interpolated."""
+    for i, arg in enumerate(args):
         key, _, value = arg.partition("=")
         if key.lstrip("+~") in ("hydra.run.dir", "hydra.sweep.dir") and value:
-            return Path(value)
+            if "${" in value or value[0] in "'\"":  # Hydra resolves or unquotes these
+                return None
+            return i, Path(os.path.realpath(Path(value).expanduser()))
     return None
+
+
+def _holds_a_run(folder: Path) -> bool:
+    return any(os.path.lexists(folder / f) for f in ("results.json", "checkpoints", ".hydra"))
 
 
 def main(args: list[str]) -> int:
     args = [expand_home(a) for a in args]  # the shell leaves ~ in data.path=~/photos
     # Hydra writes .hydra/ into the run directory before any of our code runs, so a run
     # directory given on the command line is checked here, before Hydra starts.
-    explicit = _explicit_run_dir(args)
+    found = _explicit_run_dir(args)
+    explicit = None
+    if found is not None:  # Hydra then writes where we checked, whatever links lead there
+        i, explicit = found
+        args[i] = f"{args[i].partition('=')[0]}={explicit}"
     resuming = any(
-        a.startswith("trainer.resume=") and a.split("=", 1)[1].lower() == "true" for a in args
+        a.lstrip("+").startswith("trainer.resume=") and a.split("=", 1)[1].lower() == "true"
+        for a in args
     )
     place = place_from_env()
     if place is not None and explicit is None and not {"-m", "--multirun"} & set(args):
@@ -103,7 +122,7 @@ def main(args: list[str]) -> int:
         explicit is not None
         and not resuming
         and (place is None or place.rank == 0)  # rank 0's own .hydra may already be there
-        and any((explicit / f).exists() for f in ("results.json", "checkpoints", ".hydra"))
+        and _holds_a_run(explicit)
     ):
         raise RunExists(
             f"hydra.run.dir={explicit} already holds a run; resume it with "
@@ -116,10 +135,19 @@ def main(args: list[str]) -> int:
         args = [*args, "hydra.sweeper.direction=maximize"]
     sys.argv = ["contrast train", *args]
     check_command_line(sys.argv[1:])  # one line, exit 2, before Hydra creates a run directory
+    staging = None
     if place is not None and place.rank > 0:  # rank 0 alone writes the run directory
         sys.argv.append("hydra.output_subdir=null")
+    elif explicit is not None and resuming and os.path.lexists(explicit / ".hydra" / "config.yaml"):
+        # Resuming a run in place: Hydra writes its .hydra files before any of our checks,
+        # so it writes them elsewhere; the run keeps its saved config, as `contrast resume`.
+        staging = Path(tempfile.mkdtemp(prefix="contrast-hydra-"))
+        sys.argv.append(f"hydra.output_subdir={staging}")
     try:
         _train_task()
     except Interrupted as e:  # run.py has logged how to continue
         return e.exit_code
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return 0

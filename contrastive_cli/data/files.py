@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from contrastive_cli.errors import DataError
+from contrastive_cli.untrusted import printable
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,17 @@ class TooLarge(ValueError):
 def _open(path: str) -> Iterator[Image.Image]:
     """``Image.open`` with PIL's own decompression-bomb check off: ``max_pixels`` is the cap,
     checked on the header before anything is decoded, with a message naming the setting."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as img:
-            yield img
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+    from contrastive_cli.untrusted import open_regular
+
+    # A file swapped for a FIFO or device after the scan must not block a worker forever.
+    with open(path, "rb", opener=lambda p, _: open_regular(p, follow=True)) as f:
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(f) as img:
+                yield img
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
 def _check_pixels(img: Image.Image, max_pixels: int) -> None:
@@ -138,6 +143,18 @@ class _Decoder(Dataset):
                 False,
                 _reason(e),
             )
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A decode worker ignores SIGINT/SIGTERM: a signal to the process group (Ctrl-C, kill
+    of a job) is the main process's to handle (``contrastive_cli.signals``). Left to the
+    workers, they died with a traceback each, and the main process then failed with
+    "DataLoader worker exited unexpectedly" instead of stopping cleanly. The workers still
+    end with the main process: DataLoader shuts them down, or they notice it is gone."""
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 class ImageFiles:
@@ -227,14 +244,24 @@ class ImageFiles:
             batch_sampler=index_batches,
             num_workers=self.workers,
             pin_memory=pin_memory,
+            worker_init_fn=_leave_signals_to_the_main_process,
         )
-        yield from loader
+        try:
+            yield from loader
+        except RuntimeError as e:  # a worker killed from outside (OOM killer, kill -9)
+            if "DataLoader worker" not in str(e):
+                raise
+            raise DataError(
+                f"a process decoding images stopped ({str(e).splitlines()[0][:200]}); "
+                "data.workers=0 decodes in the main process"
+            ) from None
 
     def _substitute(self, i: int, reason: str) -> Tensor:
         if self.paths[i] not in self._warned:
             self._warned.add(self.paths[i])
             log.warning(
-                f"cannot decode {self.paths[i]} ({reason}); using the next readable image in its place"
+                f"cannot decode {printable(self.paths[i])} ({printable(reason)}); using the next "
+                "readable image in its place"
             )
         for step in range(1, min(len(self), 100)):
             try:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from contrastive_cli.data.datasets import ImageData, Split, stratified_test_mask
 from contrastive_cli.data.files import MAX_PIXELS, MODES, ImageFiles, probe
 from contrastive_cli.errors import ConfigError, DataError
 from contrastive_cli.schema import Count, Fraction, NonEmpty, PositiveInt, Text
+from contrastive_cli.untrusted import printable
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "contrast-folder-cache-v1"  # bump when decoding changes what a file becomes
@@ -183,7 +185,7 @@ def _read(
             [str(root / rel) for rel in rels], image_size, channels, workers, max_pixels
         )
     if skipped:
-        named = ", ".join(f"{rel} ({why})" for rel, why in skipped[:SHOW])
+        named = printable(", ".join(f"{rel} ({why})" for rel, why in skipped[:SHOW]))
         log.warning(
             f"{setting}={path}: skipped {len(skipped)} of {len(files)} files that are not readable "
             f"images: {named}" + (", ..." if len(skipped) > SHOW else "")
@@ -198,7 +200,8 @@ def scan(root: Path, extensions: Sequence[str]) -> list[tuple[str, int, int]]:
 
     Symbolic links are followed, but each real folder is entered once (a link back to a
     parent cannot loop) and each real file counted once, under the first of its paths in
-    sorted order, so no image is trained on twice or lands in both train and test.
+    sorted order, so no image is trained on twice or lands in both train and test. Only
+    regular files count: a FIFO, socket or device named ``*.png`` is not an image.
     """
     wanted = {e.lower().lstrip(".") for e in extensions}
     seen_dirs: set[tuple[int, int]] = set()
@@ -220,7 +223,9 @@ def scan(root: Path, extensions: Sequence[str]) -> list[tuple[str, int, int]]:
             full = Path(directory) / name
             try:
                 st = full.stat()
-            except OSError:  # a dangling link: not an image
+            except OSError:  # a dangling link, or a loop of links: not an image
+                continue
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the scan, a device never end
                 continue
             rel = full.relative_to(root).as_posix()
             found.append((rel, st.st_size, st.st_mtime_ns, (st.st_dev, st.st_ino)))
@@ -344,8 +349,18 @@ def cache_file(root: Path, image_size: int, channels: int, cache_dir: str | None
 
 def _read_cache(file: Path, key: str) -> tuple[Tensor, list[str], list[tuple[str, str]]] | None:
     """The cached (images, paths, skipped) when ``file`` holds ``key``; None when missing or stale."""
+    from contrastive_cli.untrusted import Missing, UntrustedFile, open_regular
+
+    try:  # a regular file only (a FIFO named like the cache would block), read through its fd
+        fd = open_regular(file, follow=True)
+    except Missing:
+        return None
+    except UntrustedFile as e:
+        log.warning(f"cannot read the cache ({e}): rebuilding it")
+        return None
     try:
-        with safe_open(str(file), framework="pt") as f:
+        proc = f"/proc/self/fd/{fd}"
+        with safe_open(proc if os.path.exists(proc) else str(file), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
                 log.info(
@@ -357,11 +372,11 @@ def _read_cache(file: Path, key: str) -> tuple[Tensor, list[str], list[tuple[str
                 json.loads(meta["paths"]),
                 [tuple(s) for s in json.loads(meta["skipped"])],
             )
-    except FileNotFoundError:
-        return None
     except Exception as e:  # a torn or foreign file: rebuild it
         log.warning(f"cannot read the cache {file} ({type(e).__name__}): rebuilding it")
         return None
+    finally:
+        os.close(fd)
 
 
 def _physical_memory() -> int | None:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
-import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -87,49 +85,13 @@ def require(module: str, tracker: str) -> None:
 
 def read_state(directory: Path) -> dict[str, Any]:
     """``tracking.json`` of a run (or sweep) directory; {} when absent or unreadable."""
-    path = directory / STATE_FILE
-    if not path.is_file() or path.is_symlink():
-        return {}
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
+    from contrastive_cli.untrusted import UntrustedFile, read_json
+
+    try:  # a regular file of at most 1 MiB, never through a link, never a FIFO
+        state = read_json(directory / STATE_FILE, "json", root=directory)
+    except UntrustedFile:
         return {}
     return state if isinstance(state, dict) else {}
-
-
-def regular_files(run_dir: Path, names: Sequence[str]) -> list[tuple[Path, str]]:
-    """(file, folder within the artifacts) of every regular file at or under ``names`` in
-    ``run_dir``, never through a symbolic link: a link there could send any file of this
-    machine to a tracker. Links are left out with one warning line."""
-    found: list[tuple[Path, str]] = []
-    skipped: list[str] = []
-    for name in names:
-        top = run_dir / name
-        if top.is_symlink():
-            skipped.append(name)
-            continue
-        if top.is_file():
-            found.append((top, str(Path(name).parent) if Path(name).parent != Path(".") else ""))
-            continue
-        if not top.is_dir():
-            continue
-        for folder, dirs, files in os.walk(top, followlinks=False):
-            here = Path(folder)
-            for d in [d for d in dirs if (here / d).is_symlink()]:
-                skipped.append(str((here / d).relative_to(run_dir)))
-                dirs.remove(d)
-            for f in sorted(files):
-                path = here / f
-                if path.is_symlink() or not path.is_file():
-                    skipped.append(str(path.relative_to(run_dir)))
-                else:
-                    found.append((path, str(here.relative_to(run_dir))))
-    if skipped:
-        log.warning(
-            f"warning: not sent to the tracker (symbolic links or special files): "
-            f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}"
-        )
-    return found
 
 
 def update_state(directory: Path, tracker: str, entry: dict[str, Any]) -> None:

@@ -41,10 +41,10 @@ from contrastive_cli.tracking import (
     TrackingUnavailable,
     is_number,
     read_state,
-    regular_files,
     require,
     update_state,
 )
+from contrastive_cli.untrusted import is_regular
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///outputs/mlflow.db"
@@ -65,6 +65,24 @@ MAX_TAG_LENGTH = 5000
 BATCH = 100  # MLflow takes at most 100 params (1,000 metrics) per log_batch
 RUN_ARTIFACTS = ("results.json", "metrics.jsonl", "train.log")
 SWEEP_ARTIFACTS = ("sweep_results.csv", "multirun.yaml")
+
+
+def _artifacts(
+    directory: Path, names: Sequence[str], folders: Sequence[str]
+) -> Iterator[tuple[Path, str | None]]:
+    """(file, artifact folder) of the run directory's files to upload: regular files only,
+    each checked with lstat, in folders that are not links themselves. A link planted in a
+    run directory (``.hydra/key -> ~/.ssh/id_rsa``) is never followed or uploaded."""
+    for name in names:
+        if is_regular(directory / name):
+            yield directory / name, None
+    for folder in folders:
+        path = directory / folder
+        if path.is_symlink() or not path.is_dir():
+            continue
+        for child in sorted(path.iterdir()):
+            if is_regular(child):
+                yield child, folder
 
 
 class MlflowTracker:
@@ -176,10 +194,11 @@ class MlflowTracker:
             tags=tags,
             step=int(results.get("steps") or 0),
         )
-        names = [*RUN_ARTIFACTS, ".hydra", "plots"]
-        names += ["encoder.safetensors"] if self.log_encoder else []
-        for path, folder in regular_files(run_dir, names):
-            self.client.log_artifact(self.run_id, str(path), folder or None)
+        for path, folder in _artifacts(run_dir, RUN_ARTIFACTS, (".hydra", "plots")):
+            self.client.log_artifact(self.run_id, str(path), folder)
+        encoder = run_dir / "encoder.safetensors"
+        if self.log_encoder and is_regular(encoder):
+            self.client.log_artifact(self.run_id, str(encoder))
         self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
 
     # ------------------------------------------------------------------ a sweep
@@ -226,8 +245,8 @@ class MlflowTracker:
             metrics["best_knn"] = max(scores)
         status = "completed" if len(completed) == len(rows) else "failed"
         self._log(metrics=metrics, tags={"contrast.status": status})
-        for path, folder in regular_files(sweep_dir, [*SWEEP_ARTIFACTS, "plots"]):
-            self.client.log_artifact(self.run_id, str(path), folder or None)
+        for path, folder in _artifacts(sweep_dir, SWEEP_ARTIFACTS, ("plots",)):
+            self.client.log_artifact(self.run_id, str(path), folder)
         self.client.set_terminated(self.run_id, MLFLOW_STATUS[status])
 
     # ------------------------------------------------------------------ helpers

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from contrastive_cli.tracking import EmbeddingSample, TrackingUnavailable, is_number, require
+from contrastive_cli.tracking import EmbeddingSample, is_number, require
 
 SUBDIR = "tensorboard"
 
@@ -36,13 +36,9 @@ class TensorboardTracker:
         import yaml
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (import now, not mid-training)
 
-        self.logdir = run_dir / SUBDIR
-        if self.logdir.is_symlink() or (self.logdir.exists() and not self.logdir.is_dir()):
-            # a link would send the event files anywhere on this machine
-            raise TrackingUnavailable(
-                f"{self.logdir} is a symbolic link or not a folder; tensorboard writes only "
-                "into a real folder of the run directory"
-            )
+        from contrastive_cli.writer import safe_path
+
+        self.logdir = safe_path(run_dir, SUBDIR, create=False)  # never written through a link
         self.resumed = resumed
         self.config_text = "```\n" + yaml.safe_dump(config, sort_keys=False) + "```"
 
