@@ -187,7 +187,7 @@ def test_a_hostile_recorded_override_is_refused_in_one_line(run, tmp_path, capsy
     [
         ("config.yaml", "trainer: !!python/object/apply:os.system ['touch MARKER']\n"),
         ("config.yaml", "trainer: !custom {epochs: 1}\n"),
-        ("overrides.yaml", "- !!str loss=moco\n"),
+        ("overrides.yaml", "- !override loss=moco\n"),
         ("hydra.yaml", "hydra: {runtime: {choices: !!set {a: null}}}\n"),
     ],
 )
@@ -266,7 +266,8 @@ def test_weights_metadata_is_rebuilt_as_data(tmp_path, capsys, spy, case):
     }
     save_file({"x": torch.zeros(1)}, str(path), metadata=meta)
     line = one_line(capsys, cli.main(["eval", str(path)]))
-    assert "metadata" in line and "not allowed" in line, line
+    # refused here, or by the header's own depth limit first (contrastive_cli.untrusted)
+    assert ("metadata" in line and "not allowed" in line) or "nests" in line, line
     assert not any("builtins" in s for s in spy)
 
 
