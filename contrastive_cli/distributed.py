@@ -81,6 +81,14 @@ def all_gather(x: Tensor) -> tuple[Tensor, int]:
     return gathered, dist.get_rank() * x.shape[0]
 
 
+def global_rows(rows: int) -> tuple[int, int]:
+    """(offset of this process's ``rows`` in the global batch, the global batch's size):
+    every process holds an equal slice (``Dist.shard``), in rank order; (0, rows) in one."""
+    if not active():
+        return 0, rows
+    return dist.get_rank() * rows, dist.get_world_size() * rows
+
+
 def global_mean(total: Tensor, count: Tensor, gather: Gather, processes: int) -> Tensor:
     """This process's share of a mean over every process's terms: its ``total`` divided by
     the ``count`` of terms summed over all processes, times the number of processes, so

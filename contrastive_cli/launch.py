@@ -18,25 +18,26 @@ an error a user can fix.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from contrastive_cli import failures
 from contrastive_cli.distributed import Dist, Place, init_process_group, place_from_env
 from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.signals import Interrupted
 
 log = logging.getLogger(__name__)
+STOP_FILE = "stop"  # in the folder launcher and workers share: the launcher was stopped
 SHUTDOWN_S = 120  # how long a stopping worker may take to save its checkpoint
 
 
@@ -119,32 +120,68 @@ def launch(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str,
         monitor_interval=0.1,
         start_method="spawn",
         shutdown_timeout=SHUTDOWN_S,
+        **(  # SIGINT is the launcher's own (see _our_agent); this torch writes it to the env
+            {HANDLED_BY_TORCH_FIELD: TORCH_HANDLES}
+            if HANDLED_BY_TORCH_FIELD in getattr(LaunchConfig, "__dataclass_fields__", {})
+            else {}
+        ),
     )
     errors = Path(tempfile.mkdtemp(prefix="contrast-workers-"))
     config_dict = OmegaConf.to_container(cfg, resolve=True)
-    log.info(f"starting {n} processes (torch.distributed, elastic launcher)")
-    try:
-        with _quiet_elastic():
-            results = elastic_launch(config, worker)(
-                config_dict, str(run_dir), choices, str(errors)
+    restarts = failures.Restarts(run_dir, errors, n, int(cfg.trainer.max_restarts))
+    with _to_train_log(run_dir):
+        try:
+            log.info(f"starting {n} processes (torch.distributed, elastic launcher)")
+            with _quiet_elastic(), _our_agent(restarts, errors / STOP_FILE):
+                results = elastic_launch(config, worker)(
+                    config_dict, str(run_dir), choices, str(errors)
+                )
+        except ChildFailedError as e:
+            exit_codes = {rank: f.exitcode for rank, f in e.failures.items()}
+            failure = failures.first_failure(exit_codes, errors, restarts.attempt, n)
+            error = failures.as_error(failure, n, run_dir)
+            if not failure.interrupted:
+                failures.record_failure(run_dir, failure, n, str(error), restarts.records)
+            raise error from None
+        except (SignalException, KeyboardInterrupt) as e:  # KeyboardInterrupt: at rendezvous
+            signum = int(e.sigval) if isinstance(e, SignalException) else signal.SIGINT
+            message = (
+                f"stopped by {signal.Signals(signum).name}; continue with: contrast resume "
+                f"{run_dir}"
             )
-    except ChildFailedError as e:
-        raise _first_failure(e, errors, n, run_dir) from None
-    except SignalException as e:
-        raise Interrupted(
-            int(e.sigval),
-            f"stopped by {signal.Signals(e.sigval).name}; continue with: contrast resume {run_dir}",
-        ) from None
-    finally:
-        shutil.rmtree(errors, ignore_errors=True)
+            if failures.record_interrupted(run_dir, message):  # else rank 0 said it
+                log.info(message)
+            raise Interrupted(signum, message) from None
+        finally:
+            shutil.rmtree(errors, ignore_errors=True)
     return results.get(0) or {}
 
 
 @contextlib.contextmanager
-def _quiet_elastic():
-    """torch elastic logs every worker failure with a traceback, and multiprocessing's
-    resource tracker warns about the semaphore a killed worker held; ours is one line."""
-    loggers = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.multiprocessing")]
+def _to_train_log(run_dir: Path) -> Iterator[None]:
+    """The launcher's own lines (processes started, restarts) in train.log too, as rank 0's."""
+    from contrastive_cli import writer
+
+    handler = writer.SafeFileHandler(writer.safe_path(run_dir, "train.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("contrastive_cli")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+@contextlib.contextmanager
+def _quiet_elastic() -> Iterator[None]:
+    """torch elastic logs every worker failure with a traceback and warns of the signal it
+    received, and multiprocessing's resource tracker warns about the semaphore a killed
+    worker held; ours is one line. torch gives each of its modules a logger with its own
+    level, so each one is set, not only their parent."""
+    prefixes = ("torch.distributed.elastic", "torch.multiprocessing")
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(prefixes)]
+    loggers = [logging.getLogger(n) for n in {*prefixes, *names}]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
@@ -157,42 +194,74 @@ def _quiet_elastic():
             lg.setLevel(level)
 
 
-class WorkerFailed(UserError):
-    """A worker process failed; the message names its rank."""
+@contextlib.contextmanager
+def _our_agent(restarts: failures.Restarts, stop_file: Path) -> Iterator[None]:
+    """torch's elastic agent, with two additions while ``elastic_launch`` runs:
+
+    - ``restarts`` sees each failure of the group and each start of new processes (to
+      record restarts);
+    - workers start with SIGINT ignored, so that a Ctrl-C while they import torch (before
+      they can handle it) does not kill them with a KeyboardInterrupt traceback; the
+      launcher takes Ctrl-C itself, leaves ``stop_file`` for workers that were still
+      starting (``worker`` checks it once its handler is in place), and torch's agent
+      passes the signal on to the others.
+
+    ``elastic_launch`` builds its ``LocalElasticAgent`` itself; this swaps in a subclass
+    that overrides ``_monitor_workers`` and ``_start_workers``, the methods torch documents
+    for agents to implement. Without that class (another torch), the run is the same, only
+    restarts go unrecorded and a Ctrl-C at start-up may print a worker's traceback."""
+    import torch.distributed.launcher.api as launcher_api
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    base = getattr(launcher_api, "LocalElasticAgent", None)
+    if base is None:
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        with contextlib.suppress(OSError):
+            stop_file.touch()
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", signal.SIGINT)
+
+    class Agent(base):  # type: ignore[misc, valid-type]
+        def _monitor_workers(self, worker_group: Any) -> Any:
+            result = super()._monitor_workers(worker_group)
+            if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
+                restarts.failed({r: f.exitcode for r, f in result.failures.items()})
+            return result
+
+        def _start_workers(self, worker_group: Any) -> Any:
+            restarts.starting()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # what the new processes inherit
+            try:
+                return super()._start_workers(worker_group)
+            finally:
+                signal.signal(signal.SIGINT, on_sigint)
+
+    handled = os.environ.get(HANDLED_BY_TORCH)
+    os.environ[HANDLED_BY_TORCH] = TORCH_HANDLES  # SIGINT is on_sigint's
+    launcher_api.LocalElasticAgent = Agent
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        launcher_api.LocalElasticAgent = base
+        signal.signal(signal.SIGINT, previous)
+        if handled is None:
+            os.environ.pop(HANDLED_BY_TORCH, None)
+        else:
+            os.environ[HANDLED_BY_TORCH] = handled
 
 
-def _first_failure(error: Any, errors: Path, n: int, run_dir: Path) -> BaseException:
-    """The one line for the worker whose failure came first: one killed by a signal (the
-    others then lose contact with it), else the earliest message a worker left; a group
-    that stopped on SIGINT/SIGTERM is an interruption, not a failure."""
-    failures = dict(error.failures)
-    codes = {p.exitcode for p in failures.values()}
-    if codes and codes <= {128 + signal.SIGINT, 128 + signal.SIGTERM}:
-        return Interrupted(max(codes) - 128, f"stopped; continue with: contrast resume {run_dir}")
-    reported = {}
-    for path in errors.glob("rank*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            record = json.loads(path.read_text())
-            reported[int(record["rank"])] = record
-    killed = sorted(r for r, p in failures.items() if p.exitcode < 0 and r not in reported)
-    if reported and not killed:
-        first = min(reported.values(), key=lambda r: r["time"])
-        failure = UserError(f"{first['message']} (rank {first['rank']} of {n})")
-        failure.exit_code = int(first["exit_code"])
-        return failure
-    rank = killed[0] if killed else min(failures, key=lambda r: (failures[r].timestamp, r))
-    code = failures[rank].exitcode
-    how = (
-        f"was killed by {signal.Signals(-code).name}"
-        if code < 0 and -code in signal.Signals._value2member_map_
-        else f"exited with code {code}"
-    )
-    failure = WorkerFailed(
-        f"rank {rank} of {n} {how}; the other processes were stopped; continue with: "
-        f"contrast resume {run_dir}"
-    )
-    failure.exit_code = 1
-    return failure
+HANDLED_BY_TORCH = "TORCHELASTIC_SIGNALS_TO_HANDLE"  # the signals torch's launcher traps
+HANDLED_BY_TORCH_FIELD = "signals_to_handle"  # LaunchConfig's copy of it, where it has one
+TORCH_HANDLES = "SIGTERM,SIGHUP,SIGQUIT"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_quietly(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
 
 
 def worker(config: dict, run_dir: str, choices: dict[str, str], errors: str) -> dict | None:
@@ -210,23 +279,36 @@ def worker(config: dict, run_dir: str, choices: dict[str, str], errors: str) -> 
     _worker_logging(place.rank)
     cfg = OmegaConf.create(config)
     OmegaConf.set_struct(cfg, True)
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt > 0:
         cfg.trainer.resume = True
+        failures.load_restarts(errors)
+    for s in STOP_SIGNALS:  # until training handles them: exit quietly (see _our_agent)
+        signal.signal(s, _stop_quietly)
     try:
+        if (Path(errors) / STOP_FILE).exists():  # the launcher was stopped while this started
+            raise Interrupted(signal.SIGINT)
         dist = _join(place, cfg)
         return run_training(cfg, Path(run_dir), choices, dist=dist, lock=False) or None
     except Interrupted as e:
         sys.exit(e.exit_code)
     except UserError as e:
-        _report(errors, place.rank, str(e), e.exit_code)
+        failures.report(errors, attempt, place.rank, "error", str(e), e.exit_code)
         sys.exit(e.exit_code)
-    except Exception as e:
+    except Exception as e:  # the launcher says which rank failed first, and why
         if _lost_a_peer(e):
-            _report(errors, place.rank, f"lost contact with another process ({_line(e)})", 1)
-            sys.exit(1)
-        raise
+            message = f"lost contact with another process ({_line(e)})"
+            failures.report(errors, attempt, place.rank, "lost", message, 1)
+        else:
+            message = f"{type(e).__name__}: {_line(e)}"
+            failures.report(errors, attempt, place.rank, "crash", message, 1, e)
+        sys.exit(1)
     finally:
         _leave()
+        # Exiting now: a signal from the launcher (stopping the group) ends the process as
+        # it would have, never as an Interrupted raised inside interpreter shutdown.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _detach() -> None:
@@ -247,12 +329,6 @@ def _worker_logging(rank: int) -> None:
         stream=sys.stdout,
         force=True,
     )
-
-
-def _report(errors: str, rank: int, message: str, code: int) -> None:
-    with contextlib.suppress(OSError):
-        record = {"rank": rank, "message": message, "exit_code": code, "time": time.time()}
-        (Path(errors) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 def _lost_a_peer(e: BaseException) -> bool:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from contrastive_cli import writer
+from contrastive_cli import failures, writer
 from contrastive_cli.baselines import BaselineCache, baseline_keys, cache_dir
 from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from contrastive_cli.config import build
@@ -817,6 +817,7 @@ def _run(
         "seed": t.seed,
         "device": runtime.describe(),
         "processes": dist.world_size,
+        **failures.restarts_so_far(),  # an elastically restarted group's earlier failures
     }
 
     def stopped(status: str, progress: Progress, error: str) -> dict[str, Any]:

@@ -76,6 +76,8 @@ LOSSES = config_groups()["loss"]  # every option of conf/loss: a new method is c
 METHODS = {
     **{loss: [f"loss={loss}"] for loss in LOSSES},
     "moco": ["loss=moco", "loss.queue_size=64"],
+    # 8 rows per process, 16 in all: key groups of 6, 5 and 5 that straddle the processes
+    "moco-uneven-key-groups": ["loss=moco", "loss.queue_size=64", "loss.key_bn_splits=3"],
     "triplet": ["loss=triplet", "loss.mining=semihard"],
     "triplet-labels": ["loss=triplet", "loss.positives=labels", "loss.mining=hard"],
     "contrastive-labels": ["loss=contrastive", "loss.positives=labels"],
@@ -191,6 +193,7 @@ STEPS = 3
 E2E = {
     **{loss: [f"loss={loss}"] for loss in LOSSES},
     "moco": ["loss=moco", "loss.queue_size=256"],
+    "moco-uneven-key-groups": ["loss=moco", "loss.queue_size=256", "loss.key_bn_splits=3"],
     # Mining picks discrete triplets: with same-class positives, near-ties between negatives
     # are common, and a 1e-7 rounding difference may pick another one (a jump of ~1e-4 in
     # the loss). "all" has no such choice; hard and semi-hard are exact in float64 above.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,13 +40,14 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
-    """Per-epoch losses to float32 reduction order (1e-5 relative); monitor k-NN and final
-    metrics within one test image of digits' 360 (features differ by rounding only)."""
+    """Per-epoch losses to float32 reduction order (1e-5 relative); monitor k-NN within one
+    of its 100 queries (eval.monitor_queries), final metrics within one test image of
+    digits' 360 (features differ by rounding only: a near-tie may flip one answer)."""
     got, want = _metrics(run), _metrics(reference)
     assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
     for g, w in zip(got, want, strict=True):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-5)
-        assert g["knn"] == pytest.approx(w["knn"], abs=0.003)
+        assert g["knn"] == pytest.approx(w["knn"], abs=1 / 100 + 1e-6)
     results, expected = read_results(run), read_results(reference)
     assert results["status"] == "completed"
     for key, value in expected["metrics"].items():
@@ -112,9 +114,9 @@ def test_a_signal_to_the_launcher_stops_every_rank_with_one_checkpoint(
     proc = _start(["train", *CFG, "trainer.devices=2", f"hydra.run.dir={run}"], tmp_path)
     _wait_for_epoch(run, 1, proc)
     proc.send_signal(sig)
-    _out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "death signal" not in out + err  # torch elastic's warning
     results = read_results(run)
     assert results["status"] == "interrupted"
     assert (run / "checkpoints" / "last.pt").exists()
@@ -161,9 +163,23 @@ def test_with_max_restarts_the_group_restarts_from_the_checkpoint(reference, tmp
     proc = _start(args, tmp_path)
     _wait_for_epoch(run, 1, proc)
     os.kill(_workers(proc.pid)[1], signal.SIGKILL)
-    _out, err = proc.communicate(timeout=600)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert_same_run(run, reference)
+    # The restart is recorded: console, train.log, results.json (from the checkpoint rank 0
+    # resumed from: the kill may come just before or after epoch 1's was written).
+    [restart] = read_results(run)["restarts"]
+    assert (restart["restart"], restart["failed_rank"]) == (1, 1)
+    assert restart["reason"] == "was killed by SIGKILL"
+    said = "restart 1 of 1: rank 1 of 2 was killed by SIGKILL; the 2 processes start again"
+    assert said in out and said in (run / "train.log").read_text()
+    resumed = re.search(r"resuming from \S+: epoch (\d+), step (\d+)", out)
+    if resumed is None:  # no checkpoint yet: the run started over
+        assert (restart["resumed_from_epoch"], restart["resumed_from_step"]) == (0, 0)
+    else:
+        assert [restart["resumed_from_epoch"], restart["resumed_from_step"]] == [
+            int(g) for g in resumed.groups()
+        ]
 
 
 def test_a_sweep_of_multi_process_jobs_has_one_directory_per_job(tmp_path):

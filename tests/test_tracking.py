@@ -589,3 +589,29 @@ def test_a_failing_tracker_is_one_warning_and_the_others_go_on(tmp_path, caplog)
         f"warning: tracker=broken: ConnectionError: server went away; the run goes on without it "
         f"(results in {tmp_path})"
     ]
+
+
+def test_the_restarts_of_a_group_of_processes_reach_mlflow_and_tensorboard(tmp_path):
+    """results.json's ``restarts`` (trainer.max_restarts, filled by the launcher) become
+    MLflow tags and a TensorBoard text, as the run's status does."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from contrastive_cli.tracking.mlflow_tracker import MlflowTracker
+    from contrastive_cli.tracking.tensorboard_tracker import TensorboardTracker
+
+    run = tmp_path / "run"
+    run.mkdir()
+    restart = {"restart": 1, "failed_rank": 1, "reason": "was killed by SIGKILL"}
+    results = {"steps": 30, "restarts": [{**restart, "resumed_from_step": 22}]}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for tracker in (MlflowTracker(tracking_uri=uri), TensorboardTracker()):
+        tracker.start(run, {}, {}, False)
+        tracker.finish("completed", results, run)
+    tags = MlflowClient(tracking_uri=uri).search_runs(["0", "1"])[0].data.tags
+    assert tags["contrast.restarts"] == "1"
+    assert tags["contrast.restart.1"] == "rank 1: was killed by SIGKILL; resumed from step 22"
+    [events] = [p.parent for p in run.rglob("events.out.tfevents.*")]
+    texts = EventAccumulator(str(events), size_guidance={"tensors": 0}).Reload()
+    [text] = texts.Tensors("restarts/text_summary")
+    assert b"rank 1: was killed by SIGKILL; resumed from step 22" in text.tensor_proto.string_val[0]

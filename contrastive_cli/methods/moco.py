@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastive_cli.distributed import Gather, all_gather
+from contrastive_cli.distributed import Gather, all_gather, global_rows
 from contrastive_cli.losses.moco import moco_infonce
 from contrastive_cli.methods.momentum import frozen_copy, update_momentum
 from contrastive_cli.schema import Momentum, Positive, PositiveInt
@@ -62,23 +62,25 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def _keys_of(self, view: Tensor) -> Tensor:
-        """Keys computed in ``key_bn_splits`` interleaved groups.
+        """Keys computed in ``key_bn_splits`` interleaved groups of the global batch.
 
         On one device the queries' BatchNorm statistics would otherwise equal the keys',
         which lets the model tell the current batch's keys from the queue's (the reason
         for MoCo's shuffle-BN). Groups of every ``splits``-th sample break that link
-        without randomness.
+        without randomness. The groups are those of the global batch (sample ``g`` of it is
+        in group ``g % splits``) and every process runs every group, possibly empty here,
+        so that BatchNorm synchronised over the processes sees exactly the group one
+        process would: N processes compute the same keys as one, at any batch size.
         """
-        splits = max(1, min(self.key_bn_splits, view.shape[0] // 2))
-        order = torch.cat(
-            [torch.arange(i, view.shape[0], splits, device=view.device) for i in range(splits)]
-        )
-        keys = torch.cat(
-            [
-                self.key_projector(self.key_encoder(chunk))
-                for chunk in view[order].tensor_split(splits)
-            ]
-        )
+        offset, total = global_rows(view.shape[0])
+        splits = max(1, min(self.key_bn_splits, total // 2))
+        groups = [
+            torch.arange((i - offset) % splits, view.shape[0], splits, device=view.device)
+            for i in range(splits)
+        ]
+        order = torch.cat(groups)
+        chunks = view[order].split([len(g) for g in groups])
+        keys = torch.cat([self.key_projector(self.key_encoder(chunk)) for chunk in chunks])
         return torch.empty_like(keys).index_copy_(0, order, keys)
 
     def forward(self, views: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:

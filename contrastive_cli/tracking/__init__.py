@@ -107,6 +107,14 @@ def is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def restart_line(restart: dict[str, Any]) -> str:
+    """One restart of a group of processes, as results.json records it, in words."""
+    return (
+        f"rank {restart.get('failed_rank')}: {restart.get('reason')}; resumed from step "
+        f"{restart.get('resumed_from_step')}"
+    )
+
+
 def one_line(e: BaseException) -> str:
     text = str(e).strip()
     line = text.splitlines()[0] if text else ""

@@ -42,6 +42,7 @@ from contrastive_cli.tracking import (
     is_number,
     read_state,
     require,
+    restart_line,
     update_state,
 )
 from contrastive_cli.untrusted import is_regular
@@ -187,6 +188,9 @@ class MlflowTracker:
         tags = {"contrast.status": status}
         if results.get("error"):
             tags["contrast.error"] = str(results["error"])
+        for i, restart in enumerate(results.get("restarts") or [], 1):  # elastic restarts
+            tags["contrast.restarts"] = str(i)
+            tags[f"contrast.restart.{i}"] = restart_line(restart)
         if results.get("versions"):  # what results.json records (a resume may run newer code)
             tags.update(version_tags(results["versions"]))
         self._log(

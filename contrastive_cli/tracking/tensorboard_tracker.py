@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from contrastive_cli.tracking import EmbeddingSample, is_number, require
+from contrastive_cli.tracking import EmbeddingSample, is_number, require, restart_line
 
 SUBDIR = "tensorboard"
 
@@ -95,6 +95,9 @@ class TensorboardTracker:
             for key, value in (values or {}).items():
                 if is_number(value):
                     writer.add_scalar(f"baseline/{baseline}/{key}", value, step)
+        if results.get("restarts"):  # elastic restarts of a group of processes
+            lines = [restart_line(r) for r in results["restarts"]]
+            writer.add_text("restarts", "\n\n".join(lines), step)
         writer.add_text(
             "status", status + (f": {results['error']}" if results.get("error") else ""), step
         )
