@@ -480,12 +480,11 @@ class RunFiles:
         return MetricsLog(self.file("metrics.jsonl"), keep_epochs) if self.writes else None
 
     def config(self, cfg: DictConfig) -> None:
-        """Rewrite the saved configs (resolved and interpolated) with ``cfg``'s values."""
-        if self.writes:
-            for name, resolve in (("config.yaml", True), ("config_unresolved.yaml", False)):
-                if (self.path / ".hydra" / name).exists():
-                    text = OmegaConf.to_yaml(cfg, resolve=resolve)
-                    writer.write_text_atomic(self.file(Path(".hydra") / name), text)
+        """Rewrite the saved config (resolved) with ``cfg``'s values."""
+        if self.writes and (self.path / ".hydra" / "config.yaml").exists():
+            from contrastive_cli.rebuild import saved_config
+
+            writer.write_text_atomic(self.file(Path(".hydra") / "config.yaml"), saved_config(cfg))
 
     def results(self, results: dict[str, Any]) -> None:
         if self.writes:
@@ -912,6 +911,9 @@ def _run(
     )
 
 
+MAX_BUDGET_EPOCHS = 1_000_000  # what a time budget may fix, however fast an epoch is
+
+
 def _fit_to_budget(budget: str | float, first_s: float, steady_s: float, dist: Dist) -> int:
     """How many epochs fit ``trainer.time_budget`` ('15m', '90s', '1h' or seconds): the first
     epoch took ``first_s`` (training and monitoring), each later one should take ``steady_s``
@@ -920,8 +922,9 @@ def _fit_to_budget(budget: str | float, first_s: float, steady_s: float, dist: D
     from contrastive_cli.distributed import reduce_flags
 
     seconds = parse_duration(budget)
-    epochs = 1 + max(0, int((seconds - first_s) // max(steady_s, 1e-9)))
-    agreed = reduce_flags(torch.tensor([float(epochs) if dist.main else 0.0]))
+    fits = (seconds - first_s) / max(steady_s, 1e-3)  # an epoch is never timed below 1 ms
+    epochs = 1 + int(min(max(fits, 0.0), MAX_BUDGET_EPOCHS - 1))  # finite, whatever the budget
+    agreed = reduce_flags(torch.tensor([float(epochs) if dist.main else 0.0], dtype=torch.float64))
     return int(agreed.item())
 
 
