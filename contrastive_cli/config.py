@@ -1,4 +1,5 @@
-"""Where the configs are, and composing them outside the command line (tests, resume)."""
+"""Composing the package's configs outside the command line (tests, resume), building
+objects from them, and applying a command's overrides to a run's config."""
 
 from __future__ import annotations
 
@@ -9,21 +10,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+# Re-exported: callers import these from here.
+from contrastive_cli.confdir import CONF_DIR, OVERLAYS, config_dir, config_groups  # noqa: F401
 from contrastive_cli.errors import ConfigError
-
-
-def config_dir() -> Path:
-    """``contrastive_cli/conf`` in an installed wheel, the top-level ``conf/`` in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"contrast's configs are missing: looked in {here / 'conf'} and {here.parent / 'conf'}"
-    )
-
-
-CONF_DIR = config_dir()
+from contrastive_cli.safety import check_buildable
 
 
 def claim_directory(path: str) -> str:
@@ -49,25 +39,6 @@ if not OmegaConf.has_resolver("unique_dir"):
     OmegaConf.register_new_resolver("unique_dir", claim_directory, use_cache=True)
 
 
-OVERLAYS = ("experiment",)  # groups in no defaults list: applied with +experiment=<option>
-
-
-def config_groups(overlays: bool = False) -> dict[str, list[str]]:
-    """{group: [options]} from the config folder, nested groups as ``data/augment``; Hydra's
-    own settings and files starting with ``_`` (bases other options extend) excluded, and
-    the overlay groups (``+experiment=``) unless ``overlays``."""
-    groups = {}
-    for d in sorted(CONF_DIR.rglob("*")):
-        name = d.relative_to(CONF_DIR).as_posix()
-        if name in OVERLAYS and not overlays:
-            continue
-        if d.is_dir() and not name.startswith(("hydra", "_")):
-            options = sorted(p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_"))
-            if options:
-                groups[name] = options
-    return groups
-
-
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
     """The job config ``contrast train <overrides>`` would run (without the hydra section)."""
     from hydra import compose as hydra_compose
@@ -86,7 +57,6 @@ def build(node: DictConfig, *args: object, **kwargs: object):
     from hydra.utils import instantiate
 
     from contrastive_cli.errors import UserError
-    from contrastive_cli.safety import check_buildable
 
     check_buildable(node)
     try:

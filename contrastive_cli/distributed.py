@@ -223,24 +223,35 @@ def place_from_env(env: dict[str, str] | None = None) -> Place | None:
     SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST, SLURM_JOB_ID: the first node is the
     rendezvous host and the port is derived from the job id). None in a single process."""
     env = dict(os.environ if env is None else env)
-    if int(env.get("WORLD_SIZE", "1")) > 1 and "RANK" in env:
+
+    def number(name: str, default: int, lo: int = 0, hi: int = 2**31 - 1) -> int:
+        """An integer setting from the environment; one ConfigError line if it is not one."""
+        text = env.get(name) or str(default)
+        if not re.fullmatch(r"\s*\d{1,10}\s*", text) or not lo <= int(text) <= hi:
+            raise ConfigError(
+                f"{name}={text[:40]!r} (environment) is not allowed; allowed: an integer from "
+                f"{lo} to {hi}"
+            )
+        return int(text)
+
+    if number("WORLD_SIZE", 1, 1) > 1 and "RANK" in env:
+        world = number("WORLD_SIZE", 1, 1)
         return Place(
-            rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(env.get("LOCAL_RANK", "0")),
+            rank=number("RANK", 0, 0, world - 1),
+            world_size=world,
+            local_rank=number("LOCAL_RANK", 0, 0, world - 1),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", "29500")),
+            master_port=number("MASTER_PORT", 29500, 1, 65535),
         )
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+    if number("SLURM_NTASKS", 1, 1) > 1 and "SLURM_PROCID" in env:
+        world = number("SLURM_NTASKS", 1, 1)
         nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
         return Place(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            rank=number("SLURM_PROCID", 0, 0, world - 1),
+            world_size=world,
+            local_rank=number("SLURM_LOCALID", 0, 0, world - 1),
             master_addr=env.get("MASTER_ADDR") or (nodes[0] if nodes else "127.0.0.1"),
-            master_port=int(
-                env.get("MASTER_PORT") or 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
-            ),
+            master_port=number("MASTER_PORT", 15000 + number("SLURM_JOB_ID", 0) % 20000, 1, 65535),
         )
     return None
 

@@ -2,7 +2,8 @@
 
 - Features: encoder output (before any projector), encoder in eval(), no augmentation.
 - k-NN: cosine similarity of L2-normalised features, the top-k train neighbours vote with
-  weight exp(sim / T) (computed as exp((sim - 1) / T): same votes, no overflow). One
+  weight exp(sim / T) (computed as exp((sim - best) / T), best the query's highest
+  similarity: same votes, no overflow, and the nearest neighbour always weighs 1). One
   top-max(k) pass serves every k.
 - Linear probe: multinomial logistic regression on standardised features, trained in torch
   with L-BFGS (in a whitened basis of them: the same objective, better conditioned); its L2
@@ -87,8 +88,10 @@ def knn_predict(
         test_feats: (M, D) query features.
     Returns {k: (M,) predicted labels}. A k larger than N is clamped to N.
 
-    A vote weighs exp((s - 1) / T) = exp(s / T) / exp(1 / T): the same argmax, but it stays
-    <= 1 where exp(s / T) overflows float32 for T < 1 / 88.7. The (chunk, N) similarity
+    A vote weighs exp((s - best) / T) = exp(s / T) / exp(best / T), best the query's highest
+    similarity: the same argmax, but it stays <= 1 where exp(s / T) overflows float32 for
+    T < 1 / 88.7, and the nearest neighbour weighs 1 where exp((s - 1) / T) underflowed to 0
+    for every neighbour at small T (every query then voted for class 0). The (chunk, N) similarity
     buffer is allocated once: a fresh 245 MB tensor per chunk cost ~30% of the time in
     page faults on CPU.
     """
@@ -101,7 +104,7 @@ def knn_predict(
         chunk = queries[start : start + chunk_size]
         sim = torch.mm(chunk, bank.T, out=buffer[: len(chunk)])  # (m, N)
         top_sim, top_idx = sim.topk(k_max, dim=1)  # sorted, (m, k_max)
-        weights = top_sim.sub_(1).div_(temperature).exp_()
+        weights = top_sim.sub_(top_sim[:, :1].clone()).div_(temperature).exp_()  # best: 1
         neighbour_labels = train_labels[top_idx]  # (m, k_max)
         for k in ks:
             k_eff = min(k, k_max)

@@ -19,7 +19,6 @@ from contrastive_cli.errors import ConfigError, UserError
 from contrastive_cli.untrusted import printable
 
 CONFIG = Path(".hydra") / "config.yaml"  # complete and resolved
-INTERPOLATED = Path(".hydra") / "config_unresolved.yaml"  # the same, interpolations kept
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a saved config is a few kB; a larger one is not ours
@@ -78,33 +77,6 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _with_new_settings(cfg: DictConfig) -> DictConfig:
-    """A run saved by an older contrast lacks settings added since (``trainer.devices``...):
-    they get the shipped defaults of ``conf/config.yaml``, which keep the old behaviour."""
-    from contrastive_cli.config import CONF_DIR
-
-    root = OmegaConf.load(CONF_DIR / "config.yaml")
-    for section in ("trainer", "eval", "optim"):
-        shipped, saved = root.get(section), cfg.get(section)
-        if not isinstance(shipped, DictConfig) or not isinstance(saved, DictConfig):
-            continue
-        for key in shipped:
-            if key not in saved.keys():  # noqa: SIM118 - `in saved` would resolve values
-                saved[key] = shipped[key]
-    return cfg
-
-
-def _without_destinations(cfg: DictConfig) -> None:
-    """Nothing from a run directory decides where contrast writes: a saved ``data.cache_dir``
-    (where a folder's decoded cache goes) is dropped; the command line may set it again."""
-    data = cfg.get("data") if "data" in cfg.keys() else None  # noqa: SIM118 - no resolving
-    if isinstance(data, DictConfig) and "cache_dir" in data.keys():  # noqa: SIM118
-        data.cache_dir = None
-        source = data.get("source") if "source" in data.keys() else None  # noqa: SIM118
-        if isinstance(source, DictConfig) and "cache_dir" in source.keys():  # noqa: SIM118
-            source.cache_dir = None
-
-
 def read_results(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(results, None), or (None, why it is unreadable); (None, None) when there is none.
     Read through ``contrastive_cli.untrusted``: a regular file of at most 1 MiB, plain JSON
@@ -128,22 +100,18 @@ class Run:
     overrides: list[str] = field(default_factory=list)  # command-line overrides
     results: dict[str, Any] | None = None
     problem: str | None = None  # why part of the run directory cannot be read
+    rebuilt: DictConfig | None = field(default=None, repr=False)  # see ``rebuild_config``
+    config_problem: str | None = None  # why the config cannot be rebuilt
 
-    def config(self, interpolated: bool = False) -> DictConfig:
-        """The saved config in struct mode (typos stay errors), checked as data: only the
-        ``_target_``s contrast ships for each slot, no resolver but ``oc.env`` (see
-        ``contrastive_cli.safety``). Resolved by default: what the run did. ``interpolated``:
-        with interpolations kept, so that an override such as ``data.path=...`` reaches the
-        keys that follow it (``data.source.path``)."""
-        from contrastive_cli.safety import check_loaded
+    def config(self) -> DictConfig:
+        """The run's config, rebuilt from contrast's own conf/ and the run's recorded
+        overrides, and checked against its saved config (see ``contrastive_cli.rebuild``);
+        a copy, in struct mode (typos stay errors). ConfigError when it cannot be rebuilt."""
+        import copy
 
-        path = self.path / (
-            INTERPOLATED if interpolated and os.path.lexists(self.path / INTERPOLATED) else CONFIG
-        )
-        cfg = _with_new_settings(check_loaded(read_config_file(path, self.path), str(path)))
-        _without_destinations(cfg)
-        OmegaConf.set_struct(cfg, True)
-        return cfg
+        if self.rebuilt is None:
+            raise ConfigError(self.config_problem or f"{self.path} has no config")
+        return copy.deepcopy(self.rebuilt)
 
     @property
     def status(self) -> str:
@@ -171,9 +139,10 @@ class Run:
 
 
 def load_run(path: Path) -> Run:
-    """The run directory at ``path``. Its side files (hydra.yaml, overrides.yaml,
-    results.json) are read leniently: a damaged one leaves ``problem`` set and the rest
-    usable; the config itself is read when asked for (``Run.config``)."""
+    """The run directory at ``path``. Its results.json is read leniently (a damaged one leaves
+    ``problem`` set and the rest usable); its config is rebuilt here (``rebuild_config``),
+    and why it cannot be is kept in ``config_problem`` (and ``problem``), for
+    ``Run.config`` to raise and ``contrast runs`` to show."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ConfigError(f"RUN_DIR={path}: no such folder")
@@ -182,39 +151,64 @@ def load_run(path: Path) -> Run:
             f"RUN_DIR={path}: not a run directory (no {CONFIG}); `contrast runs` lists them"
         )
     problems: list[str] = []
-    choices: dict[str, str] = {}
-    hydra_file = path / ".hydra" / "hydra.yaml"
-    if os.path.lexists(hydra_file):
-        try:
-            raw = OmegaConf.select(read_config_file(hydra_file, path), "hydra.runtime.choices")
-            raw = OmegaConf.to_container(raw, resolve=False) if raw is not None else {}
-            choices = {
-                str(k): str(v)
-                for k, v in raw.items()
-                if not str(k).startswith("hydra/") and isinstance(v, (str, int, float))
-            }
-        except (ConfigError, ValueError, AttributeError) as e:
-            problems.append(str(e))
-    overrides: list[str] = []
-    overrides_file = path / ".hydra" / "overrides.yaml"
-    if os.path.lexists(overrides_file):
-        try:
-            loaded = read_config_file(overrides_file, path)
-            if not isinstance(loaded, ListConfig):
-                raise ConfigError(f"{overrides_file} is not a list of overrides")
-            overrides = [str(o) for o in OmegaConf.to_container(loaded, resolve=False)]
-        except ConfigError as e:
-            problems.append(str(e))
+    run = Run(path=path)
+    try:
+        run.rebuilt, run.choices, run.overrides = rebuild_config(path)
+    except ConfigError as e:
+        run.config_problem = str(e)
+        problems.append(str(e))
     results, problem = read_results(path / "results.json")
     if problem:
         problems.append(problem)
-    return Run(
-        path=path,
-        choices=choices,
-        overrides=overrides,
-        results=results,
-        problem="; ".join(problems) or None,
+    run.results, run.problem = results, "; ".join(problems) or None
+    return run
+
+
+def read_overrides(path: Path) -> list[str]:
+    """``.hydra/overrides.yaml``: a list of strings, checked as data (none: no overrides)."""
+    from contrastive_cli.rebuild import check_plain
+
+    if not os.path.lexists(path):
+        return []
+    loaded = read_config_file(path, path.parent.parent)
+    if not isinstance(loaded, ListConfig):
+        raise ConfigError(f"{path} is not a list of overrides")
+    overrides = OmegaConf.to_container(loaded, resolve=False)
+    check_plain(overrides, str(path))
+    if not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{path} is not a list of overrides (strings)")
+    return overrides
+
+
+def rebuild_config(path: Path) -> tuple[DictConfig, dict[str, str], list[str]]:
+    """(config, group choices, overrides) of the run directory ``path``, rebuilt from
+    contrast's own conf/ and the run's recorded overrides, never from its saved config
+    (``contrastive_cli.rebuild``). Every file is checked as data before anything else."""
+    from contrastive_cli.rebuild import (
+        check_plain,
+        compare,
+        compare_choices,
+        rebuild,
+        shipped_special_keys,
     )
+    from contrastive_cli.safety import allowed_targets
+
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    overrides = read_overrides(overrides_file)
+    saved = OmegaConf.to_container(read_config_file(path / CONFIG, path), resolve=False)
+    special = shipped_special_keys() | {f"{slot}._target_" for slot in allowed_targets()}
+    check_plain(saved, str(path / CONFIG), special)
+    hydra_file = path / ".hydra" / "hydra.yaml"
+    recorded = None
+    if os.path.lexists(hydra_file):  # as a plain container: selecting a node could resolve it
+        loaded = OmegaConf.to_container(read_config_file(hydra_file, path), resolve=False)
+        for key in ("hydra", "runtime", "choices"):
+            loaded = loaded.get(key) if isinstance(loaded, dict) else None
+        recorded = loaded
+    cfg, choices, used = rebuild(overrides, str(overrides_file))
+    cfg = compare(saved, cfg, str(path / CONFIG))
+    compare_choices(recorded, choices, str(hydra_file))
+    return cfg, choices, used
 
 
 # Tracker stores under a runs tree: MLflow keeps a copy of each run directory's files as

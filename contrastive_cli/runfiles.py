@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from contrastive_cli import writer
@@ -66,12 +66,11 @@ class RunFiles:
         return MetricsLog(self.file("metrics.jsonl"), keep_epochs) if self.writes else None
 
     def config(self, cfg: DictConfig) -> None:
-        """Rewrite the saved configs (resolved and interpolated) with ``cfg``'s values."""
-        if self.writes:
-            for name, resolve in (("config.yaml", True), ("config_unresolved.yaml", False)):
-                if (self.path / ".hydra" / name).exists():
-                    text = OmegaConf.to_yaml(cfg, resolve=resolve)
-                    writer.write_text_atomic(self.file(Path(".hydra") / name), text)
+        """Rewrite the saved config (resolved) with ``cfg``'s values."""
+        if self.writes and (self.path / ".hydra" / "config.yaml").exists():
+            from contrastive_cli.rebuild import saved_config
+
+            writer.write_text_atomic(self.file(Path(".hydra") / "config.yaml"), saved_config(cfg))
 
     def results(self, results: dict[str, Any]) -> None:
         if self.writes:

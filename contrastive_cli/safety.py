@@ -1,18 +1,17 @@
-"""A config from a run directory or from file metadata is data, never code.
+"""Which callables a config may name: the allowlist of ``_target_``s per object slot.
 
-Hydra's ``instantiate`` imports and calls whatever a ``_target_`` names. A run directory or
-an ``encoder.safetensors`` file may come from someone else, so before anything is built:
+Hydra's ``instantiate`` imports and calls whatever a ``_target_`` names. Every config that is
+built (the command line's, and a run's config once ``contrastive_cli.rebuild`` has rebuilt it
+from the package's own conf/) is checked here first: every ``_target_`` must sit in an object
+slot of the shipped configs (``encoder``, ``loss.projector``, ``data.source``, ...), be a
+plain name (never interpolated), and name a callable that some shipped option puts in that
+slot, or one the user allowed for that slot on this machine (``CONTRAST_EXTRA_TARGETS``, see
+``extra_targets``). A ``_target_`` anywhere else, such as inside a mapping placed where a
+plain value belongs (``device.type``), is refused.
 
-- every ``_target_`` must sit in an object slot of the shipped configs (``encoder``,
-  ``loss.projector``, ``data.source``, ...) and name a callable that some shipped option puts
-  in that slot, or one the user allowed for that slot on this machine
-  (``CONTRAST_EXTRA_TARGETS``, see ``extra_targets``). A ``_target_`` anywhere else, such as
-  inside a mapping placed where a plain value belongs (``device.type``), is refused;
-- a config read from a file may interpolate other keys (``${..root}``) and the environment
-  (``${oc.env:...}``), nothing else: no resolver with side effects (``unique_dir`` creates
-  folders) and no custom resolver.
-
-Nothing here imports a target; the checks look at strings only.
+Files from a run directory never reach this check as they stand: they are data, refused
+before anything else if they hold ``${``, a YAML tag or an instantiation key
+(``contrastive_cli.rebuild``). Nothing here imports a target; the checks look at strings only.
 """
 
 from __future__ import annotations
@@ -25,26 +24,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from contrastive_cli.confdir import CONF_DIR
 from contrastive_cli.errors import ConfigError
 
 EXTRA_ENV = "CONTRAST_EXTRA_TARGETS"
-# Resolvers a config read from a file may use: OmegaConf's environment lookup (the shipped
-# configs use it for data.root) and plain key references, which need no resolver.
-FILE_RESOLVERS = frozenset({"oc.env"})
-_RESOLVER = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:")
-
-
-def _walk_raw(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, raw value) of every leaf, interpolations unresolved."""
-    if isinstance(node, DictConfig):
-        for key in node:
-            child = node._get_node(key)
-            yield from _walk_raw(child, f"{prefix}{key}.")
-    elif isinstance(node, ListConfig):
-        for i in range(len(node)):
-            yield from _walk_raw(node._get_node(i), f"{prefix}{i}.")
-    else:
-        yield prefix[:-1], node._value() if hasattr(node, "_value") else node
 
 
 def _slots(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -67,8 +50,6 @@ def _slots(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 @functools.cache
 def shipped_targets() -> dict[str, frozenset[str]]:
     """{slot: the targets shipped options put there}, read from the package's conf/."""
-    from contrastive_cli.config import CONF_DIR
-
     found: dict[str, set[str]] = {}
     root = OmegaConf.load(CONF_DIR / "config.yaml")
     with_prefix: list[tuple[str, Any]] = [
@@ -112,17 +93,20 @@ def allowed_targets() -> dict[str, frozenset[str]]:
 
 def check_targets(cfg: DictConfig, source: str = "the config") -> None:
     """ConfigError unless every ``_target_`` in ``cfg`` is allowed in its slot (see the
-    module docstring). Interpolated targets are resolved first (plain references only reach
-    here from files: ``check_interpolations`` runs before). A ``hydra`` node (Hydra's own
+    module docstring). An interpolated target is refused, never resolved (it could show a
+    secret from the environment in the message). A ``hydra`` node (Hydra's own
     settings, present when the command line is checked) is Hydra's and skipped."""
     allowed = allowed_targets()
     keys = list(cfg)  # `"hydra" in cfg` would resolve it (and its run-dir resolver)
     job = OmegaConf.masked_copy(cfg, [k for k in keys if k != "hydra"]) if "hydra" in keys else cfg
     for slot, raw in _slots(job):
         target = raw
-        if isinstance(raw, str) and "${" in raw:
-            target = OmegaConf.select(job, f"{slot}._target_" if slot else "_target_")
         shown = f"{slot}._target_" if slot else "_target_"
+        if isinstance(raw, str) and "${" in raw:  # never resolved: it could show a secret
+            raise ConfigError(
+                f"{shown}={raw[:80]!r} in {source} is not allowed: a _target_ is never "
+                "interpolated; allowed: the dotted name of a callable contrast ships for that slot"
+            )
         if not isinstance(target, str):
             raise ConfigError(
                 f"{shown} in {source} is not allowed: it holds a {type(target).__name__}; "
@@ -141,20 +125,6 @@ def check_targets(cfg: DictConfig, source: str = "the config") -> None:
             )
 
 
-def check_interpolations(cfg: DictConfig, source: str) -> None:
-    """ConfigError if a config read from ``source`` uses a resolver other than ``oc.env``."""
-    for key, raw in _walk_raw(cfg):
-        if not isinstance(raw, str) or "${" not in raw:
-            continue
-        for name in _RESOLVER.findall(raw):
-            if name not in FILE_RESOLVERS:
-                raise ConfigError(
-                    f"{key}={raw!r} in {source} is not allowed: a saved config may refer to other "
-                    f"keys (${{key}}) and to the environment (${{oc.env:NAME}}), not call "
-                    f"the resolver {name!r}"
-                )
-
-
 def check_buildable(node: Any) -> None:
     """The last check before Hydra imports anything: every target in ``node`` is allowed in
     some slot (``check_targets`` has checked each one's slot; this guards every build call,
@@ -169,12 +139,3 @@ def check_buildable(node: Any) -> None:
                 f"{(slot + '.') if slot else ''}_target_={target!r} is not allowed: not a callable "
                 f"that contrast ships (own code on this machine: {EXTRA_ENV}=slot=module.callable)"
             )
-
-
-def check_loaded(cfg: Any, source: str) -> DictConfig:
-    """A config read from a file, checked before anything in it is used."""
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError(f"{source} is not a config mapping (it holds a {type(cfg).__name__})")
-    check_interpolations(cfg, source)
-    check_targets(cfg, source)
-    return cfg

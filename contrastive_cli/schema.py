@@ -32,10 +32,22 @@ def _ordered(pair: Sequence[float]) -> Sequence[float]:
     return pair
 
 
-def _duration(text: str) -> str:
-    if not re.fullmatch(r"\d+(\.\d+)?[smh]", text) or float(text[:-1]) <= 0:
-        raise ValueError("a duration such as 15m, 90s or 1.5h, or a number of seconds")
-    return text
+MAX_BUDGET_S = 366 * 24 * 3600  # a year: any longer budget is a typo (1e308 overflowed)
+_UNIT_S = {"s": 1, "m": 60, "h": 3600}
+
+
+def _duration(value: str | float) -> str | float:
+    """A time budget: '15m', '90s', '1.5h' or seconds, more than 0 and at most a year."""
+    if isinstance(value, str):
+        ok = re.fullmatch(r"\d+(\.\d+)?[smh]", value) is not None
+        seconds = float(value[:-1]) * _UNIT_S[value[-1]] if ok else 0.0
+    else:
+        seconds = float(value)
+    if not 0 < seconds <= MAX_BUDGET_S:  # also refuses nan and inf
+        raise ValueError(
+            "a duration such as 15m, 90s or 1.5h, or a number of seconds, up to a year"
+        )
+    return value
 
 
 # The vocabulary the package's signatures use.
@@ -196,7 +208,7 @@ class Trainer:
     resume: bool
     log_every: PositiveInt
     grad_clip: NonNegative
-    time_budget: Annotated[str, AfterValidator(_duration)] | Positive | None
+    time_budget: Annotated[str | float, AfterValidator(_duration)] | None
     devices: Annotated[int, Interval(ge=1, le=1024)]
     sync_bn: bool
     max_restarts: Annotated[int, Interval(ge=0, le=100)]

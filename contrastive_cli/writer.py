@@ -148,18 +148,21 @@ class SafeFileHandler(logging.FileHandler):
 @contextlib.contextmanager
 def lock(run_dir: Path, command: str) -> Iterator[None]:
     """Hold the run directory's lock for the duration; UserError (one line) if another
-    process holds it. Without ``fcntl`` (Windows) there is no lock."""
+    process holds it. The kernel releases the lock when its holder dies (even kill -9); the
+    file a killed holder left is taken over with a message, and removed on the way out.
+    Without ``fcntl`` (Windows) there is no lock."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on POSIX
         yield
         return
     path = safe_path(run_dir, LOCK)
-    fd = open_append(path)
-    try:
+    while True:
+        fd = open_append(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             holder = _read_holder(path)
@@ -168,10 +171,26 @@ def lock(run_dir: Path, command: str) -> Iterator[None]:
                 "(two commands writing one run directory would mix their checkpoints)",
                 exit_code=1,
             ) from None
+        # The holder before us may have removed the file after we opened it: then this lock
+        # guards nothing, and the new file is the one to lock.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        if stale := _read_holder(path):
+            logging.getLogger(__name__).info(
+                f"{run_dir}: taking over the lock left by a command that no longer runs{stale}"
+            )
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {command}\n".encode())
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held: nobody else can have locked this file
         os.close(fd)  # releases the lock
 
 

@@ -49,9 +49,7 @@ def trained(tmp_path_factory):
 def in_process(run, overrides=()):
     """{path or index: features} computed here, without the embed command's code."""
     run_cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    cfg = apply_overrides(
-        load_run(run).config(interpolated=True), overrides, GROUPS, KEYS, "contrast embed"
-    )
+    cfg = apply_overrides(load_run(run).config(), overrides, GROUPS, KEYS, "contrast embed")
     encoder = build_encoder(run_cfg, 0)
     encoder.load_state_dict(load_file(str(run / "encoder.safetensors")))
     normalize = build(run_cfg.data.augment).normalize
@@ -165,7 +163,8 @@ def test_missing_run_dir_and_weights(trained, tmp_path, capsys):
     _, run = trained
     partial = tmp_path / "partial"
     (partial / ".hydra").mkdir(parents=True)
-    (partial / ".hydra" / "config.yaml").write_text((run / ".hydra" / "config.yaml").read_text())
+    for name in ("config.yaml", "overrides.yaml"):  # the record a config is rebuilt from
+        (partial / ".hydra" / name).write_text((run / ".hydra" / name).read_text())
     assert embed(partial, "--out", tmp_path / "e.npy") == 1
     assert "encoder.safetensors is missing" in capsys.readouterr().err
 

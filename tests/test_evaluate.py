@@ -88,6 +88,22 @@ def test_knn_small_temperature_does_not_overflow():
     assert knn_predict(bank, labels, query, 3, (5,), 1.0)[5].tolist() == [1]  # ~ majority
 
 
+@pytest.mark.parametrize("t", [0.005, 0.001, 1e-4])
+def test_knn_small_temperature_does_not_underflow_to_class_0(t):
+    """exp((sim - 1) / T) underflowed to 0 for every neighbour of a query whose best similarity
+    is 0.34 at T <= 0.005, and every query then voted for class 0. Shifted by each query's own
+    best similarity, its nearest neighbour always weighs 1."""
+    deg = torch.tensor([70.0, 72.0, 74.0, 80.0, 85.0]).deg2rad()  # cos 70 = 0.34: far from 1
+    bank = torch.stack([deg.cos(), deg.sin()], 1)
+    labels = torch.tensor([2, 2, 1, 0, 0])
+    query = torch.tensor([[1.0, 0.0]])
+    assert torch.exp(((bank @ query.T).max() - 1) / t) == 0  # the old weights: all zero
+    assert knn_predict(bank, labels, query, 3, (5, 1), t) == {
+        5: torch.tensor([2]),
+        1: torch.tensor([2]),
+    }
+
+
 def test_knn_ignores_feature_norms():
     train, test = torch.randn(30, 5, generator=gen(0)), torch.randn(10, 5, generator=gen(1))
     labels = torch.randint(0, 3, (30,), generator=gen(2))

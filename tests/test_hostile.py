@@ -190,7 +190,7 @@ def test_a_fifo_or_link_as_the_saved_config_is_one_line(finished, tmp_path, caps
     secret.write_text(yaml.safe_dump({"token": "s3cret"}))
     for kind in ("fifo", "link"):
         run = _copy(finished, tmp_path / kind)
-        (run / ".hydra" / "config_unresolved.yaml").unlink()  # eval then reads config.yaml
+        (run / ".hydra" / "config_unresolved.yaml").unlink(missing_ok=True)  # older runs had it
         _replace(run / ".hydra" / "config.yaml", kind, secret)
         line = _one_line(capsys, cli.main(["eval", str(run)]))
         assert "config.yaml" in line and "s3cret" not in line
@@ -201,7 +201,7 @@ def test_reproduce_never_copies_or_follows_links_in_hydra(finished, tmp_path, ca
     key = tmp_path / "id_rsa"
     key.write_text("PRIVATE KEY\n")
     run = _copy(finished, tmp_path / "run")
-    _replace(run / ".hydra" / "config_unresolved.yaml", "link", key)
+    _replace(run / ".hydra" / "hydra.yaml", "link", key)  # read (never copied) by reproduce
     out = tmp_path / "again"
     _one_line(capsys, cli.main(["reproduce", str(run), "--out", str(out)]))
     assert not out.exists(), "a refused reproduce created its run directory"
@@ -245,13 +245,18 @@ def test_a_saved_cache_dir_never_decides_where_we_write(finished, tmp_path):
     from contrastive_cli.rundirs import load_run
 
     run = _copy(finished, tmp_path / "run")
-    for name in ("config.yaml", "config_unresolved.yaml"):
-        path = run / ".hydra" / name
-        cfg = yaml.safe_load(path.read_text())
-        cfg["data"]["cache_dir"] = str(tmp_path / "victim")
-        path.write_text(yaml.safe_dump(cfg))
-    for interpolated in (False, True):
-        assert load_run(run).config(interpolated).data.cache_dir is None
+    path = run / ".hydra" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["cache_dir"] = str(tmp_path / "victim")
+    path.write_text(yaml.safe_dump(cfg))
+    overrides = run / ".hydra" / "overrides.yaml"
+    recorded = yaml.safe_load(overrides.read_text())
+    overrides.write_text(yaml.safe_dump([*recorded, f"data.cache_dir={tmp_path / 'victim'}"]))
+    from omegaconf import OmegaConf
+
+    rebuilt = load_run(run).config()
+    assert OmegaConf.select(rebuilt, "data.cache_dir") is None
+    assert "victim" not in OmegaConf.to_yaml(rebuilt)
 
 
 # --------------------------------------------------------------------------- sizes and numbers
@@ -323,12 +328,16 @@ def test_huge_widths_in_a_run_config_are_refused_before_allocating(
     finished, tmp_path, capsys, bounded
 ):
     run = _copy(finished, tmp_path / "run")
-    for name in ("config.yaml", "config_unresolved.yaml"):
-        path = run / ".hydra" / name
-        cfg = yaml.safe_load(path.read_text())
-        key = next(k for k, v in cfg["encoder"].items() if isinstance(v, list) and v)
-        cfg["encoder"][key] = [200_000] * len(cfg["encoder"][key])
-        path.write_text(yaml.safe_dump(cfg))
+    path = run / ".hydra" / "config.yaml"  # the saved config and the override agree
+    cfg = yaml.safe_load(path.read_text())
+    key = next(k for k, v in cfg["encoder"].items() if isinstance(v, list) and v)
+    cfg["encoder"][key] = [200_000] * len(cfg["encoder"][key])
+    path.write_text(yaml.safe_dump(cfg))
+    overrides = run / ".hydra" / "overrides.yaml"
+    widths = ",".join(["200000"] * len(cfg["encoder"][key]))
+    overrides.write_text(
+        yaml.safe_dump([*yaml.safe_load(overrides.read_text()), f"encoder.{key}=[{widths}]"])
+    )
     for args in (["eval", str(run)], ["embed", str(run), "--out", str(tmp_path / "e.npy")]):
         line = _one_line(capsys, cli.main(args), (1, 2))
         assert "does not fit" in line, line

@@ -9,8 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "contrastive_cli"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
-# config <-> safety: branch `rebuild` (issue 24) breaks it; remove this line when it merges.
-KNOWN_CYCLES = [{"contrastive_cli.config", "contrastive_cli.safety"}]
+KNOWN_CYCLES: list[set[str]] = []
 
 
 def _modules() -> dict[str, Path]:

@@ -265,7 +265,7 @@ def test_choices_come_from_the_code():
 def test_local_crops_are_taken_by_a_method_that_declares_it_uses_them():
     validate(_job_config("loss=dino", "data.augment.local_crops=4", "device=cpu"))
     with pytest.raises(
-        ConfigError, match=r"allowed: 0, or a loss that uses local crops \(loss=dino\)"
+        ConfigError, match=r"allowed: 0, or a loss that uses local crops \(loss=dino, swav\)"
     ):
         validate(_job_config("loss=simsiam", "data.augment.local_crops=4", "device=cpu"))
 

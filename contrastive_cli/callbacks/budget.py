@@ -52,14 +52,18 @@ class TimeBudget(Callback):
             )
 
 
+MAX_BUDGET_EPOCHS = 1_000_000  # what a time budget may fix, however fast an epoch is
+
+
 def fit_to_budget(budget: str | float, first_s: float, steady_s: float, dist: Dist) -> int:
     """How many epochs fit ``trainer.time_budget`` ('15m', '90s', '1h' or seconds): the first
     epoch took ``first_s`` (training and monitoring), each later one should take ``steady_s``
     (the first without its first step's compilation and warm-up, plus one ordinary step);
     the same number on every process."""
     seconds = parse_duration(budget)
-    epochs = 1 + max(0, int((seconds - first_s) // max(steady_s, 1e-9)))
-    agreed = reduce_flags(torch.tensor([float(epochs) if dist.main else 0.0]))
+    fits = (seconds - first_s) / max(steady_s, 1e-3)  # an epoch is never timed below 1 ms
+    epochs = 1 + int(min(max(fits, 0.0), MAX_BUDGET_EPOCHS - 1))  # finite, whatever the budget
+    agreed = reduce_flags(torch.tensor([float(epochs) if dist.main else 0.0], dtype=torch.float64))
     return int(agreed.item())
 
 

@@ -73,7 +73,7 @@ def main(args: list[str]) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     run_dir = Path(opts.run_dir).expanduser()
-    run_cfg = load_run(run_dir).config(interpolated=True)
+    run_cfg = load_run(run_dir).config()
     cfg = apply_overrides(run_cfg, opts.overrides, GROUPS, KEYS, "contrast embed")
     validate(run_cfg)  # what builds the encoder
     validate(cfg)  # what loads the data

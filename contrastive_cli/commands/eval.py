@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from contrastive_cli.config import apply_overrides, build, compose
 from contrastive_cli.errors import ConfigError, UserError
+from contrastive_cli.rebuild import check_plain, metadata_encoder
 from contrastive_cli.report import results_table, write_json
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.untrusted import UntrustedFile, parse_json, printable, safetensors_header
@@ -39,6 +40,7 @@ def read_encoder_metadata(path: Path) -> dict[str, Any]:
     from contrastive_cli.config import config_groups
 
     _, meta = safetensors_header(path)  # header only, checked against the file; no allocation
+    check_plain(meta, f"the metadata of {path}")  # no ${ or instantiation key, anywhere
     if meta.get("format") != ENCODER_FORMAT:
         raise UserError(f"{path} has no contrast metadata; evaluate it through its run directory")
 
@@ -61,10 +63,8 @@ def read_encoder_metadata(path: Path) -> dict[str, Any]:
         encoder = parse_json(meta.get("encoder", ""), f"{path}: metadata encoder")
     except UntrustedFile:
         encoder = None
-    if not isinstance(encoder, dict) or not isinstance(encoder.get("_target_"), str):
-        raise UserError(f"{path}: metadata encoder is not a JSON object with a _target_")
     return {
-        "encoder": encoder,
+        "encoder": metadata_encoder(encoder, str(path)),
         "data": meta["data"],
         "channels": integer("channels", 1, 4),
         "image_size": integer("image_size", 1, 4096),
@@ -96,10 +96,10 @@ def _source(
         path.suffix == ".safetensors" and (run_dir / ".hydra" / "config.yaml").is_file()
     ):
         run = load_run(run_dir)
+        saved = run.config()  # refused first if its files are not plain data
         weights = path if path.is_file() else path / "encoder.safetensors"
         if not weights.is_file():
             raise UserError(f"{path} has no encoder.safetensors (the run did not finish training)")
-        saved = run.config(interpolated=True)
         cfg = apply_overrides(saved, overrides, GROUPS, KEYS, "contrast eval")
         validate(cfg)
         return weights, cfg, saved, run.choices

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,11 @@ from omegaconf import OmegaConf, open_dict
 
 from contrastive_cli.config import claim_directory
 from contrastive_cli.errors import ConfigError
+from contrastive_cli.rebuild import rebuild, saved_config
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.signals import Interrupted
-from contrastive_cli.untrusted import printable, read_text
-from contrastive_cli.writer import write_text_atomic
+from contrastive_cli.untrusted import printable
+from contrastive_cli.validate import validate
 
 TIMINGS = {"seconds"}  # wall-clock numbers, never expected to repeat
 HELP = "rerun RUN_DIR's saved config into a new run dir and report identical or the differences"
@@ -72,21 +72,21 @@ def main(args: list[str]) -> int:
     )
     ns = parser.parse_args(args)
     original = load_run(ns.run_dir)
+    cfg = original.config()  # rebuilt from conf/ and the run's overrides: refused first if not
     if original.status != "completed":
         why = f" ({original.problem})" if original.problem else ""
         raise ConfigError(
             f"{original.path} has status {original.status!r}{why}; only completed runs can be "
             f"reproduced (use `contrast resume {original.path}` for interrupted ones)"
         )
-    cfg = original.config()
+    overrides = [*original.overrides, "eval.cache_baselines=false"]
+    if cfg.trainer.time_budget is None and rebuild(original.overrides, "")[0].trainer.time_budget:
+        # the epochs its time budget fixed, as a value: the rerun measures no budget
+        overrides += [f"trainer.epochs={cfg.trainer.epochs}", "trainer.time_budget=null"]
     with open_dict(cfg):
         cfg.trainer.resume = False
         cfg.eval.cache_baselines = False  # recompute the baselines too: nothing is taken as given
-    saved = {}  # read (as untrusted: never through a link) before anything is created
-    for name in ("hydra.yaml", "overrides.yaml", "config_unresolved.yaml"):
-        source = original.path / ".hydra" / name
-        if os.path.lexists(source):
-            saved[name] = read_text(source, "config", original.path)
+    validate(cfg)  # before the new run directory exists: a refused reproduce leaves nothing
     now = datetime.now()
     out = Path(
         claim_directory(
@@ -99,9 +99,9 @@ def main(args: list[str]) -> int:
         )
     )
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
-    for name, text in saved.items():
-        write_text_atomic(out / ".hydra" / name, text)
-    OmegaConf.save(cfg, out / ".hydra" / "config.yaml", resolve=True)
+    # The new run's record: the overrides it was rebuilt from, and what they gave.
+    OmegaConf.save(OmegaConf.create(overrides), out / ".hydra" / "overrides.yaml")
+    (out / ".hydra" / "config.yaml").write_text(saved_config(cfg))
     (out / "reproduces.txt").write_text(f"{original.path.resolve()}\n")
 
     from contrastive_cli.launch import run_job

@@ -25,6 +25,7 @@ KEYS = (
     "data.download",
     "data.workers",
     "data.cache_dir",
+    "tracker.mlflow.tracking_uri",  # where to log: this command's, never the run directory's
 )
 
 
@@ -46,9 +47,7 @@ def main(args: list[str]) -> int:
         return 0
     from contrastive_cli.launch import run_job
 
-    cfg = apply_overrides(
-        run.config(interpolated=True), ns.overrides, GROUPS, KEYS, "contrast resume"
-    )
+    cfg = apply_overrides(run.config(), ns.overrides, GROUPS, KEYS, "contrast resume")
     with open_dict(cfg):
         cfg.trainer.resume = True
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from contrastive_cli.command_line import check_command_line
 from contrastive_cli.config import CONF_DIR, expand_home
@@ -28,6 +28,7 @@ from contrastive_cli.errors import (
     UserError,
     error_lines,
 )
+from contrastive_cli.rebuild import saved_config
 from contrastive_cli.signals import Interrupted
 from contrastive_cli.untrusted import printable
 
@@ -63,12 +64,10 @@ def _train_task(cfg: DictConfig) -> float:
     main = place is None or place.rank == 0
     try:
         if main:
-            # The saved config is complete and resolved: a later edit to conf/ or the
-            # environment cannot change what a rerun of this directory does.
-            OmegaConf.save(
-                cfg, run_dir / hc.output_subdir / "config_unresolved.yaml"
-            )  # for overrides later
-            OmegaConf.save(cfg, run_dir / hc.output_subdir / "config.yaml", resolve=True)
+            # The saved config is complete and resolved: the record that commands reading
+            # this run compare their rebuilt config with (contrastive_cli.rebuild).
+            # Values read from the environment are not written (saved_config).
+            (run_dir / hc.output_subdir / "config.yaml").write_text(saved_config(cfg))
         return objective(run_job(cfg, run_dir, dict(hc.runtime.choices)))
     except UserError as e:
         refused = isinstance(e, (RunExists, Refused))  # nothing in run_dir was changed

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -222,7 +221,10 @@ def build_trackers(cfg: DictConfig, rank: int | None = None) -> Trackers:
     from contrastive_cli.config import build
 
     if rank is None:
-        rank = int(os.environ.get("RANK", "0") or 0)
+        from contrastive_cli.distributed import place_from_env
+
+        place = place_from_env()  # checked: a RANK that is no number is one line there
+        rank = 0 if place is None else place.rank
     node = cfg.get("tracker")
     if not node or rank != 0:
         return Trackers()

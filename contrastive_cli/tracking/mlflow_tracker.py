@@ -1,9 +1,10 @@
 """MLflow: one MLflow run per run directory; a sweep is a parent run with one child per job.
 
 Where: ``tracker.mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file
-beside the runs (``outputs/mlflow.db``, artifacts in ``outputs/mlartifacts``): no server.
+beside the runs (``outputs/mlflow.db``, artifacts in ``outputs/mlartifacts``): no server;
+always from the current command line and environment, never from a run directory.
 ``tracking.json`` in the run directory keeps the URI and the MLflow run id, so ``contrast
-resume`` continues the same MLflow run; in a sweep directory it keeps the parent run's id,
+resume`` continues the same MLflow run when it logs to that same store; in a sweep directory it keeps the parent run's id,
 which every job (in whatever process) reads to attach itself as a child.
 
 What: params are the flattened resolved config and the chosen options (``loss``, ``data``...);
@@ -24,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -34,6 +36,7 @@ from typing import Any
 
 from contrastive_cli.schema import Positive, Text
 from contrastive_cli.tracking import (
+    STATE_FILE,
     EmbeddingSample,
     TrackingUnavailable,
     is_number,
@@ -46,6 +49,7 @@ from contrastive_cli.untrusted import is_regular
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///outputs/mlflow.db"
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what MLflow run ids look like (32 hex digits)
 MLFLOW_STATUS = {
     "completed": "FINISHED",
     "interrupted": "KILLED",
@@ -107,12 +111,24 @@ class MlflowTracker:
     def start(
         self, run_dir: Path, config: dict[str, Any], choices: dict[str, str], resumed: bool
     ) -> None:
+        # Where to log comes from this command line and environment only, never from the
+        # run directory: its tracking.json may only name the MLflow run to continue, and
+        # only when that run is in the store this command logs to.
         state = read_state(run_dir).get(self.name, {}) if resumed else {}
-        uri = state.get("tracking_uri") or resolve_uri(self.tracking_uri)
+        uri = resolve_uri(self.tracking_uri)
         log.info(f"MLflow: starting (tracking URI {shown(uri)}; the first start takes a while)")
         self.client = connect(uri, self.timeout_s)
         log.info(f"MLflow: runs go to {shown(uri)}; see them with: {open_command(shown(uri))}")
-        run_id = state.get("run_id")
+        run_id = state.get("run_id") if isinstance(state, dict) else None
+        if not (isinstance(run_id, str) and RUN_ID.fullmatch(run_id)):
+            run_id = None
+        elif state.get("tracking_uri") != uri:
+            log.warning(
+                f"warning: tracker=mlflow: the MLflow run recorded in {run_dir / STATE_FILE} is "
+                f"in another store than this command's ({shown(uri)}: tracker.mlflow.tracking_uri, "
+                "else $MLFLOW_TRACKING_URI); logging to a new MLflow run there"
+            )
+            run_id = None
         if run_id and self._exists(run_id):
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -222,9 +238,12 @@ class MlflowTracker:
         state = read_state(sweep_dir).get(self.name, {})
         if not state.get("parent_run_id"):
             return
+        uri = resolve_uri(self.tracking_uri)  # this command's store, never the file's
+        if state.get("tracking_uri") != uri or not RUN_ID.fullmatch(str(state["parent_run_id"])):
+            return
         self.run_id = state["parent_run_id"]
         if self.client is None:
-            self.client = connect(state["tracking_uri"], self.timeout_s)
+            self.client = connect(uri, self.timeout_s)
         completed = [r for r in rows if r.get("status") == "completed"]
         scores = [r["knn"] for r in completed if r.get("knn") is not None]
         metrics = {"jobs": len(rows), "jobs_completed": len(completed)}
