@@ -68,7 +68,7 @@ def load_images(opts: Options, cfg: DictConfig, size: int | None = None) -> tupl
     """Fashion-MNIST when present (``data=auto``: found on disk, never downloaded), else
     digits upsampled to 28x28, else synthetic images; ``size`` keeps the first ``size``
     training images (tiny runs)."""
-    from contrastive_cli.run import load_data
+    from contrastive_cli.parts import load_data
 
     choice = opts.data
     data: ImageData | None = None

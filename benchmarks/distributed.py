@@ -48,8 +48,8 @@ def _steps(
     """Seconds per step of ``steps`` real steps (after 3 warm-up steps) on this process, on
     the images of ``--data`` (``auto``: Fashion-MNIST when present, else digits at 28x28; the
     same fallback as the other benchmarks, so a machine without the dataset runs it too)."""
+    from contrastive_cli.builder import build_run, train_steps
     from contrastive_cli.distributed import Dist, local_only
-    from contrastive_cli.run import build_run, train_steps
 
     opts = Options(data=data)
     cfg = opts.config(*overrides)

@@ -25,7 +25,7 @@ from contrastive_cli.evaluate import (
     linear_probe,
     pixel_features,
 )
-from contrastive_cli.run import build_encoder
+from contrastive_cli.parts import build_encoder
 
 NAME = "evaluation"
 TARGET_SECONDS = 10.0  # k-NN + probe on the encoder's features, CPU

@@ -150,8 +150,9 @@ def child(argv: list[str]) -> None:
         conventional_loader,
         run_epoch,
     )
+    from contrastive_cli.builder import build_training
     from contrastive_cli.config import build
-    from contrastive_cli.run import build_encoder, build_training, seed_everything
+    from contrastive_cli.parts import build_encoder, seed_everything
 
     opts = Options(quick=args.quick, device=args.device, data=args.data, workers=args.workers)
     cfg = opts.config("loss=ntxent", *(["trainer.batch_size=32"] if args.quick else []))

@@ -46,13 +46,15 @@ from benchmarks.common import (
     timed,
     write,
 )
+from contrastive_cli.builder import build_training
+from contrastive_cli.callbacks.progress import ProgressBar
 from contrastive_cli.config import build
 from contrastive_cli.data.augment import Augment
 from contrastive_cli.data.batches import InMemoryBatches, derive_seed
 from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime, cpu_flags, device_has_native_bf16
-from contrastive_cli.run import build_encoder, build_training, seed_everything
-from contrastive_cli.train import Hooks, Progress, train
+from contrastive_cli.parts import build_encoder, seed_everything
+from contrastive_cli.train import Progress, train
 
 NAME = "throughput"
 TARGET_EPOCH_OVER_PURE = 1.15
@@ -273,18 +275,13 @@ def _clock_ghz() -> tuple[float, str]:
 def run_epoch(parts: Any, batches: Any, augment: Any, runtime: Runtime, cfg: DictConfig) -> None:
     """One (partial) epoch of the real training loop. The one place that calls ``train``."""
     train(
-        parts.method,
-        parts.step_fn,
-        parts.optimizer,
-        parts.scheduler,
-        batches,
+        parts._replace(batches=batches),
         augment,
         runtime,
         1,
         cfg.trainer.seed,
         Progress(),
-        Hooks(end_epoch=lambda progress, record: None, save=lambda progress: None),
-        cfg.trainer.log_every,
+        [ProgressBar(cfg.trainer.log_every)],
         cfg.trainer.grad_clip,
     )
 

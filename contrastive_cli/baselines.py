@@ -156,6 +156,7 @@ def baseline_keys(
         "code": code_digest(),
         "images": splits,
         "num_classes": int(data.num_classes),
+        "metrics": [str(m) for m in ev.metrics],  # the evaluators that ran
         "knn_k": [int(k) for k in ev.knn_k],
         "knn_temperature": float(ev.knn_temperature),
         "probe": OmegaConf.to_container(ev.probe, resolve=True),

@@ -322,30 +322,6 @@ def linear_probe(
     return ProbeResult(accuracy(logits.argmax(1), test_y), top5, best[0], best[1])
 
 
-def evaluate_features(
-    train_x: Tensor,
-    train_y: Tensor,
-    test_x: Tensor,
-    test_y: Tensor,
-    num_classes: int,
-    knn_ks: Sequence[int],
-    knn_temperature: float,
-    probe: dict,
-    seed: int,
-) -> dict[str, float]:
-    """k-NN for every k and the linear probe on one set of features -> flat metrics dict."""
-    metrics: dict[str, float] = {}
-    preds = knn_predict(train_x, train_y, test_x, num_classes, knn_ks, knn_temperature)
-    for k, p in preds.items():
-        metrics[f"knn_k{k}"] = accuracy(p, test_y)
-    result = linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=seed, **probe)
-    metrics["linear_top1"] = result.top1
-    if result.top5 is not None:
-        metrics["linear_top5"] = result.top5
-    metrics["probe_weight_decay"] = result.weight_decay
-    return metrics
-
-
 class KnnMonitor:
     """k-NN accuracy during training, on a held-out part of the train split.
 
@@ -400,68 +376,3 @@ class KnnMonitor:
             self.temperature,
         )[self.k]
         return accuracy(pred, self.query_labels)
-
-
-def evaluate_protocol(
-    encoders: dict[str, nn.Module],
-    train_images: Tensor,
-    train_labels: Tensor,
-    test_images: Tensor,
-    test_labels: Tensor,
-    num_classes: int,
-    transform: Callable[[Tensor], Tensor],
-    device: torch.device,
-    eval_cfg: dict,
-    seed: int,
-    pixels: bool = True,
-    channels_last: bool = False,
-    autocast: bool = False,
-) -> dict[str, dict[str, float]]:
-    """Every encoder in ``encoders`` (and raw pixels) through the same k-NN and probe.
-
-    Returns {name: metrics}; raw pixels appear as ``raw_pixels``. Each metrics dict also
-    holds ``seconds``: feature extraction plus k-NN plus probe for that entry.
-    """
-    import time
-
-    train_y, test_y = train_labels.to(device), test_labels.to(device)
-    common = dict(
-        knn_ks=list(eval_cfg["knn_k"]),
-        knn_temperature=eval_cfg["knn_temperature"],
-        probe=dict(eval_cfg["probe"]),
-        seed=seed,
-    )
-    sources: dict[str, Callable[[Tensor], Tensor]] = {}
-    if pixels:
-        sources["raw_pixels"] = lambda images: torch.cat(
-            [pixel_features(chunk.to(device)) for chunk in images.split(eval_cfg["batch_size"])]
-        )
-    for name, encoder in encoders.items():
-        sources[name] = lambda images, enc=encoder: extract_features(
-            enc, images, transform, device, eval_cfg["batch_size"], channels_last, autocast
-        )
-    results = {}
-    for i, (name, features) in enumerate(sources.items(), 1):
-        # A line per evaluated entry: the silence after the last epoch took minutes on
-        # Fashion-MNIST (features, k-NN and an L-BFGS probe per entry).
-        label = EVALUATED.get(name, name)
-        log.info(
-            f"evaluating {i}/{len(sources)}: {label} (features of {len(train_images):,} train + "
-            f"{len(test_images):,} test images, k-NN, linear probe)"
-        )
-        start = time.perf_counter()
-        metrics = evaluate_features(
-            features(train_images), train_y, features(test_images), test_y, num_classes, **common
-        )
-        metrics["seconds"] = time.perf_counter() - start
-        log.info(f"evaluated {label} in {metrics['seconds']:.1f} s")
-        results[name] = metrics
-    return results
-
-
-# How evaluate_protocol's progress lines name its entries.
-EVALUATED = {
-    "raw_pixels": "raw pixels",
-    "random_init": "random-init encoder",
-    "trained": "trained encoder",
-}

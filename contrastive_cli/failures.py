@@ -276,7 +276,7 @@ class Restarts:
 def checkpoint_position(run_dir: Path) -> tuple[int, int]:
     """(epoch, step) of the checkpoint a resumed run starts from; (0, 0) without one."""
     from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint
-    from contrastive_cli.run import CHECKPOINT
+    from contrastive_cli.runfiles import CHECKPOINT
 
     with contextlib.suppress(Exception):  # what to say about it, not whether to resume
         path = latest_valid_checkpoint(run_dir / CHECKPOINT.parent)

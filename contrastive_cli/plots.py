@@ -103,8 +103,7 @@ def swept_keys(runs: Sequence[Run]) -> dict[str, list[str]]:
 def sweep_scores(runs: Sequence[Run], metric: str | None = None) -> tuple[list[float], str]:
     """Each run's ``metric`` (NaN where missing) and the axis label. ``metric`` None: each
     run's headline k-NN accuracy, the first k of its ``eval.knn_k`` (what sweeps optimise)."""
-    from contrastive_cli.report import metric_label
-    from contrastive_cli.tables import knn_keys
+    from contrastive_cli.report import knn_keys, metric_label
 
     all_metrics = [(r.results or {}).get("metrics") or {} for r in runs]
     keys = [metric or next(iter(knn_keys(m)), "") for m in all_metrics]

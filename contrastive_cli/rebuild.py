@@ -182,7 +182,7 @@ def _composed(overrides: tuple[str, ...]) -> tuple[DictConfig, tuple[tuple[str, 
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.singleton import Singleton
 
-    from contrastive_cli.validate import compose_with_hydra
+    from contrastive_cli.command_line import compose_with_hydra
 
     # Inside a running Hydra app (a sweep's end-of-sweep table reads its runs), Hydra's global
     # state is the app's: set it aside while composing, and put it back.

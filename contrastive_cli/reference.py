@@ -419,7 +419,8 @@ def _table(rows: list[Setting]) -> list[str]:
 def reference(overrides: Sequence[str] = (), only: str | None = None) -> str:
     """The text of ``contrast train [overrides] --help [only]``: ``only`` is a section
     (``trainer``, ``loss``), a config group, or a key prefix (``loss.temperature``)."""
-    from contrastive_cli.validate import _compose, _suggest
+    from contrastive_cli.command_line import _compose
+    from contrastive_cli.validate import _suggest
 
     full = _compose(list(overrides))
     choices = {str(k): str(v) for k, v in full.hydra.runtime.choices.items() if v is not None}

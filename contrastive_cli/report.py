@@ -5,18 +5,34 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import contrastive_cli
-from contrastive_cli.tables import knn_keys
 from contrastive_cli.writer import open_append, write_json, write_text_atomic
 
-__all__ = ["MetricsLog", "metric_label", "read_metrics", "results_table", "versions", "write_json"]
+__all__ = [
+    "MetricsLog",
+    "knn_keys",
+    "metric_label",
+    "read_metrics",
+    "results_table",
+    "versions",
+    "write_json",
+]
 
+NOT_IN_TABLE = {"probe_weight_decay", "seconds"}  # in results.json, not accuracies
 LINEAR_LABELS = {"linear_top1": "linear", "linear_top5": "linear top-5"}
+
+
+def knn_keys(metrics: dict[str, Any]) -> list[str]:
+    """The k-NN keys of a results.json ``metrics`` in ``eval.knn_k`` order (headline first).
+    Here, below ``tables`` and ``rundirs``, so that all three import it without a cycle."""
+    return [k for k in metrics if re.fullmatch(r"knn_k\d+", k)]
 
 
 def metric_label(key: str) -> str:
@@ -129,6 +145,11 @@ def results_table(results: dict) -> str:
     metrics = results.get("metrics") or {}
     baselines = results.get("baselines") or {}
     keys = knn_keys(metrics) + [k for k in LINEAR_LABELS if k in metrics]
+    keys += [  # what other evaluators (eval.metrics) returned, in their order
+        k
+        for k, v in metrics.items()
+        if k not in keys and k not in NOT_IN_TABLE and isinstance(v, (int, float))
+    ]
     title = f"{results.get('loss', '?')} encoder"
     rows = [
         ("raw pixels", baselines.get("raw_pixels")),

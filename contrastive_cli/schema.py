@@ -223,6 +223,7 @@ class Probe:
 
 @dataclass
 class Eval:
+    metrics: Annotated[list[Text], NonEmpty]  # evaluator names: contrastive_cli/evaluators/
     probe: Node
     knn_k: Annotated[list[PositiveInt], NonEmpty]
     knn_temperature: Positive

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from contrastive_cli.errors import UserError
+from contrastive_cli.report import knn_keys
 from contrastive_cli.rundirs import Run
 from contrastive_cli.untrusted import printable
 
@@ -34,11 +35,6 @@ COLUMNS = [
 METRIC_COLUMNS = ("knn", "linear")
 EXTRA_KNN = re.compile(r"knn(\d+)")  # knn20: the k-NN accuracy with k=20
 NUMERIC = {"epochs", "wall_s"}
-
-
-def knn_keys(metrics: dict[str, Any]) -> list[str]:
-    """The k-NN keys of a results.json ``metrics`` in ``eval.knn_k`` order (headline first)."""
-    return [k for k in metrics if re.fullmatch(r"knn_k\d+", k)]
 
 
 def is_metric(column: str) -> bool:

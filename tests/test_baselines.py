@@ -13,7 +13,8 @@ import pytest
 
 from contrastive_cli.baselines import cache_dir
 from contrastive_cli.config import build
-from contrastive_cli.run import build_encoder, evaluate_encoder, load_data
+from contrastive_cli.evaluation import evaluate_encoder
+from contrastive_cli.parts import build_encoder, load_data
 from tests.conftest import TINY
 
 FAST = [
@@ -62,6 +63,7 @@ def test_a_second_run_takes_both_baselines_from_the_cache(tmp_path, compose_cfg)
     "change,pixels_hit,random_hit",
     [
         ("eval.knn_temperature=0.2", False, False),
+        ("eval.metrics=[knn]", False, False),  # the evaluators that run
         ("eval.probe.weight_decays=[1e-2]", False, False),
         ("trainer.seed=3", False, False),  # splits the probe's held-out part
         ("encoder.widths=[16,32,64,128]", True, False),

@@ -286,10 +286,13 @@ def test_checkpoints_follow_a_cadence_and_the_end_always_gets_one(
     """trainer.checkpoint_every_s bounds the bytes written: with a long cadence three epochs
     write one checkpoint (the last epoch's), with 0 one per epoch."""
     from contrastive_cli import run
+    from contrastive_cli.callbacks import checkpointing
 
     written = []
-    real = run.save_checkpoint
-    monkeypatch.setattr(run, "save_checkpoint", lambda p, s: (written.append(1), real(p, s)))
+    real = checkpointing.save_checkpoint
+    monkeypatch.setattr(
+        checkpointing, "save_checkpoint", lambda p, s: (written.append(1), real(p, s))
+    )
     cfg = compose_cfg(
         "trainer.epochs=3",
         "trainer.batch_size=512",

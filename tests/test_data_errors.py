@@ -9,7 +9,7 @@ import pytest
 
 from contrastive_cli.data.sources import load_cifar, load_idx_dataset
 from contrastive_cli.errors import DataError
-from contrastive_cli.run import load_data
+from contrastive_cli.parts import load_data
 from tests.conftest import run_cli
 from tests.fakes import write_mnist
 from tests.faults import offline_downloader

@@ -219,7 +219,7 @@ E2E = {
 def _three_steps(rank: int, overrides: list[str], world: int) -> dict:
     """Build a run as `contrast train` does (digits, real batches and augmentation), train
     3 steps, return what a checkpoint would hold."""
-    from contrastive_cli.run import build_run, train_steps
+    from contrastive_cli.builder import build_run, train_steps
 
     cfg = compose(
         [*TINY, "device=cpu", "optim=sgd", "trainer.deterministic=true", "eval.every=0", *overrides]
@@ -330,7 +330,7 @@ def test_slurm_nodelists_expand(nodelist, hosts):
 
 
 def test_the_slurm_launcher_config_composes_with_nodes_and_gpus():
-    from contrastive_cli.validate import compose_with_hydra
+    from contrastive_cli.command_line import compose_with_hydra
 
     cfg = compose_with_hydra(
         ["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=8"]

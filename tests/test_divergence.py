@@ -11,9 +11,11 @@ import torch
 from contrastive_cli.config import build
 from contrastive_cli.data.batches import InMemoryBatches
 from contrastive_cli.errors import Diverged
+from contrastive_cli.events import Callback
 from contrastive_cli.methods.simclr import SimCLR
-from contrastive_cli.run import build_encoder, load_data, run_training
-from contrastive_cli.train import Hooks, Progress, train
+from contrastive_cli.parts import build_encoder, load_data
+from contrastive_cli.run import run_training
+from contrastive_cli.train import Progress, Training, train
 from tests.conftest import TINY
 
 K = 7  # the step whose loss is forced to NaN
@@ -45,21 +47,30 @@ def _built(cfg):
     return method, optimizer, scheduler, batches, build(cfg.data.augment), runtime
 
 
-def _train(cfg, hooks):
+class _StopWhen(Callback):
+    """Asks for a stop when ``when()`` says so; the stop then raises StopIteration."""
+
+    def __init__(self, when):
+        self.when = when
+
+    def wants_stop(self):
+        return self.when()
+
+    def stop_requested(self, loop):
+        raise StopIteration
+
+
+def _train(cfg, callbacks):
     method, optimizer, scheduler, batches, augment, runtime = _built(cfg)
     try:
         train(
-            method,
-            method,
-            optimizer,
-            scheduler,
-            batches,
+            Training(method, method, optimizer, scheduler, batches),
             augment,
             runtime,
             cfg.trainer.epochs,
             cfg.trainer.seed,
             Progress(),
-            hooks,
+            callbacks,
         )
     except (Diverged, StopIteration) as e:
         return method, optimizer, e
@@ -77,17 +88,12 @@ def test_nan_at_step_k_leaves_the_weights_of_step_k_minus_1(compose_cfg, monkeyp
 
     ref_method, ref_opt, stopped = _train(
         cfg,
-        Hooks(
-            end_epoch=lambda p, r: None,
-            save=lambda p: None,
-            stop_requested=stop_after_k_minus_1,
-            interrupted=lambda p: StopIteration(),
-        ),
+        [_StopWhen(stop_after_k_minus_1)],
     )
     assert isinstance(stopped, StopIteration)
 
     _nan_at_step(monkeypatch, K)
-    method, opt, error = _train(cfg, Hooks(end_epoch=lambda p, r: None, save=lambda p: None))
+    method, opt, error = _train(cfg, [])
     assert isinstance(error, Diverged) and error.step == K
     for (name, a), b in zip(
         method.state_dict().items(), ref_method.state_dict().values(), strict=True

@@ -16,7 +16,7 @@ from contrastive_cli import cli
 from contrastive_cli.commands.embed import GROUPS, KEYS
 from contrastive_cli.config import apply_overrides, build
 from contrastive_cli.evaluate import extract_features
-from contrastive_cli.run import build_encoder, load_data
+from contrastive_cli.parts import build_encoder, load_data
 from contrastive_cli.rundirs import load_run
 from tests.conftest import TINY, run_cli, run_dirs
 from tests.image_folders import write_images

@@ -13,7 +13,6 @@ from torch import nn
 from contrastive_cli.evaluate import (
     KnnMonitor,
     ProbeBasis,
-    evaluate_features,
     extract_features,
     fit_logistic,
     knn_predict,
@@ -21,6 +20,7 @@ from contrastive_cli.evaluate import (
     logistic_objective,
     pixel_features,
 )
+from contrastive_cli.evaluators import evaluate_features
 
 
 def gen(seed: int) -> torch.Generator:

@@ -274,7 +274,7 @@ def test_a_time_budget_keeps_a_run_whose_loss_follows_the_epochs_resumable(tmp_p
     import torch
     import yaml
 
-    from contrastive_cli.run import _check_resumable
+    from contrastive_cli.restore import _check_resumable
 
     run = tmp_path / "run"
     cfg = [o for o in CFG if not o.startswith("trainer.epochs")]
@@ -294,8 +294,9 @@ def test_a_time_budget_spends_what_the_first_step_compiled_once():
     """A first epoch slowed by compilation (its first step) must not shrink the epoch count:
     900 s, a 100 s first epoch of which 60 s were the first step, 40 s steady epochs ->
     1 + (900 - 100) // 40 = 21 epochs, not 900 // 100 = 9."""
+    from contrastive_cli.callbacks.budget import fit_to_budget as _fit_to_budget
+    from contrastive_cli.callbacks.budget import parse_duration
     from contrastive_cli.distributed import SINGLE
-    from contrastive_cli.run import _fit_to_budget, parse_duration
 
     assert parse_duration("15m") == 900.0 and parse_duration("90s") == 90.0
     assert _fit_to_budget("15m", 100.0, 40.0, SINGLE) == 21
@@ -348,30 +349,25 @@ def test_the_first_epoch_resumed_midway_trains_and_reports_no_first_step_time():
     """The first step's time (compilation, warm-up) is reported only by the epoch that began
     the run; an epoch resumed from a mid-epoch checkpoint has no first step to time and must
     still finish (the loop once read an unset time there)."""
+    from contrastive_cli.builder import build_run
     from contrastive_cli.config import compose
-    from contrastive_cli.run import build_run
-    from contrastive_cli.train import Hooks, Progress, train
+    from contrastive_cli.events import Callback
+    from contrastive_cli.train import Progress, train
+
+    class Records(Callback):
+        def __init__(self):
+            self.records: list[dict] = []
+
+        def epoch_end(self, loop, record):
+            self.records.append(record)
 
     def first_epoch(progress: Progress) -> dict:
         built = build_run(compose([*TINY, "device=cpu", "trainer.epochs=1", "eval.every=0"]))
-        records: list[dict] = []
-        hooks = Hooks(end_epoch=lambda p, r: records.append(r), save=lambda p: None)
-        method, forward, optimizer, scheduler, batches = built.training
+        callback = Records()
+        records = callback.records
         for _ in range(progress.step):  # the schedule where the checkpoint left it
-            scheduler.step()
-        train(
-            method,
-            forward,
-            optimizer,
-            scheduler,
-            batches,
-            built.augment,
-            built.runtime,
-            1,
-            0,
-            progress,
-            hooks,
-        )
+            built.training.scheduler.step()
+        train(built.training, built.augment, built.runtime, 1, 0, progress, [callback])
         return records[0]
 
     fresh = first_epoch(Progress())

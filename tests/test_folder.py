@@ -12,7 +12,7 @@ from PIL import Image
 
 from contrastive_cli.config import expand_home
 from contrastive_cli.data import folder as folder_module
-from contrastive_cli.data.batches import InMemoryBatches, StreamingBatches
+from contrastive_cli.data.batches import InMemoryBatches, StreamingBatches, batches_of
 from contrastive_cli.data.files import ImageFiles, decode
 from contrastive_cli.data.folder import cache_file, load_folder
 from contrastive_cli.errors import ConfigError, DataError
@@ -197,8 +197,8 @@ def test_streamed_and_cached_folders_give_the_same_batches(tmp_path):
     )
     assert streamed.train.paths == cached.train.paths
     assert torch.equal(torch.cat(list(streamed.train.images.split(7))), cached.train.images)
-    a = streamed.train.batches(4, seed=3, device=torch.device("cpu"))
-    b = cached.train.batches(4, seed=3, device=torch.device("cpu"))
+    a = batches_of(streamed.train, 4, seed=3, device=torch.device("cpu"))
+    b = batches_of(cached.train, 4, seed=3, device=torch.device("cpu"))
     assert (
         isinstance(a, StreamingBatches) and isinstance(b, InMemoryBatches) and len(a) == len(b) == 4
     )
@@ -210,7 +210,7 @@ def test_streamed_and_cached_folders_give_the_same_batches(tmp_path):
     with pytest.raises(
         ValueError, match=r"trainer\.batch_size=64 is larger than the 16 training images"
     ):
-        streamed.train.batches(64, seed=0, device=torch.device("cpu"))
+        batches_of(streamed.train, 64, seed=0, device=torch.device("cpu"))
 
 
 def test_streaming_through_worker_processes(tmp_path):

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf, open_dict
 
+from contrastive_cli.command_line import check_command_line
 from contrastive_cli.config import compose, config_groups
 from contrastive_cli.errors import UserError
-from contrastive_cli.validate import check_command_line
 
 
 def _flat(node: object, prefix: str = "") -> dict[str, object]:
@@ -120,7 +120,7 @@ def test_any_command_line_validates_or_fails_in_one_line(overrides, multirun):
         return
     cfg = compose(overrides)
     if cfg.data.name == "digits":  # a run would start: the data loads and fits the config
-        from contrastive_cli.run import load_data
+        from contrastive_cli.parts import load_data
         from contrastive_cli.validate import check_data
 
         with open_dict(cfg):

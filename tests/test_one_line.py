@@ -47,15 +47,16 @@ def test_bad_process_environment_through_the_cli(tmp_path):
 
 @pytest.mark.parametrize("value", ["1e308", "400d", "9000h", "0", "-5"])
 def test_time_budgets_beyond_a_year_or_not_positive_are_one_line(tmp_path, value):
-    from contrastive_cli.validate import check_command_line
+    from contrastive_cli.command_line import check_command_line
 
     with pytest.raises(ConfigError, match=r"trainer.time_budget=.*up to a year"):
         check_command_line([f"trainer.time_budget={value}"])
 
 
 def test_a_huge_budget_fixes_a_finite_number_of_epochs():
+    from contrastive_cli.callbacks.budget import MAX_BUDGET_EPOCHS
+    from contrastive_cli.callbacks.budget import fit_to_budget as _fit_to_budget
     from contrastive_cli.distributed import SINGLE
-    from contrastive_cli.run import MAX_BUDGET_EPOCHS, _fit_to_budget
 
     assert _fit_to_budget(400, 0.5, 0.1, SINGLE) == 1 + int(399.5 / 0.1)
     assert _fit_to_budget(366 * 24 * 3600, 0.5, 0.0, SINGLE) == MAX_BUDGET_EPOCHS
@@ -66,7 +67,7 @@ def test_a_huge_budget_fixes_a_finite_number_of_epochs():
     "target", ["${oc.env:CONTRAST_TEST_SECRET}", "${loss._target_}", "${oc.env:NOT_SET_AT_ALL}"]
 )
 def test_an_interpolated_target_is_one_line_that_shows_no_secret(target, monkeypatch):
-    from contrastive_cli.validate import check_command_line
+    from contrastive_cli.command_line import check_command_line
 
     monkeypatch.setenv("CONTRAST_TEST_SECRET", "hunter2")
     with pytest.raises(ConfigError, match="never interpolated") as e:

@@ -22,9 +22,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from contrastive_cli import cli
+from contrastive_cli.command_line import compose_with_hydra
 from contrastive_cli.errors import ConfigError
 from contrastive_cli.rundirs import load_run
-from contrastive_cli.validate import compose_with_hydra
 
 MADE = Path(tempfile.gettempdir()) / f"contrast-made-by-a-run-{os.getpid()}"  # must never appear
 OVERRIDES = ["loss=moco", "trainer.epochs=3", "eval.baselines=false"]

@@ -21,10 +21,11 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from contrastive_cli import cli
+from contrastive_cli.command_line import compose_with_hydra
 from contrastive_cli.errors import UserError
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.safety import allowed_targets
-from contrastive_cli.validate import compose_with_hydra, validate
+from contrastive_cli.validate import validate
 
 # Where a resolver or override would create folders: unique to this test process.
 CANARY = Path(tempfile.gettempdir()) / f"contrast-canary-{os.getpid()}"

@@ -13,10 +13,10 @@ import pytest
 from omegaconf import open_dict
 
 from contrastive_cli import cli
+from contrastive_cli.command_line import compose_with_hydra
 from contrastive_cli.config import config_groups
 from contrastive_cli.reference import describe, reference, settings
 from contrastive_cli.schema import Fraction, PositiveInt, Trainer
-from contrastive_cli.validate import compose_with_hydra
 from tests.conftest import REPO
 
 

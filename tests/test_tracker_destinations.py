@@ -95,8 +95,8 @@ def test_a_value_read_from_the_environment_is_never_saved(monkeypatch):
     from, not what it is (data.root, a path the comparison needs, stays)."""
     from omegaconf import OmegaConf
 
+    from contrastive_cli.command_line import compose_with_hydra
     from contrastive_cli.rebuild import saved_config
-    from contrastive_cli.validate import compose_with_hydra
 
     monkeypatch.setenv("CONTRAST_TEST_TOKEN", "https://user:hunter2@mlflow.example")
     monkeypatch.setenv("CONTRAST_DATA", "/my/data")

@@ -240,7 +240,8 @@ def _embedding_of(run: Path):
     from safetensors.torch import load_file
 
     from contrastive_cli.config import build
-    from contrastive_cli.run import build_encoder, embedding_sample, load_data
+    from contrastive_cli.finish import embedding_sample
+    from contrastive_cli.parts import build_encoder, load_data
     from contrastive_cli.rundirs import load_run
 
     cfg = load_run(run).config()
@@ -248,7 +249,13 @@ def _embedding_of(run: Path):
     encoder.load_state_dict(load_file(str(run / "encoder.safetensors")))
     runtime = build(cfg.device)
     return embedding_sample(
-        encoder.to(runtime.device), load_data(cfg), build(cfg.data.augment), runtime, cfg
+        encoder.to(runtime.device),
+        load_data(cfg),
+        build(cfg.data.augment),
+        runtime,
+        cfg.eval.embedding_points,
+        cfg.eval.batch_size,
+        cfg.trainer.seed,
     )
 
 

@@ -13,10 +13,11 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from contrastive_cli import cli
+from contrastive_cli.command_line import check_command_line
 from contrastive_cli.config import compose, config_groups
 from contrastive_cli.errors import ConfigError, ConfigErrors, UserError
 from contrastive_cli.schema import is_plain, target_types
-from contrastive_cli.validate import _expected, check_command_line, validate
+from contrastive_cli.validate import _expected, validate
 from tests.conftest import REPO, run_cli, run_dirs
 
 # (overrides, text the one error line must contain: the key, or key=value). BAD_CLI runs
@@ -77,6 +78,8 @@ BAD = [
     (["loss=dino", "loss.center_momentum=1"], "loss.center_momentum=1"),
     (["loss=byol", "data.augment.local_crops=6"], "data.augment.local_crops=6"),
     (["eval.knn_temperature=0"], "eval.knn_temperature=0"),
+    (["eval.metrics=[knn,rankme]"], "eval.metrics=['knn', 'rankme'] is not allowed"),
+    (["eval.metrics=[]"], "eval.metrics=[]"),
     (["optim.optimizer.weight_decay=-1"], "optim.optimizer.weight_decay=-1"),
     (["data.augment.hflip=1.5"], "data.augment.hflip=1.5"),
     (["debug=yes"], "debug='yes'"),

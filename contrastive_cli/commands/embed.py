@@ -105,7 +105,7 @@ def _check_out(out: Path) -> None:
 def load_encoder(run_dir: Path, run_cfg: DictConfig) -> torch.nn.Module:
     """The run's encoder, rebuilt from its config as ``contrast train`` built it, with the
     trained weights from ``encoder.safetensors`` (no pickles)."""
-    from contrastive_cli.run import load_trained_encoder
+    from contrastive_cli.weights import load_trained_encoder
 
     path = run_dir / "encoder.safetensors"
     if not path.is_file():
@@ -118,7 +118,7 @@ def load_encoder(run_dir: Path, run_cfg: DictConfig) -> torch.nn.Module:
 def embed(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, np.ndarray]:
     """Columns of the output: split, path or index, label, class (when named), embedding."""
     from contrastive_cli.evaluate import extract_features
-    from contrastive_cli.run import load_data
+    from contrastive_cli.parts import load_data
 
     want = (run_cfg.data.channels, run_cfg.data.image_size)
     have = (cfg.data.channels, cfg.data.image_size)

@@ -177,7 +177,9 @@ def main(args: list[str]) -> int:
             f"{trained_on.name} with {trained_on.channels}; choose data with {trained_on.channels}"
         )
 
-    from contrastive_cli.run import evaluate_encoder, load_data, load_trained_encoder
+    from contrastive_cli.evaluation import evaluate_encoder
+    from contrastive_cli.parts import load_data
+    from contrastive_cli.weights import load_trained_encoder
 
     runtime = build(cfg.device)
     data = load_data(cfg)

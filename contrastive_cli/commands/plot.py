@@ -58,7 +58,7 @@ def main(args: list[str]) -> int:
     if len(runs) > 1 and (sweep := plot_sweep(runs, sweep_png)) is not None:
         written.append(sweep)
     if not ns.no_embedding:
-        from contrastive_cli.run import embedding_map
+        from contrastive_cli.finish import embedding_map
 
         for run in runs:
             target = (

@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from contrastive_cli.command_line import check_command_line
 from contrastive_cli.config import CONF_DIR, expand_home
 from contrastive_cli.errors import (
     ConfigError,
@@ -30,7 +31,6 @@ from contrastive_cli.errors import (
 from contrastive_cli.rebuild import saved_config
 from contrastive_cli.signals import Interrupted
 from contrastive_cli.untrusted import printable
-from contrastive_cli.validate import check_command_line
 
 log = logging.getLogger(__name__)
 HELP = "train an encoder with a contrastive loss, then evaluate it (Hydra overrides)"

@@ -143,3 +143,20 @@ class StreamingBatches:
         for i, images in zip(idx, decoded, strict=True):
             labels = self.labels[i].to(self.device) if self.labels is not None else None
             yield images.to(self.device, non_blocking=True), labels
+
+
+def batches_of(
+    split: Split,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    on_device: bool = True,
+    shard: tuple[int, int] | None = None,
+) -> InMemoryBatches | StreamingBatches:
+    """The training batch stream of ``split``: tensors are indexed in memory (on the device
+    when ``on_device``); files stream through DataLoader workers that only decode. With
+    ``shard=(offset, rows)``, each step yields only those rows of its global batch. Here, not
+    a method of ``Split``, so that datasets need not import batches (no import cycle)."""
+    if isinstance(split.images, ImageFiles):
+        return StreamingBatches(split, batch_size, seed, device, shard)
+    return InMemoryBatches(split, batch_size, seed, device, on_device, shard)

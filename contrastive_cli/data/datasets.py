@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from contrastive_cli.data.files import ImageFiles
-
-if TYPE_CHECKING:
-    from contrastive_cli.data.batches import InMemoryBatches, StreamingBatches
 
 
 @dataclass(frozen=True)
@@ -44,23 +40,6 @@ class Split:
             self.labels[idx] if self.labels is not None else None,
             [self.paths[i] for i in idx.tolist()] if self.paths is not None else None,
         )
-
-    def batches(
-        self,
-        batch_size: int,
-        seed: int,
-        device: torch.device,
-        on_device: bool = True,
-        shard: tuple[int, int] | None = None,
-    ) -> InMemoryBatches | StreamingBatches:
-        """The training batch stream: tensors are indexed in memory (on the device when
-        ``on_device``); files stream through DataLoader workers that only decode. With
-        ``shard=(offset, rows)``, each step yields only those rows of its global batch."""
-        from contrastive_cli.data.batches import InMemoryBatches, StreamingBatches
-
-        if isinstance(self.images, ImageFiles):
-            return StreamingBatches(self, batch_size, seed, device, shard)
-        return InMemoryBatches(self, batch_size, seed, device, on_device, shard)
 
 
 @dataclass(frozen=True)

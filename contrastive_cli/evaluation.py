@@ -1,0 +1,112 @@
+"""The end-of-run evaluation: the chosen evaluators on the trained encoder and, with
+``eval.baselines``, on raw pixels and on the same encoder freshly initialised from the seed
+(its weights before training), a baseline read from the cache where it was computed before
+for the same data, settings and encoder config (``contrastive_cli.baselines``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from contrastive_cli.baselines import BaselineCache, baseline_keys, cache_dir
+from contrastive_cli.data.datasets import ImageData
+from contrastive_cli.device import Runtime
+from contrastive_cli.evaluate import PROTOCOL_VERSION
+from contrastive_cli.evaluators import Evaluator, build_evaluators, evaluate_protocol
+from contrastive_cli.parts import build_encoder
+
+log = logging.getLogger(__name__)
+Outcome = tuple[dict[str, float], dict[str, dict[str, float]], dict[str, bool]]
+
+
+@dataclass
+class Evaluation:
+    """What the evaluation needs, built from the config once (``evaluation_of``)."""
+
+    evaluators: list[Evaluator]
+    baselines: bool  # also raw pixels and the randomly initialised encoder
+    cache_keys: Callable[[], dict[str, dict[str, Any]]]  # {}: nothing read or written
+    random_init: Callable[[], nn.Module]  # the encoder as initialised, on the CPU
+    batch_size: int
+
+    def __call__(
+        self, encoder: nn.Module, data: ImageData, augment: Any, runtime: Runtime
+    ) -> Outcome:
+        """(metrics, baselines, {baseline: whether it came from the cache})."""
+        assert data.train is not None and data.test is not None
+        keys = self.cache_keys()
+        cache = BaselineCache(cache_dir())
+        cached: dict[str, dict[str, float]] = {}
+        for name, key in keys.items():
+            start = time.perf_counter()
+            found = cache.get(name, key)
+            if found is not None:
+                cached[name] = found | {"seconds": time.perf_counter() - start}
+                log.info(f"{name} baseline: from the cache ({cache.path(name, key)})")
+        encoders = {"trained": encoder}
+        if self.baselines and "random_init" not in cached:
+            memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
+            encoders["random_init"] = self.random_init().to(
+                runtime.device, memory_format=memory_format
+            )
+        evaluated = evaluate_protocol(
+            encoders,
+            data.train.images,
+            data.train.labels,
+            data.test.images,
+            data.test.labels,
+            data.num_classes,
+            augment.normalize,
+            runtime.device,
+            self.evaluators,
+            self.batch_size,
+            pixels=self.baselines and "raw_pixels" not in cached,
+            channels_last=runtime.channels_last,
+            autocast=runtime.autocast,
+        )
+        metrics = evaluated.pop("trained")
+        for name, result in evaluated.items():
+            if name in keys:
+                cache.put(name, keys[name], {k: v for k, v in result.items() if k != "seconds"})
+        baselines = {
+            name: cached[name] if name in cached else evaluated[name]
+            for name in ("raw_pixels", "random_init")
+            if name in cached or name in evaluated
+        }
+        return metrics, baselines, {name: name in cached for name in baselines}
+
+
+def evaluation_of(cfg: DictConfig, data: ImageData, runtime: Runtime, seed: int) -> Evaluation:
+    """The evaluation ``cfg.eval`` describes, for ``data`` on ``runtime``; ``seed`` fixes the
+    random-init baseline's weights and the probe's split."""
+    settings: dict[str, Any] = OmegaConf.to_container(cfg.eval, resolve=True)  # type: ignore[assignment]
+    baselines = bool(cfg.eval.baselines)
+    cached = baselines and bool(cfg.eval.get("cache_baselines", True))
+    encoder_config = OmegaConf.to_container(cfg.encoder, resolve=True)
+    keys = (
+        (lambda: baseline_keys(cfg, data, runtime, seed, encoder_config, PROTOCOL_VERSION) or {})
+        if cached
+        else dict
+    )
+    return Evaluation(
+        build_evaluators(settings["metrics"], settings, seed),
+        baselines,
+        keys,
+        lambda: build_encoder(cfg, seed),
+        int(cfg.eval.batch_size),
+    )
+
+
+def evaluate_encoder(
+    cfg: DictConfig, encoder: nn.Module, data: ImageData, augment: Any, runtime: Runtime, seed: int
+) -> Outcome:
+    """The evaluation of ``cfg`` for ``encoder`` (what `contrast eval` runs): (metrics,
+    baselines, {baseline: whether it came from the cache})."""
+    return evaluation_of(cfg, data, runtime, seed)(encoder, data, augment, runtime)
