@@ -161,8 +161,8 @@ def describe(tp: Any) -> str:
             base = "[low, high] of " + base.removeprefix("list of ")
         if base == "text" and "(non-empty)" in words:
             words.remove("(non-empty)")
-        if base == "text" and "like 15m, 90s, 1.5h" in words:
-            return "duration: 15m|90s|1.5h"
+        if "like 15m, 90s, 1.5h" in words:  # text like 15m, or a number of seconds
+            return "duration: 15m|90s|1.5h or seconds (> 0, <= 1 year)"
         return " ".join([base, *words]).strip()
     if origin is Literal:
         return "one of " + "|".join(str(a) for a in args)

@@ -94,7 +94,7 @@ def test_types_in_words():
     assert describe(PositiveInt) == "int >= 1"
     assert describe(Fraction) == "number in (0, 1)"
     budget = typing.get_type_hints(Trainer, include_extras=True)["time_budget"]
-    assert describe(budget) == "duration: 15m|90s|1.5h or number > 0 or null"
+    assert describe(budget) == "duration: 15m|90s|1.5h or seconds (> 0, <= 1 year) or null"
 
 
 def test_reference_lists_the_recipes():
