@@ -162,15 +162,8 @@ def _to_train_log(run_dir: Path) -> Iterator[None]:
     """The launcher's own lines (processes started, restarts) in train.log too, as rank 0's."""
     from contrastive_cli import writer
 
-    handler = writer.SafeFileHandler(writer.safe_path(run_dir, "train.log"))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    logger = logging.getLogger("contrastive_cli")
-    logger.addHandler(handler)
-    try:
+    with writer.logging_to(writer.safe_path(run_dir, "train.log")):
         yield
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
 
 
 @contextlib.contextmanager

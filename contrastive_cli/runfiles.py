@@ -51,16 +51,8 @@ class RunFiles:
         if not self.writes:
             yield
             return
-        handler = writer.SafeFileHandler(self.file("train.log"))
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        logger = logging.getLogger("contrastive_cli")
-        logger.setLevel(logging.INFO)
-        logger.addHandler(handler)
-        try:
+        with writer.logging_to(self.file("train.log"), logging.INFO):
             yield
-        finally:
-            logger.removeHandler(handler)
-            handler.close()
 
     def metrics(self, keep_epochs: int) -> MetricsLog | None:
         return MetricsLog(self.file("metrics.jsonl"), keep_epochs) if self.writes else None

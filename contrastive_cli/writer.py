@@ -146,6 +146,23 @@ class SafeFileHandler(logging.FileHandler):
 
 
 @contextlib.contextmanager
+def logging_to(path: Path, level: int | None = None) -> Iterator[None]:
+    """The package's log lines also appended to ``path`` (train.log), timestamped, while the
+    block runs; ``level`` sets the package logger's level too."""
+    handler = SafeFileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("contrastive_cli")
+    if level is not None:
+        logger.setLevel(level)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+@contextlib.contextmanager
 def lock(run_dir: Path, command: str) -> Iterator[None]:
     """Hold the run directory's lock for the duration; UserError (one line) if another
     process holds it. The kernel releases the lock when its holder dies (even kill -9); the

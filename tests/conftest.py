@@ -58,6 +58,28 @@ def run_cli(
     return proc
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every regular file under ``folder`` and its bytes (the lock left out): what a refused
+    command must leave unchanged."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink() and p.name != ".lock"
+    }
+
+
+def one_error_line(capsys, code: int, expected: int | tuple[int, ...] = 2) -> str:
+    """The single ``error:`` line an in-process ``cli.main`` call printed, its exit code one
+    of ``expected``, no traceback anywhere."""
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.splitlines() if ln.strip()]
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    assert code in expected, (code, out.err, out.out)
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
+    assert "Traceback" not in out.err + out.out
+    return lines[0]
+
+
 def run_dirs(root: Path) -> list[Path]:
     """Run directories (those holding .hydra/config.yaml) under ``root``, oldest first."""
     return sorted((p.parent.parent for p in root.rglob(".hydra/config.yaml")), key=lambda p: str(p))

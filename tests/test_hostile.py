@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from contrastive_cli import cli, untrusted
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, one_error_line, run_cli, snapshot
 
 LIMIT_S = 20
 CFG = [o for o in TINY if not o.startswith("trainer.epochs")] + [
@@ -57,24 +57,6 @@ def bounded():
 def _copy(run: Path, dest: Path) -> Path:
     shutil.copytree(run, dest, symlinks=True)
     return dest
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.is_symlink() and p.name != ".lock"
-    }
-
-
-def _one_line(capsys, code: int, expected: int | tuple[int, ...] = 2) -> str:
-    out = capsys.readouterr()
-    lines = [ln for ln in out.err.splitlines() if ln.strip()]
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    assert code in expected, (code, out.err, out.out)
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
-    assert "Traceback" not in out.err + out.out
-    return lines[0]
 
 
 def _replace(path: Path, kind: str, target: Path | None = None) -> None:
@@ -160,17 +142,17 @@ def test_printable_shows_control_characters_as_escapes():
         ("checkpoints/last.pt", "fifo"),
     ],
 )
-def test_resume_with_a_fifo_folder_or_device_in_the_run_is_one_line(
+def test_resume_with_a_fifo_folder_or_device_in_the_run_isone_error_line(
     finished, tmp_path, capsys, bounded, name, kind
 ):
     run = _copy(finished, tmp_path / "run")
     (run / "results.json").unlink()
     (run / "checkpoints" / "prev.pt").unlink(missing_ok=True)
     _replace(run / name, "link" if kind.startswith("/") else kind, Path(kind))
-    before = _snapshot(run)
-    line = _one_line(capsys, cli.main(["resume", str(run)]), (1, 2))
+    before = snapshot(run)
+    line = one_error_line(capsys, cli.main(["resume", str(run)]), (1, 2))
     assert name.split("/")[-1] in line, line
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 @pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "dir"])
@@ -178,21 +160,23 @@ def test_plot_and_runs_with_hostile_metrics_or_results(finished, tmp_path, capsy
     tree = tmp_path / "tree"
     run = _copy(finished, tree / "run")
     _replace(run / "metrics.jsonl", "link" if kind.startswith("/") else kind, Path(kind))
-    _one_line(capsys, cli.main(["plot", str(run), "--no-embedding", "--out", str(tmp_path / "p")]))
+    one_error_line(
+        capsys, cli.main(["plot", str(run), "--no-embedding", "--out", str(tmp_path / "p")])
+    )
     _replace(run / "results.json", "link" if kind.startswith("/") else kind, Path(kind))
     assert cli.main(["runs", str(tree)]) == 0
     out = capsys.readouterr().out
     assert "unreadable" in out and "results.json" in out
 
 
-def test_a_fifo_or_link_as_the_saved_config_is_one_line(finished, tmp_path, capsys, bounded):
+def test_a_fifo_or_link_as_the_saved_config_isone_error_line(finished, tmp_path, capsys, bounded):
     secret = tmp_path / "secret.yaml"
     secret.write_text(yaml.safe_dump({"token": "s3cret"}))
     for kind in ("fifo", "link"):
         run = _copy(finished, tmp_path / kind)
         (run / ".hydra" / "config_unresolved.yaml").unlink(missing_ok=True)  # older runs had it
         _replace(run / ".hydra" / "config.yaml", kind, secret)
-        line = _one_line(capsys, cli.main(["eval", str(run)]))
+        line = one_error_line(capsys, cli.main(["eval", str(run)]))
         assert "config.yaml" in line and "s3cret" not in line
 
 
@@ -203,14 +187,14 @@ def test_reproduce_never_copies_or_follows_links_in_hydra(finished, tmp_path, ca
     run = _copy(finished, tmp_path / "run")
     _replace(run / ".hydra" / "hydra.yaml", "link", key)  # read (never copied) by reproduce
     out = tmp_path / "again"
-    _one_line(capsys, cli.main(["reproduce", str(run), "--out", str(out)]))
+    one_error_line(capsys, cli.main(["reproduce", str(run), "--out", str(out)]))
     assert not out.exists(), "a refused reproduce created its run directory"
     # The whole .hydra folder as a link: refused the same way.
     run2 = _copy(finished, tmp_path / "run2")
     elsewhere = tmp_path / "elsewhere"
     shutil.move(run2 / ".hydra", elsewhere)
     (run2 / ".hydra").symlink_to(elsewhere)
-    line = _one_line(capsys, cli.main(["eval", str(run2)]))
+    line = one_error_line(capsys, cli.main(["eval", str(run2)]))
     assert "symbolic link" in line
 
 
@@ -268,7 +252,7 @@ def test_deeply_nested_config_stalls_neither_eval_nor_runs(finished, tmp_path, c
     for name in ("config.yaml", "config_unresolved.yaml", "hydra.yaml"):
         (bad / ".hydra" / name).write_text(nested)
     started = time.monotonic()
-    line = _one_line(capsys, cli.main(["eval", str(bad)]))
+    line = one_error_line(capsys, cli.main(["eval", str(bad)]))
     assert "nests" in line
     assert cli.main(["runs", str(tree)]) == 0
     out = capsys.readouterr().out
@@ -319,7 +303,7 @@ def test_huge_widths_in_metadata_are_refused_before_allocating(finished, tmp_pat
     bare = tmp_path / "enc.safetensors"
     _forged_encoder(finished, bare, 200_000)
     started = time.monotonic()
-    line = _one_line(capsys, cli.main(["eval", str(bare)]), (1, 2))
+    line = one_error_line(capsys, cli.main(["eval", str(bare)]), (1, 2))
     assert "does not fit" in line or "cannot be built" in line, line
     assert time.monotonic() - started < 10
 
@@ -339,7 +323,7 @@ def test_huge_widths_in_a_run_config_are_refused_before_allocating(
         yaml.safe_dump([*yaml.safe_load(overrides.read_text()), f"encoder.{key}=[{widths}]"])
     )
     for args in (["eval", str(run)], ["embed", str(run), "--out", str(tmp_path / "e.npy")]):
-        line = _one_line(capsys, cli.main(args), (1, 2))
+        line = one_error_line(capsys, cli.main(args), (1, 2))
         assert "does not fit" in line, line
 
 
@@ -364,7 +348,7 @@ def test_errors_never_print_control_characters(finished, tmp_path, capsys, bound
     run = _copy(finished, tmp_path / "run")
     for name in ("config.yaml", "config_unresolved.yaml"):
         (run / ".hydra" / name).write_text("trainer: [\x1b[2J unclosed\n")
-    line = _one_line(capsys, cli.main(["eval", str(run)]))
+    line = one_error_line(capsys, cli.main(["eval", str(run)]))
     assert "\x1b" not in line
 
 
@@ -372,7 +356,7 @@ def test_errors_never_print_control_characters(finished, tmp_path, capsys, bound
 def test_a_refused_resume_through_train_changes_nothing(finished, tmp_path):
     run = _copy(finished, tmp_path / "run")
     (run / "results.json").unlink()
-    before = _snapshot(run)
+    before = snapshot(run)
     proc = run_cli(
         ["train", *CFG, f"hydra.run.dir={run}", "trainer.resume=true", "loss.temperature=0.3"],
         cwd=tmp_path,
@@ -380,13 +364,13 @@ def test_a_refused_resume_through_train_changes_nothing(finished, tmp_path):
     )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "loss" in lines[0], proc.stderr
-    assert _snapshot(run) == before, "a refused resume changed the run directory"
+    assert snapshot(run) == before, "a refused resume changed the run directory"
 
 
 def test_a_run_dir_reached_through_a_missing_folder_is_resolved(finished, tmp_path):
     """hydra.run.dir=<missing>/../<existing run> overwrote that run's config."""
     run = _copy(finished, tmp_path / "run")
-    before = _snapshot(run)
+    before = snapshot(run)
     proc = run_cli(
         ["train", *CFG, f"hydra.run.dir={tmp_path / 'missing' / '..' / 'run'}"],
         cwd=tmp_path,
@@ -394,7 +378,7 @@ def test_a_run_dir_reached_through_a_missing_folder_is_resolved(finished, tmp_pa
     )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "already holds a run" in lines[0]
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
     assert not (tmp_path / "missing").exists()
 
 
@@ -533,7 +517,7 @@ def test_a_refused_train_into_a_busy_run_changes_nothing(finished, tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        before = _snapshot(run)
+        before = snapshot(run)
         proc = run_cli(
             ["train", *CFG, f"hydra.run.dir={run}", "trainer.resume=true", "trainer.log_every=5"],
             cwd=tmp_path,
@@ -544,7 +528,7 @@ def test_a_refused_train_into_a_busy_run_changes_nothing(finished, tmp_path):
         holder.wait()
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 1 and len(lines) == 1 and "in use" in lines[0], proc.stderr
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_resuming_through_train_keeps_the_saved_config_and_leaves_no_staging(finished, tmp_path):

@@ -24,7 +24,7 @@ import yaml
 
 from contrastive_cli import cli
 from contrastive_cli.checkpoint import load_checkpoint, save_checkpoint
-from tests.conftest import REPO, TINY, read_results, run_cli
+from tests.conftest import REPO, TINY, one_error_line, read_results, run_cli, snapshot
 
 CFG = [o for o in TINY if not o.startswith("trainer.epochs")] + [
     "trainer.epochs=2",
@@ -87,24 +87,6 @@ def _override(run: Path, key: str, value) -> None:
     _edit_config(run, lambda c: c[section].__setitem__(name, value))
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.is_symlink() and p.name != ".lock"
-    }
-
-
-def _one_line(capsys, code: int, expected: int | tuple[int, ...] = 2) -> str:
-    out = capsys.readouterr()
-    lines = [ln for ln in out.err.splitlines() if ln.strip()]
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    assert code in expected, (code, out.err, out.out)
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
-    assert "Traceback" not in out.err + out.out
-    return lines[0]
-
-
 def _commands(run: Path, tmp: Path) -> dict[str, list[str]]:
     return {
         "eval": ["eval", str(run)],
@@ -137,11 +119,11 @@ def test_a_target_in_a_run_directory_never_runs(
     _edit_config(run, lambda c: INJECTIONS[where](c, "evil_payload.boom"))
     if command == "resume":
         (run / "results.json").unlink()
-    before = _snapshot(run)
-    line = _one_line(capsys, cli.main(_commands(run, tmp_path)[command]))
+    before = snapshot(run)
+    line = one_error_line(capsys, cli.main(_commands(run, tmp_path)[command]))
     assert ("_target_" in line or "_args_" in line) and "not allowed" in line, line
     assert not payload.exists(), "the payload ran"
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
     assert not (tmp_path / "again").exists() and not (tmp_path / "e.npy").exists()
 
 
@@ -154,7 +136,7 @@ def test_installed_callables_that_evaluate_text_are_refused_too(finished, tmp_pa
         run,
         lambda c: c["device"].__setitem__("type", {"_target_": "builtins.exec", "_args_": [code]}),
     )
-    _one_line(capsys, cli.main(["eval", str(run)]))
+    one_error_line(capsys, cli.main(["eval", str(run)]))
     assert not marker.exists()
 
 
@@ -162,7 +144,7 @@ def test_interpolations_that_call_resolvers_are_refused(finished, tmp_path, caps
     run = _copy(finished, tmp_path / "run")
     made = tmp_path / "made-by-resolver"
     _edit_config(run, lambda c: c["data"].__setitem__("root", f"${{unique_dir:{made}}}"))
-    line = _one_line(capsys, cli.main(["eval", str(run)]))
+    line = one_error_line(capsys, cli.main(["eval", str(run)]))
     assert "unique_dir" in line
     assert not made.exists()
 
@@ -174,7 +156,7 @@ def test_yaml_aliases_cannot_blow_up_a_config(finished, tmp_path, capsys):
     lines += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
     (run / ".hydra" / "config.yaml").write_text("\n".join(lines) + "\n")
     started = time.monotonic()
-    line = _one_line(capsys, cli.main(["reproduce", str(run), "--out", str(tmp_path / "r")]))
+    line = one_error_line(capsys, cli.main(["reproduce", str(run), "--out", str(tmp_path / "r")]))
     assert "aliases" in line and time.monotonic() - started < 10
 
 
@@ -215,7 +197,7 @@ def test_bare_encoder_metadata_is_parsed_against_a_schema(
     finished, tmp_path, payload, capsys, metadata
 ):
     path = _encoder_file(finished, tmp_path, **metadata)
-    _one_line(capsys, cli.main(["eval", str(path)]), (1, 2))
+    one_error_line(capsys, cli.main(["eval", str(path)]), (1, 2))
     assert not payload.exists()
 
 
@@ -223,7 +205,7 @@ def test_bare_encoder_metadata_is_parsed_against_a_schema(
     "damage",
     ["header length", "header json", "tensor sizes", "truncated", "empty"],
 )
-def test_a_damaged_safetensors_file_is_one_line(finished, tmp_path, capsys, damage):
+def test_a_damaged_safetensors_file_isone_error_line(finished, tmp_path, capsys, damage):
     good = (finished / "encoder.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", good[:8])
     header = json.loads(good[8 : 8 + n])
@@ -244,12 +226,12 @@ def test_a_damaged_safetensors_file_is_one_line(finished, tmp_path, capsys, dama
     (run / "encoder.safetensors").write_bytes(data)
     bare = tmp_path / "bare.safetensors"
     bare.write_bytes(data)
-    _one_line(capsys, cli.main(["eval", str(run)]), (1, 2))
-    _one_line(capsys, cli.main(["embed", str(run), "--out", str(tmp_path / "e.npy")]), (1, 2))
-    _one_line(capsys, cli.main(["eval", str(bare)]), (1, 2))
+    one_error_line(capsys, cli.main(["eval", str(run)]), (1, 2))
+    one_error_line(capsys, cli.main(["embed", str(run), "--out", str(tmp_path / "e.npy")]), (1, 2))
+    one_error_line(capsys, cli.main(["eval", str(bare)]), (1, 2))
 
 
-def test_an_encoder_of_other_shapes_is_one_line(finished, tmp_path, capsys):
+def test_an_encoder_of_other_shapes_isone_error_line(finished, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     run = _copy(finished, tmp_path / "run")
@@ -257,7 +239,7 @@ def test_an_encoder_of_other_shapes_is_one_line(finished, tmp_path, capsys):
     name = next(iter(weights))
     weights[name] = torch.zeros(3, 3)
     save_file(weights, str(run / "encoder.safetensors"))
-    line = _one_line(capsys, cli.main(["eval", str(run)]), 1)
+    line = one_error_line(capsys, cli.main(["eval", str(run)]), 1)
     assert name in line and "(3, 3)" in line
 
 
@@ -268,7 +250,7 @@ def test_resume_refuses_a_symlinked_train_log(finished, tmp_path, capsys):
     (run / "results.json").unlink()
     (run / "train.log").unlink()
     (run / "train.log").symlink_to(victim)
-    line = _one_line(capsys, cli.main(["resume", str(run)]))
+    line = one_error_line(capsys, cli.main(["resume", str(run)]))
     assert "symbolic link" in line
     assert victim.read_text() == "precious\n"
 
@@ -287,11 +269,11 @@ def test_no_run_directory_file_is_written_through_a_link(finished, tmp_path, cap
         target.unlink()
     else:
         outside.write_text("precious\n")
-    before = _snapshot(outside) if outside.is_dir() else outside.read_bytes()
+    before = snapshot(outside) if outside.is_dir() else outside.read_bytes()
     target.symlink_to(outside)
-    line = _one_line(capsys, cli.main(["resume", str(run)]))
+    line = one_error_line(capsys, cli.main(["resume", str(run)]))
     assert "symbolic link" in line
-    after = _snapshot(outside) if outside.is_dir() else outside.read_bytes()
+    after = snapshot(outside) if outside.is_dir() else outside.read_bytes()
     assert after == before, "a file outside the run directory changed"
 
 
@@ -350,9 +332,11 @@ def test_a_partial_last_metrics_line_is_dropped_on_resume(finished, tmp_path, ca
     assert read_results(run)["status"] == "completed"
 
 
-def test_runs_csv_into_a_folder_or_unwritable_path_is_one_line(finished, tmp_path, capsys):
-    _one_line(capsys, cli.main(["runs", str(finished), "--csv", str(tmp_path)]), 1)
-    _one_line(capsys, cli.main(["runs", str(finished), "--csv", str(tmp_path / "no" / "x.csv")]), 1)
+def test_runs_csv_into_a_folder_or_unwritable_path_isone_error_line(finished, tmp_path, capsys):
+    one_error_line(capsys, cli.main(["runs", str(finished), "--csv", str(tmp_path)]), 1)
+    one_error_line(
+        capsys, cli.main(["runs", str(finished), "--csv", str(tmp_path / "no" / "x.csv")]), 1
+    )
 
 
 def _state_with(finished: Path, edit) -> Path:
@@ -374,20 +358,22 @@ def _state_with(finished: Path, edit) -> Path:
     ],
     ids=["shape", "missing weight", "no optimizer", "bad progress", "optimizer groups"],
 )
-def test_a_checksummed_checkpoint_that_does_not_fit_is_one_line(finished, tmp_path, capsys, edit):
+def test_a_checksummed_checkpoint_that_does_not_fit_isone_error_line(
+    finished, tmp_path, capsys, edit
+):
     run = _copy(finished, tmp_path / "run")
     (run / "results.json").unlink()
     (run / "checkpoints" / "prev.pt").unlink(missing_ok=True)
     save_checkpoint(run / "checkpoints" / "last.pt", _state_with(finished, edit))
     (run / "checkpoints" / "prev.pt").unlink(missing_ok=True)
-    _one_line(capsys, cli.main(["resume", str(run)]), (1, 2))
+    one_error_line(capsys, cli.main(["resume", str(run)]), (1, 2))
 
 
 def test_resume_refuses_a_config_that_no_longer_matches_its_checkpoint(finished, tmp_path, capsys):
     run = _copy(finished, tmp_path / "run")
     (run / "results.json").unlink()
     _override(run, "loss.temperature", 0.1)
-    line = _one_line(capsys, cli.main(["resume", str(run)]))
+    line = one_error_line(capsys, cli.main(["resume", str(run)]))
     assert "loss" in line and "checkpoint" in line
 
 
@@ -395,7 +381,7 @@ def test_resume_refuses_fewer_epochs_than_the_checkpoint_holds(finished, tmp_pat
     run = _copy(finished, tmp_path / "run")
     (run / "results.json").unlink()
     _override(run, "trainer.epochs", 1)
-    line = _one_line(capsys, cli.main(["resume", str(run)]))
+    line = one_error_line(capsys, cli.main(["resume", str(run)]))
     assert "trainer.epochs=1" in line and "epoch 2" in line
     assert not (run / "results.json").exists(), "must not be reported as completed"
 
@@ -423,12 +409,12 @@ def test_a_second_command_on_a_busy_run_directory_refuses(tmp_path):
     )
     try:
         assert first.stdout.readline().strip() == "locked"
-        before = _snapshot(run)
+        before = snapshot(run)
         second = run_cli(["resume", str(run)], cwd=tmp_path, timeout=120)
         lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
         assert second.returncode == 1 and len(lines) == 1, second.stderr
         assert "in use by another contrast command" in lines[0] and str(first.pid) in lines[0]
-        assert _snapshot(run) == before
+        assert snapshot(run) == before
     finally:
         first.kill()
         first.wait()
