@@ -40,20 +40,35 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
-    """Per-epoch losses to float32 reduction order (1e-5 relative); monitor k-NN within one
-    of its 100 queries (eval.monitor_queries), final metrics within one test image of
-    digits' 360 (features differ by rounding only: a near-tie may flip one answer)."""
+    """The same training as the reference, to float32 rounding amplified by 66 AdamW steps.
+
+    Rounding differs with the arithmetic's partition: processes split the batch, and MKL and
+    oneDNN block by thread count (one process with 1 or 2 threads differs by ~1e-6 in the
+    first forward pass). Training amplifies it: Adam moves weights whose gradients are
+    rounding noise by up to lr, and a ReLU pre-activation within rounding of 0 may flip. Measured
+    on the 2-core CI machine (AMD EPYC, AVX2), relative spread of the per-epoch losses:
+    one process with 1 vs 2 threads, 1e-8, 6e-7, 1.2e-4 (epochs 1-3); two processes
+    uninterrupted vs one, 3e-8, 6e-7, 1.2e-4; two killed after epoch 1 and resumed on one,
+    3e-8, 9e-6, 9e-5. Resuming adds nothing: a resumed run continues bit for bit (one process
+    killed and resumed on one; two resumed on two), and the checkpoint's integer state
+    (progress, schedule, optimizer step) equals one process's. Hence epoch 1 (no resume yet)
+    to 1e-5, later epochs to 1e-3 (8x the spread; epoch 3's loss is 4% below epoch 2's, so
+    this still tells a run that repeats or skips training apart). Monitor k-NN within one of
+    its 100 queries (eval.monitor_queries). Final accuracies within two test images of
+    digits' 360 (measured: the killed-and-resumed run's linear probe +2, its chosen weight
+    decay flipped between the grid's two values by a near-tie: that choice is not compared)."""
     got, want = _metrics(run), _metrics(reference)
     assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
     for g, w in zip(got, want, strict=True):
-        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5)
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5 if g["epoch"] == 1 else 1e-3)
         assert g["knn"] == pytest.approx(w["knn"], abs=1 / 100 + 1e-6)
     results, expected = read_results(run), read_results(reference)
     assert results["status"] == "completed"
     for key, value in expected["metrics"].items():
-        if key == "seconds":  # evaluation time
+        if key in ("seconds", "probe_weight_decay"):  # evaluation time; a near-tie's choice
             continue
-        assert results["metrics"][key] == pytest.approx(value, abs=1 / 360 + 1e-9), key
+        # accuracies are float32: 1e-6 for their rounding (1e-9 was below one ulp)
+        assert results["metrics"][key] == pytest.approx(value, abs=2 / 360 + 1e-6), key
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
