@@ -269,7 +269,7 @@ class Restarts:
         log.warning(
             f"restart {self.attempt} of {self.allowed}: {describe(failure, self.n)}; the "
             f"{self.n} processes start again from "
-            + (f"epoch {epoch}, step {step}" if step else "the beginning (no checkpoint yet)")
+            + (f"step {step} (epoch {epoch + 1})" if step else "the beginning (no checkpoint yet)")
         )
 
 

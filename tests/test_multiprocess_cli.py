@@ -188,13 +188,13 @@ def test_with_max_restarts_the_group_restarts_from_the_checkpoint(reference, tmp
     assert restart["reason"] == "was killed by SIGKILL"
     said = "restart 1 of 1: rank 1 of 2 was killed by SIGKILL; the 2 processes start again"
     assert said in out and said in (run / "train.log").read_text()
-    resumed = re.search(r"resuming from \S+: epoch (\d+), step (\d+)", out)
+    # the resumed epoch is the one in progress (1-based), one past the checkpoint's completed
+    resumed = re.search(r"resuming from \S+: epoch (\d+)/\d+, step (\d+)", out)
     if resumed is None:  # no checkpoint yet: the run started over
         assert (restart["resumed_from_epoch"], restart["resumed_from_step"]) == (0, 0)
     else:
-        assert [restart["resumed_from_epoch"], restart["resumed_from_step"]] == [
-            int(g) for g in resumed.groups()
-        ]
+        epoch, step = (int(g) for g in resumed.groups())
+        assert [restart["resumed_from_epoch"] + 1, restart["resumed_from_step"]] == [epoch, step]
 
 
 def test_a_sweep_of_multi_process_jobs_has_one_directory_per_job(tmp_path):

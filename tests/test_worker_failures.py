@@ -165,10 +165,10 @@ def test_a_worker_crash_with_a_restart_left_is_recorded_and_the_run_completes(tm
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     said = "restart 1 of 1: rank 1 of 2 failed: RuntimeError: injected fault at step 13"
-    assert f"{said}; the 2 processes start again from epoch 1, step 11" in proc.stdout
+    assert f"{said}; the 2 processes start again from step 11 (epoch 2)" in proc.stdout
     log = (run / "train.log").read_text()
     assert said in log and "rank 1's traceback:" in log
-    assert re.search(r"resuming from \S+: epoch 1, step 11", log)
+    assert re.search(r"resuming from \S+: epoch 2/2, step 11", log)
     results = read_results(run)
     assert results["status"] == "completed"
     [restart] = results["restarts"]
