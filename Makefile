@@ -1,4 +1,4 @@
-# make install | run | test | lint | bench
+# make install | run | test | lint | bench | gpu-check
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
