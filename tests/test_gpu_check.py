@@ -58,6 +58,7 @@ def check_outputs(out: Path, proc: subprocess.CompletedProcess[str], compiled: b
     assert "bit-identical" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow  # 2-5 minutes on 2 cores: make test-all (and before any GPU call)
 def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     """Every command of the check, at rehearsal sizes; of the CUDA tests one runs (on the
     CPU) and the rest are collected, compile left out (its CPU start-up takes a minute)."""

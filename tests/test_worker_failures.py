@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, TINY, read_results, run_cli
 
 CFG = [o for o in TINY if not o.startswith(("trainer.epochs", "trainer.batch_size"))] + [
@@ -141,6 +143,7 @@ def test_a_data_error_on_one_rank_is_a_failure_of_that_rank_through_a_restart(tm
     assert (restart["restart"], restart["resumed_from_step"]) == (1, 0)
 
 
+@pytest.mark.slow  # restarts are recorded in make test by test_multiprocess_cli
 def test_a_worker_crash_with_a_restart_left_is_recorded_and_the_run_completes(tmp_path):
     """Rank 1 raises in epoch 2 of the first attempt; the group restarts from epoch 1's
     checkpoint and finishes; results.json, train.log and the console say so."""
