@@ -177,3 +177,35 @@ def test_bad_timm_settings_are_config_errors(kwargs, words):
     with pytest.raises(ConfigError, match=r"^encoder|^data") as e:
         TimmEncoder(1, 8, **kwargs)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- two processes
+MULTI = {
+    "vit_tiny": [
+        "encoder=vit_tiny",
+        "+encoder.kwargs.depth=2",
+        "loss=byol",
+        "trainer.batch_size=16",
+    ],
+    "resnet50": pytest.param(
+        ["encoder=resnet50", "loss=ntxent", "trainer.batch_size=16"], marks=pytest.mark.slow
+    ),
+}
+
+
+@pytest.mark.parametrize("overrides", list(MULTI.values()), ids=list(MULTI))
+def test_two_processes_train_a_large_encoder_as_one_does(tmp_path, overrides):
+    """3 real steps (digits, global batch 16, SGD, deterministic kernels) on two gloo
+    processes give the one-process weights, buffers and losses, to float32 summation order
+    (the tolerances of tests/test_distributed.py)."""
+    from tests.test_distributed import WORLD, _three_steps, in_processes
+
+    ranks = in_processes(_three_steps, tmp_path, overrides, WORLD)
+    one = _three_steps(0, overrides, 1)
+    for got in ranks:
+        assert got["step"] == one["step"] == 3
+        torch.testing.assert_close(
+            torch.tensor(got["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6
+        )
+        for name, value in one["method"].items():
+            torch.testing.assert_close(got["method"][name], value, rtol=1e-5, atol=1e-6, msg=name)
