@@ -128,6 +128,7 @@ def measure_one(
         "steps": steps,
         "device": rt.describe(),
         "flops_per_step": flops,
+        "threads": torch.get_num_threads(),
         "images_per_s": {
             "fp32": summary([per / t.wall_s for t in fp32]),
             "bf16": summary([batch / t.wall_s for t in bf16]),
@@ -243,7 +244,8 @@ def _report(
         (
             f"Peak: {peak['assumption']}: {peak['fp32_gflops']:,.0f} fp32 / "
             f"{peak['bf16_gflops']:,.0f} bf16 GFLOP/s (an estimate: the clock is the one "
-            "reported, not a measured all-core turbo)."
+            f"reported, not a measured all-core turbo); torch used {r0.get('threads', '?')} "
+            "thread(s)."
             if peak
             else "No CPU peak (GPU run)."
         ),
