@@ -120,8 +120,10 @@ def test_options():
     opts, names = parse(["--only", "memory,throughput", "--quick"])
     assert names == ["throughput", "memory"] and opts.quick and opts.out.name == "quick"
     opts, names = parse([])
-    assert names == ["throughput", "evaluation", "memory", "quality", "distributed"]
+    assert names == ["throughput", "evaluation", "memory", "quality", "distributed", "encoders"]
     assert opts.repeats == 5
+    opts, names = parse(["encoders", "--encoders", "vit_tiny,cnn"])
+    assert names == ["encoders"] and opts.extra["encoders"] == ["vit_tiny", "cnn"]
     with pytest.raises(SystemExit):
         parse(["nonsense"])
 
