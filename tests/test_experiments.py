@@ -44,54 +44,31 @@ def test_reproduce_is_bit_identical(reference, tmp_path):
     assert "${" not in (reference / ".hydra" / "config.yaml").read_text()
 
 
+def killed(fault: str, n: int, train_args: list[str]) -> None:
+    """``contrast train TRAIN_ARGS`` under the fault harness (``tests.harness``), SIGKILLed at
+    its ``fault`` number ``n``."""
+    args = [sys.executable, "-m", "tests.harness", fault, str(n), "--", "train", *train_args]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
 @pytest.mark.parametrize(
     ("fault", "n"), [("kill-in-step", 2), ("kill-in-step", 40), ("kill-in-save", 2)]
 )
 def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, fault, n):
     run = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.harness",
-            fault,
-            str(n),
-            "--",
-            "train",
-            *CFG,
-            f"hydra.run.dir={run}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    killed(fault, n, [*CFG, f"hydra.run.dir={run}"])
     assert not (run / "results.json").exists()
     run_cli(["resume", str(run)], cwd=tmp_path, check=True)
     assert read_results(run)["status"] == "completed"
     assert compared_values(run) == compared_values(reference)
 
 
-def test_dino_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
-    """DINO's state beyond weights (teacher, centre, the teacher temperature's clock) is in
-    its checkpoint: killed in epoch 2 and resumed from the end of epoch 1, with local crops,
-    it ends where an uninterrupted run ends."""
-    cfg = [*CFG, "loss=dino", "data.augment.local_crops=2", "eval.baselines=false"]
-    run_cli(["train", *cfg, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path, check=True)
-    run = tmp_path / "run"
-    args = [sys.executable, "-m", "tests.harness", "kill-in-step", "30", "--", "train", *cfg]
-    proc = subprocess.run(
-        [*args, f"hydra.run.dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    run_cli(["resume", str(run)], cwd=tmp_path, check=True)
-    assert compared_values(run) == compared_values(tmp_path / "whole")
-
-
 @pytest.mark.parametrize(
     "method",
     [
+        # the teacher, the centre, the teacher temperature's clock; local crops
+        ["loss=dino", "data.augment.local_crops=2"],
         # the support set (a queue of 256: full from the checkpoint on)
         ["loss=nnclr", "loss.queue_size=256"],
         # the momentum encoder and its cosine schedule's place
@@ -106,19 +83,16 @@ def test_dino_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
             "data.augment.local_crops=2",
         ],
     ],
-    ids=["nnclr", "mocov3", "swav"],
+    ids=["dino", "nnclr", "mocov3", "swav"],
 )
 def test_queue_and_clock_methods_killed_then_resumed_equal_an_uninterrupted_run(tmp_path, method):
-    """Killed in epoch 2 and resumed from the end of epoch 1: state beyond weights (queues,
-    momentum encoder, SwAV's epoch clock and frozen-prototype epochs) is in the checkpoint."""
+    """Killed in epoch 2 and resumed from the end of epoch 1: state beyond weights (DINO's
+    teacher, centre and temperature clock, queues, momentum encoder, SwAV's epoch clock and
+    frozen-prototype epochs) is in the checkpoint."""
     cfg = [*CFG, *method, "eval.baselines=false"]
     run_cli(["train", *cfg, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path, check=True)
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "tests.harness", "kill-in-step", "30", "--", "train", *cfg]
-    proc = subprocess.run(
-        [*args, f"hydra.run.dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    killed("kill-in-step", 30, [*cfg, f"hydra.run.dir={run}"])
     run_cli(["resume", str(run)], cwd=tmp_path, check=True)
     assert compared_values(run) == compared_values(tmp_path / "whole")
 
