@@ -23,8 +23,9 @@ GROUPS = {
     "loss": config_groups()["loss"],
     "optim": ["adam", "lars", "sgd"],
     "tracker": ["mlflow", "tensorboard"],  # none by default; several at once: tracker=[a,b]
-    # Overlays on top of the defaults (+experiment=NAME): measured recipes, one per dataset.
-    "experiment": ["cifar10_cpu", "cifar10_gpu", "digits", "fashion_mnist_15min"],
+    # Overlays on top of the defaults (+experiment=NAME): measured recipes, one per dataset,
+    # and methods' recipes from their papers, named after the loss (any dataset).
+    "experiment": ["cifar10_cpu", "cifar10_gpu", "digits", "fashion_mnist_15min", "mocov3_vit"],
 }
 OPTIONS = [(g, option) for g, options in GROUPS.items() if g != "experiment" for option in options]
 SHAPES = {
@@ -69,7 +70,9 @@ def test_every_experiment_overlays_the_defaults_and_validates(compose_cfg, exper
     if cfg.device.type == "cuda" and not torch.cuda.is_available():
         cfg.device.type = "cpu"  # the rest of a GPU recipe is still checked here
     validate(cfg)
-    assert cfg.data.name in experiment or experiment.startswith(cfg.data.name)
+    loss = cfg.loss._target_.split(".")[-2]  # contrastive_cli.methods.<loss>.<Class>
+    named = (cfg.data.name, loss)
+    assert any(n in experiment or experiment.startswith(n) for n in named), (experiment, named)
     text = (Path(__file__).parents[1] / "conf" / "experiment" / f"{experiment}.yaml").read_text()
     assert "measured" in text.lower()
     build(cfg.optim.optimizer, params=[torch.nn.Parameter(torch.zeros(2))])

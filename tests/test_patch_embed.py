@@ -67,3 +67,18 @@ def test_an_encoder_without_a_patch_embedding_is_refused_naming_the_setting():
         ConfigError, match=r"encoder.freeze_patch_embed=true is not allowed with cnn"
     ):
         freeze_random_patch_embed(cnn, "cnn")
+
+
+def test_the_timm_encoder_setting_freezes_a_vits_and_refuses_a_resnets():
+    from contrastive_cli.models.timm_encoder import TimmEncoder
+
+    torch.manual_seed(0)
+    vit = TimmEncoder(
+        1, 8, "vit_tiny_patch16_224", {"depth": 1}, patch_size=4, freeze_patch_embed=True
+    )
+    assert not any(p.requires_grad for p in vit.model.patch_embed.proj.parameters())
+    assert torch.equal(vit.model.patch_embed.proj.bias, torch.zeros(192))
+    with pytest.raises(
+        ConfigError, match="freeze_patch_embed=true is not allowed with timm's resnet18"
+    ):
+        TimmEncoder(1, 8, "resnet18", freeze_patch_embed=True)

@@ -26,8 +26,10 @@ class MoCoV3(nn.Module):
     iteration, which is this. The schedule reads the loop's (step, total_steps), so a resumed
     run continues it exactly; the momentum copies are submodules, in the checkpoint.
 
-    Any encoder works; the paper's ViT recipe (3-layer projector, the predictor's output
-    BatchNorm, its frozen random patch embedding) waits for the ViT encoders.
+    Any encoder works. The paper's ViT recipe (3-layer projector, the predictor's output
+    BatchNorm, AdamW, a random patch embedding that is never trained) is
+    ``+experiment=mocov3_vit``; the frozen patch embedding is the encoder's setting
+    (``encoder.freeze_patch_embed``, ``models.patch_embed``), as it concerns the network.
     """
 
     def __init__(
