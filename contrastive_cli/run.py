@@ -30,6 +30,7 @@ from contrastive_cli.distributed import SINGLE, Dist
 from contrastive_cli.errors import Diverged, RunExists, UserError
 from contrastive_cli.events import Callback, Loop, Progress
 from contrastive_cli.finish import finish
+from contrastive_cli.progress import configure as progress_lines
 from contrastive_cli.record import ConfigRecord
 from contrastive_cli.report import MetricsLog, versions
 from contrastive_cli.restore import check_resumable, restore
@@ -54,6 +55,7 @@ def run_training(
     directory's lock (a launcher of several processes holds it for them)."""
     started = time.time()
     validate(cfg)
+    progress_lines(cfg.trainer.get("log_every_s"))
     check_resumable(cfg, run_dir)  # before anything in run_dir is touched
     run_dir.mkdir(parents=True, exist_ok=True)
     files = RunFiles(run_dir, writes=dist.main)

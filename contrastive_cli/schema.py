@@ -207,6 +207,7 @@ class Trainer:
     checkpoint_every_s: NonNegative | None  # None (older configs): every epoch
     resume: bool
     log_every: PositiveInt
+    log_every_s: Positive | None  # None (older configs): contrastive_cli.progress's default
     grad_clip: NonNegative
     time_budget: Annotated[str | float, AfterValidator(_duration)] | None
     devices: Annotated[int, Interval(ge=1, le=1024)]

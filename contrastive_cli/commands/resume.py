@@ -19,6 +19,7 @@ KEYS = (
     "trainer.devices",
     "trainer.max_restarts",
     "trainer.log_every",
+    "trainer.log_every_s",
     "data.root",
     "data.path",
     "data.eval_path",

@@ -145,9 +145,14 @@ class Trackers:
         """Connect each tracker, here and now, before training starts: its imports, database
         set-up and server probe (bounded by its timeout) would otherwise compete with the
         training loop for the interpreter. Everything after this runs in the background."""
+        from contrastive_cli.progress import Task
+
         self.run_dir = run_dir
         for tracker in list(self.trackers):
-            self._call(tracker, "start", (run_dir, config, dict(choices), resumed), self.trackers)
+            with Task(f"starting tracker={_name(tracker)}"):  # MLflow's first start: ~30 s
+                self._call(
+                    tracker, "start", (run_dir, config, dict(choices), resumed), self.trackers
+                )
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
         self._put("log_step", step, dict(values))
