@@ -30,6 +30,7 @@ from contrastive_cli.distributed import SINGLE, Dist
 from contrastive_cli.errors import Diverged, RunExists, UserError
 from contrastive_cli.events import Callback, Loop, Progress
 from contrastive_cli.finish import finish
+from contrastive_cli.progress import Task
 from contrastive_cli.progress import configure as progress_lines
 from contrastive_cli.record import ConfigRecord
 from contrastive_cli.report import MetricsLog, versions
@@ -54,7 +55,8 @@ def run_training(
     (on the main process; the others return an empty dict). ``lock``: hold the run
     directory's lock (a launcher of several processes holds it for them)."""
     started = time.time()
-    validate(cfg)
+    with Task("checking the config"):  # builds each object once: imports torch's modules
+        validate(cfg)
     progress_lines(cfg.trainer.get("log_every_s"))
     check_resumable(cfg, run_dir)  # before anything in run_dir is touched
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,8 @@ def _run(
     trackers: Trackers,
 ) -> dict[str, Any]:
     """Build, restore, train with the callbacks, finish (rank 0)."""
-    built = build_run(cfg, dist)
+    with Task(f"loading the data ({cfg.data.name}) and building the model"):
+        built = build_run(cfg, dist)
     s = built.settings
     record = ConfigRecord(cfg)
     progress, earlier_s = (

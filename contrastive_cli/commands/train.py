@@ -62,6 +62,12 @@ def _train_task(cfg: DictConfig) -> float:
     multirun = hc.mode == RunMode.MULTIRUN
     place = place_from_env()  # one of several processes started by torchrun or SLURM
     main = place is None or place.rank == 0
+    if main:  # the first line, before the imports and the data (seconds to a minute)
+        choice = hc.runtime.choices
+        log.info(
+            f"starting {choice.get('loss')} on {choice.get('data')} in {run_dir}: importing "
+            "torch, checking the config, loading the data"
+        )
     try:
         if main:
             # The saved config is complete and resolved: the record that commands reading
