@@ -55,7 +55,7 @@ def run_training(
     (on the main process; the others return an empty dict). ``lock``: hold the run
     directory's lock (a launcher of several processes holds it for them)."""
     started = time.time()
-    with Task("checking the config"):  # builds each object once: imports torch's modules
+    with _shown("checking the config", dist):  # builds each object: imports torch's modules
         validate(cfg)
     progress_lines(cfg.trainer.get("log_every_s"))
     check_resumable(cfg, run_dir)  # before anything in run_dir is touched
@@ -109,6 +109,11 @@ def _tracked(
         trackers.finish(*outcome, run_dir)
 
 
+def _shown(what: str, dist: Dist) -> contextlib.AbstractContextManager[Any]:
+    """Progress of ``what`` on the main process (the others stay quiet)."""
+    return Task(what) if dist.main else contextlib.nullcontext()
+
+
 def _results_or(run_dir: Path, default: dict[str, Any]) -> dict[str, Any]:
     """results.json of ``run_dir`` (what a stopped run wrote), else ``default``."""
     from contrastive_cli.rundirs import read_results
@@ -127,7 +132,7 @@ def _run(
     trackers: Trackers,
 ) -> dict[str, Any]:
     """Build, restore, train with the callbacks, finish (rank 0)."""
-    with Task(f"loading the data ({cfg.data.name}) and building the model"):
+    with _shown(f"loading the data ({cfg.data.name}) and building the model", dist):
         built = build_run(cfg, dist)
     s = built.settings
     record = ConfigRecord(cfg)
