@@ -3,6 +3,7 @@
     python -m benchmarks.first_hour                 # 3 repeats of each, ~10 min on 2 busy cores
     python -m benchmarks.first_hour --repeats 5 --out first_hour.json
     python -m benchmarks.first_hour --no-run        # only the quick ones (no full default run)
+    python -m benchmarks.first_hour --repo ../other-checkout   # the same, of another checkout
 
 Each case is the real CLI in a fresh process (``python -m contrastive_cli``) in a temporary
 folder, as a user starts it:
@@ -49,10 +50,10 @@ runpy.run_module("contrastive_cli", run_name="__main__")
 """
 
 
-def _env(cache: Path) -> dict[str, str]:
+def _env(cache: Path, repo: Path) -> dict[str, str]:
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(repo),
         "PYTHONUNBUFFERED": "1",
         "CONTRAST_CACHE": str(cache),
     }
@@ -60,14 +61,14 @@ def _env(cache: Path) -> dict[str, str]:
     return env
 
 
-def first_line(args: list[str], cwd: Path, stop: bool) -> dict[str, Any]:
+def first_line(args: list[str], cwd: Path, stop: bool, repo: Path = REPO) -> dict[str, Any]:
     """Seconds to the first non-empty line of output (stdout and stderr together) and, unless
     ``stop``, to the exit; the line and the exit code."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "contrastive_cli", *args],
         cwd=cwd,
-        env=_env(cwd / "cache"),
+        env=_env(cwd / "cache", repo),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -90,14 +91,14 @@ def first_line(args: list[str], cwd: Path, stop: bool) -> dict[str, Any]:
     }
 
 
-def default_run(cwd: Path) -> dict[str, Any]:
+def default_run(cwd: Path, repo: Path = REPO) -> dict[str, Any]:
     """The default run to the end, with the bytes it wrote."""
     run_dir = cwd / "run"
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", WRAPPER, "train", f"hydra.run.dir={run_dir}"],
         cwd=cwd,
-        env=_env(cwd / "cache"),
+        env=_env(cwd / "cache", repo),
         capture_output=True,
         text=True,
     )
@@ -120,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-run", action="store_true", help="skip the full default run")
     p.add_argument("--out", type=Path, default=None, help="write every run here as JSON")
+    p.add_argument("--repo", type=Path, default=REPO, help="the checkout to measure")
     ns = p.parse_args(argv)
+    repo = ns.repo.resolve()
     cases: dict[str, list[dict[str, Any]]] = {
         "help": [],
         "typo": [],
@@ -135,15 +138,16 @@ def main(argv: list[str] | None = None) -> int:
             ("first line", ["train"], True),
         ):
             with tempfile.TemporaryDirectory() as tmp:
-                cases[name].append(first_line(args, Path(tmp), stop))
+                cases[name].append(first_line(args, Path(tmp), stop, repo))
         if not ns.no_run:
             with tempfile.TemporaryDirectory() as tmp:
-                cases["default run"].append(default_run(Path(tmp)))
+                cases["default run"].append(default_run(Path(tmp), repo))
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "repeats": ns.repeats,
+        "repo": str(repo),
         "cases": cases,
     }
     print(f"load average before {load_before[0]:.2f}, after {result['load_average_after'][0]:.2f}")
