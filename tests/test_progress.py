@@ -169,3 +169,18 @@ def _loop():
     from tests.test_callbacks import fake_loop
 
     return fake_loop()
+
+
+def test_the_first_line_comes_once_the_names_are_right_and_never_for_a_typo(capsys):
+    from contrastive_cli.command_line import check_command_line
+    from contrastive_cli.commands.train import _announce
+    from contrastive_cli.errors import ConfigError
+
+    seen = []
+    check_command_line(["loss=byol", "trainer.epochs=1"], seen.append)
+    assert len(seen) == 1
+    _announce(seen[0])
+    assert capsys.readouterr().out.startswith("starting byol on digits: importing torch")
+    with pytest.raises(ConfigError, match=r"trainer\.epoch "):
+        check_command_line(["trainer.epoch=1"], seen.append)
+    assert len(seen) == 1
