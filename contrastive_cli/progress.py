@@ -98,6 +98,8 @@ class Task:
                 leave=False,
                 file=self.stream,
                 dynamic_ncols=True,
+                # Work that cannot be counted: its name and the time it has taken so far.
+                bar_format=None if self.total else "{desc}: {elapsed}",
             )
         if not self.terminal or self.total is None:
             self._thread = threading.Thread(
