@@ -21,7 +21,9 @@ same backward rule for statistics (sums, counts) and serves BatchNorm over the g
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import os
 import re
 from dataclasses import dataclass
@@ -315,6 +317,31 @@ def init_process_group(place: Place, device_type: str) -> Dist:
         timeout=TIMEOUT,
     )
     return Dist(place.rank, place.world_size, place.local_rank)
+
+
+def leave_process_group(clean: bool) -> None:
+    """Leave the process group so that every process can exit cleanly (issue 23: rank 0 of a
+    2-process run once died with SIGABRT, "terminate called without an active exception").
+
+    ``clean``: every process got here without an error, so all of them reach a barrier
+    first: no process tears its side down (rank 0: the rendezvous store's server thread)
+    while another still has gloo traffic or store requests in flight. After an error there
+    is no barrier (the others may never come; they stop on the lost connection instead).
+
+    DistributedDataParallel sits in a reference cycle (its module's hooks point back at it):
+    without a collection it, its reducer and the process group they hold outlive
+    ``destroy_process_group`` and are torn down by a later garbage collection or during
+    interpreter shutdown, with their threads still running. Collecting first frees them
+    here, while the interpreter is whole."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean and dist.get_world_size() > 1:
+        with contextlib.suppress(Exception):
+            dist.barrier()
+    gc.collect()
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def reduce_flags(values: Tensor) -> Tensor:
