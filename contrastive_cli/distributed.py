@@ -328,11 +328,12 @@ def leave_process_group(clean: bool) -> None:
     while another still has gloo traffic or store requests in flight. After an error there
     is no barrier (the others may never come; they stop on the lost connection instead).
 
-    DistributedDataParallel sits in a reference cycle (its module's hooks point back at it):
-    without a collection it, its reducer and the process group they hold outlive
-    ``destroy_process_group`` and are torn down by a later garbage collection or during
-    interpreter shutdown, with their threads still running. Collecting first frees them
-    here, while the interpreter is whole."""
+    DistributedDataParallel sits in a reference cycle (its module's hooks point back at it),
+    so it and its reducer are collected here, while the interpreter is whole, rather than
+    at an arbitrary later collection or during shutdown. (Measured with torch 2.14: once a
+    DDP wrapper was built, torch itself still references the group after
+    ``destroy_process_group``, and its gloo and store threads run until the process exits;
+    hence the barrier, so that the store's host exits only after everyone is done.)"""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if clean and dist.get_world_size() > 1:
