@@ -48,10 +48,12 @@ def training_digest(resolved: dict[str, Any]) -> str:
 
 
 class ConfigRecord:
-    """The resolved config a checkpoint holds, its training digest, and the epoch count."""
+    """The resolved config a checkpoint holds, its training digest, the epoch count, and
+    the starting weights' record (``encoder.weights``: the file's SHA-256)."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, starting: dict[str, Any] | None = None):
         self._cfg = cfg  # never changed; copied when the record changes
+        self.starting = starting  # the starting weights' source and SHA-256 (resume checks)
         self.resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         self.digest = training_digest(self.resolved)
 

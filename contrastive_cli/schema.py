@@ -272,8 +272,18 @@ class Data:
     augment: Node
 
 
+@dataclass
+class Starting:
+    """Keys of the encoder section besides its ``_target_``'s (``contrastive_cli.starting``)."""
+
+    weights: Text | None  # a state dict file or a run directory
+    strict: bool
+    pretrained: bool
+
+
 SECTIONS = {"": Root, "trainer": Trainer, "eval": Eval, "eval.probe": Probe, "optim": Optim}
 SECTIONS["data"] = Data
+SECTIONS["encoder"] = Starting  # not in REQUIRED_IN: configs saved before it lack the keys
 REQUIRED_IN = ("", "trainer", "eval", "eval.probe", "optim")  # every (non-null) field is set
 
 
