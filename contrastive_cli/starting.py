@@ -169,7 +169,7 @@ def fit_state(
         k for k in own if k not in state and not k.endswith("num_batches_tracked")
     ]  # BatchNorm's counter: older checkpoints do not save it, nothing depends on it
     unexpected = [k for k in state if k not in own]
-    wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if not (missing or unexpected or wrong):
         return state
     parts = [

@@ -1,0 +1,156 @@
+"""encoder.weights: torchvision/timm/own state dicts load onto the encoder (names mapped,
+classifier dropped), a mismatch is one line unless encoder.strict=false, the run records the
+file's SHA-256 and evaluates the encoder as loaded (the ``pretrained`` baseline); resume and
+reproduce refuse a changed or missing file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+
+from contrastive_cli import cli
+from contrastive_cli.checkpoint import load_checkpoint
+from contrastive_cli.errors import ConfigError
+from contrastive_cli.models.encoders import ConvNet, ResNet18
+from contrastive_cli.report import results_table
+from contrastive_cli.starting import Starting, read_state, starting_weights
+from tests.conftest import TINY, one_error_line, read_results, run_cli
+
+
+def starting(path, strict=True):
+    return Starting(str(path), None, read_state(path), strict)
+
+
+def test_a_torchvision_checkpoint_with_its_classifier_gives_torchvisions_features(tmp_path):
+    torch.manual_seed(1)
+    tv = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "resnet18.pth"
+    torch.save(tv.state_dict(), path)  # fc.weight/fc.bias included, no net. prefix
+    ours = starting(path).load_into(ResNet18(3, 64, stem="imagenet")).eval()
+    tv.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), tv(x))
+
+
+def test_a_training_checkpoint_and_a_wrapper_prefix_are_unwrapped(tmp_path):
+    torch.manual_seed(2)
+    source = ConvNet(1, 8, widths=(4, 8), strides=(2, 2))
+    path = tmp_path / "ckpt.pt"
+    wrapped = {f"module.{k}": v for k, v in source.state_dict().items()}
+    torch.save({"epoch": 3, "state_dict": wrapped}, path)
+    loaded = starting(path).load_into(ConvNet(1, 8, widths=(4, 8), strides=(2, 2)))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+def test_a_mismatch_is_one_line_unless_not_strict(tmp_path, caplog):
+    torch.manual_seed(3)
+    path = tmp_path / "other.safetensors"
+    save_file(ConvNet(1, 8, widths=(4, 16), strides=(2, 2)).state_dict(), str(path))
+    target = ConvNet(1, 8, widths=(4, 8, 8), strides=(2, 2, 2))
+    with pytest.raises(ConfigError) as e:
+        starting(path).load_into(target)
+    message = str(e.value)
+    assert "\n" not in message and "encoder.strict=false" in message
+    assert "5 missing (net.6.weight" in message  # the third block: conv + BN (4 entries + count)
+    assert "of another shape (net.3.weight" in message and "file (16, 4, 3, 3)" in message
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with caplog.at_level(logging.INFO):
+        starting(path, strict=False).load_into(target)
+    after = target.state_dict()
+    assert torch.equal(after["net.0.weight"], load_file(str(path))["net.0.weight"])  # matched
+    assert torch.equal(after["net.3.weight"], before["net.3.weight"])  # skipped: kept as built
+    assert "skipped (encoder.strict=false)" in caplog.text
+
+
+def test_a_pickle_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(1), "hook": ConvNet}, path)  # a class: not plain data
+    with pytest.raises(ConfigError, match="holds objects other than tensors"):
+        read_state(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("missing.safetensors", "no such file"),
+        ("mismatch.safetensors", "does not fit the encoder"),
+        ("weights.txt", "allowed: a .safetensors, .pt, .pth or .bin file"),
+    ],
+)
+def test_bad_weights_are_one_line_and_leave_no_run_directory(tmp_path, value, message):
+    save_file(
+        ConvNet(1, 8, widths=(4,), strides=(2,)).state_dict(),
+        str(tmp_path / "mismatch.safetensors"),
+    )
+    (tmp_path / "weights.txt").write_text("x")
+    proc = run_cli(["train", f"encoder.weights={tmp_path / value}", *TINY], cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.fixture(scope="module")
+def continued(tmp_path_factory):
+    """Run A (1 epoch), then run B continuing from a copy of A's encoder.safetensors."""
+    root = tmp_path_factory.mktemp("starting")
+    args = [*TINY, "trainer.epochs=1", "eval.plots=false"]
+    run_cli(["train", *args, f"hydra.run.dir={root / 'a'}"], cwd=root, check=True)
+    weights = root / "start.safetensors"
+    shutil.copy(root / "a" / "encoder.safetensors", weights)
+    run_cli(
+        ["train", *args, f"encoder.weights={weights}", f"hydra.run.dir={root / 'b'}"],
+        cwd=root,
+        check=True,
+    )
+    return root, weights
+
+
+def test_the_pretrained_baseline_is_the_loaded_encoder_and_the_sha_is_recorded(continued):
+    root, weights = continued
+    a, b = read_results(root / "a"), read_results(root / "b")
+    assert b["baselines"]["pretrained"]["knn_k200"] == a["metrics"]["knn_k200"]
+    assert b["baselines"]["pretrained"]["linear_top1"] == a["metrics"]["linear_top1"]
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert b["starting_weights"] == {"source": str(weights), "sha256": sha, "strict": True}
+    table = results_table(b)
+    assert "pretrained (as loaded)" in table and "gain over best baseline" in table
+    state = load_checkpoint(root / "b" / "checkpoints" / "last.pt")
+    assert state["starting_weights"]["sha256"] == sha  # what resume compares
+
+
+def test_reproduce_and_resume_refuse_a_changed_or_missing_file(continued, tmp_path, capsys):
+    root, weights = continued
+    original = weights.read_bytes()
+    b = tmp_path / "b"
+    shutil.copytree(root / "b", b, ignore=shutil.ignore_patterns(".lock"))
+    results = json.loads((b / "results.json").read_text())
+    try:
+        tensors = load_file(str(weights))
+        save_file({k: v + 1 for k, v in tensors.items()}, str(weights))
+        line = one_error_line(capsys, cli.main(["reproduce", str(b), "--out", str(tmp_path / "r")]))
+        assert "changed since it started" in line
+        weights.unlink()
+        line = one_error_line(capsys, cli.main(["reproduce", str(b), "--out", str(tmp_path / "r")]))
+        assert "are missing" in line
+        (b / "results.json").write_text(json.dumps({**results, "status": "interrupted"}))
+        line = one_error_line(capsys, cli.main(["resume", str(b)]))
+        assert line.startswith("error: contrast resume: the run's starting weights")
+        assert not (tmp_path / "r").exists()
+    finally:
+        weights.write_bytes(original)
+
+
+def test_starting_weights_reads_the_config(compose_cfg, tmp_path):
+    assert starting_weights(compose_cfg()) is None
+    path = tmp_path / "w.safetensors"
+    save_file(ConvNet(1, 8).state_dict(), str(path))
+    found = starting_weights(compose_cfg(f"encoder.weights={tmp_path}/w.safetensors"))
+    assert found is not None and found.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
