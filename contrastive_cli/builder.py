@@ -102,7 +102,7 @@ def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = Non
     check_data(cfg, data)
     augment = build(cfg.data.augment)
     encoder = build_encoder(cfg, t.seed)
-    starting = starting_weights(cfg)
+    starting = starting_weights(cfg, encoder)
     if starting is not None:  # before the method copies it (EMA targets) or wraps it
         log.info(f"encoder: starting weights from {starting.source}")
         starting.load_into(encoder)

@@ -202,9 +202,9 @@ def fit_state(
     return fit
 
 
-def starting_weights(cfg: DictConfig, encoder: nn.Module | None = None) -> Starting | None:
+def starting_weights(cfg: DictConfig, encoder: nn.Module) -> Starting | None:
     """The starting weights ``cfg.encoder`` names (None: the seed's initialisation), checked
-    against ``encoder`` (built on the meta device, or the real one) when given."""
+    against ``encoder`` (the one ``cfg`` builds, on the meta device or a real one)."""
     node = cfg.encoder
     value, strict = node.get("weights"), bool(node.get("strict", True))
     if node.get("pretrained"):
@@ -215,14 +215,13 @@ def starting_weights(cfg: DictConfig, encoder: nn.Module | None = None) -> Start
             )
         from contrastive_cli.pretrained import timm_pretrained
 
-        starting = timm_pretrained(cfg, strict)
+        starting = timm_pretrained(encoder, int(cfg.data.channels), strict)
     elif value is None:
         return None
     else:
         path = weights_file(str(value))
         starting = Starting(str(path), sha256_of(path), read_state(path), strict)
-    if encoder is not None:
-        fit_state(starting.state, encoder, starting.source, strict, report=False)
+    fit_state(starting.state, encoder, starting.source, strict, report=False)
     return starting
 
 

@@ -18,7 +18,16 @@ GROUPS = {
     "data": ["cifar10", "cifar100", "digits", "fashion_mnist", "folder", "mnist", "stl10"],
     "data/augment": ["color", "color_blur", "digits", "gray", "gray_upright"],
     "device": ["auto", "cpu", "cuda", "mps"],
-    "encoder": ["cnn", "convnext_tiny", "mlp", "resnet18", "resnet50", "timm", "vit_small", "vit_tiny"],
+    "encoder": [
+        "cnn",
+        "convnext_tiny",
+        "mlp",
+        "resnet18",
+        "resnet50",
+        "timm",
+        "vit_small",
+        "vit_tiny",
+    ],
     # Discovered: a new method is its YAML, loss module and method module; nothing here.
     "loss": config_groups()["loss"],
     "optim": ["adam", "lars", "sgd"],

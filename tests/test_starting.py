@@ -149,8 +149,9 @@ def test_reproduce_and_resume_refuse_a_changed_or_missing_file(continued, tmp_pa
 
 
 def test_starting_weights_reads_the_config(compose_cfg, tmp_path):
-    assert starting_weights(compose_cfg()) is None
+    assert starting_weights(compose_cfg(), ConvNet(1, 8)) is None
     path = tmp_path / "w.safetensors"
     save_file(ConvNet(1, 8).state_dict(), str(path))
-    found = starting_weights(compose_cfg(f"encoder.weights={tmp_path}/w.safetensors"))
+    cfg = compose_cfg(f"encoder.weights={tmp_path}/w.safetensors")
+    found = starting_weights(cfg, ConvNet(1, 8))
     assert found is not None and found.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(args: list[str]) -> int:
     opts = _parser().parse_args(args)
     out = Path(opts.out).expanduser()
+    if opts.format == "timm" and out.suffix != ".safetensors":  # how timm tells the format
+        raise ConfigError(
+            f"--out {out} is not allowed with --format timm; allowed: a name ending in "
+            ".safetensors (timm reads other files with torch.load)"
+        )
     _check_out(out, opts.force)
     if opts.format == "onnx":
         _need_onnx()
@@ -253,6 +258,7 @@ def write_timm(source: Source, out: Path) -> None:
 
     tensors = {k: v.detach().contiguous() for k, v in encoder.model.state_dict().items()}
     kwargs = timm_kwargs(encoder)
+    _check_timm_shapes(name, tensors, source.channels, kwargs)
     x = source.images()
 
     def write(tmp: Path) -> None:
@@ -268,6 +274,26 @@ def write_timm(source: Source, out: Path) -> None:
     _atomic(out, write)
 
 
+def _check_timm_shapes(
+    name: str, tensors: dict[str, torch.Tensor], channels: int, kwargs: dict[str, Any]
+) -> None:
+    """ConfigError when timm's own model differs from the trained one (contrast's small-image
+    stem replaces timm's): timm.create_model could not load the file."""
+    import timm
+
+    with torch.device("meta"):
+        own = timm.create_model(name, num_classes=0, in_chans=channels, **kwargs).state_dict()
+    wrong = [k for k in own if k not in tensors or tuple(own[k].shape) != tuple(tensors[k].shape)]
+    if wrong or own.keys() != tensors.keys():
+        first = (wrong or sorted(set(tensors) - set(own)))[0]
+        raise ConfigError(
+            f"--format timm: timm.create_model({name!r}) builds another network than the "
+            f"trained one (at {first}: the small-image stem, encoder.stem, is contrast's); "
+            "allowed: --format safetensors, torchscript or onnx, or a run with "
+            "encoder.stem=imagenet"
+        )
+
+
 def timm_kwargs(encoder: nn.Module) -> dict[str, Any]:
     """The arguments besides name, num_classes and in_chans that rebuild the timm model."""
     kwargs = getattr(encoder, "timm_kwargs", None)
@@ -279,14 +305,21 @@ def load_timm(name: str, path: Path, channels: int, kwargs: dict[str, Any]) -> n
     import timm
     from safetensors.torch import load_file
 
-    model = timm.create_model(
-        name,
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        num_classes=0,
-        in_chans=channels,
-        **kwargs,
-    ).eval()
+    try:
+        model = timm.create_model(
+            name,
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(path)),
+            num_classes=0,
+            in_chans=channels,
+            **kwargs,
+        ).eval()
+    except Exception as e:  # what timm's loader raises: nothing is written
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(
+            f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=...) cannot "
+            f"load the export ({type(e).__name__}: {text}); nothing written"
+        ) from None
     saved, own = load_file(str(path)), model.state_dict()
     if saved.keys() != own.keys() or any(not torch.equal(saved[k], own[k]) for k in own):
         missing = sorted(set(own) - set(saved))[:3]
