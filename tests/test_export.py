@@ -126,3 +126,28 @@ def test_a_failed_check_leaves_nothing(trained, tmp_path, capsys, monkeypatch):
     code = export(trained, "torchscript", tmp_path / "e.pt")
     assert code == 1 and "nothing written" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_timm_export_loads_with_the_documented_call(tmp_path_factory, capsys):
+    import timm
+
+    root = tmp_path_factory.mktemp("export-timm")
+    args = [*TINY, "trainer.epochs=1", "eval.baselines=false", "eval.plots=false"]
+    run_cli(["train", "encoder=timm", "encoder.name=test_resnet", *args], cwd=root, check=True)
+    [run] = run_dirs(root / "outputs")
+    out = root / "test_resnet.safetensors"
+    assert export(run, "timm", out) == 0
+    model = timm.create_model(
+        "test_resnet",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(out)),
+        num_classes=0,
+        in_chans=1,
+    ).eval()
+    x, want = reference(run)
+    with torch.no_grad():
+        assert close(model(x), want)
+    info = json.loads((root / "test_resnet.safetensors.json").read_text())
+    assert info["timm_name"] == "test_resnet" and info["feature_dim"] == want.shape[1]
+    line = one_error_line(capsys, export(run, "timm", root / "x.bin"))
+    assert "ending in .safetensors" in line

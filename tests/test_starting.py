@@ -155,3 +155,34 @@ def test_starting_weights_reads_the_config(compose_cfg, tmp_path):
     cfg = compose_cfg(f"encoder.weights={tmp_path}/w.safetensors")
     found = starting_weights(cfg, ConvNet(1, 8))
     assert found is not None and found.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_timm_resnet18_file_gives_timms_features_before_any_step(compose_cfg, tmp_path):
+    import timm
+
+    from contrastive_cli.builder import build_run
+
+    torch.manual_seed(5)
+    timms = timm.create_model("resnet18", num_classes=10, in_chans=1).eval()
+    path = tmp_path / "resnet18.safetensors"
+    save_file(timms.state_dict(), str(path))  # with its 10-class classifier
+    cfg = compose_cfg("encoder=timm", "encoder.name=resnet18", f"encoder.weights={path}")
+    encoder = build_run(cfg).training.method.encoder.eval()
+    timms.reset_classifier(0)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(encoder(x), timms(x))
+
+
+def test_pretrained_offline_names_the_file_and_leaves_no_run_directory(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path)}
+    proc = run_cli(["train", "encoder=timm", "encoder.pretrained=true", *TINY], tmp_path, env)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "huggingface.co/timm/resnet18" in lines[0] and "encoder.weights=PATH" in lines[0]
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_pretrained_needs_a_timm_encoder(compose_cfg):
+    with pytest.raises(ConfigError, match="only timm encoders"):
+        starting_weights(compose_cfg("encoder.pretrained=true"), ConvNet(1, 8))
