@@ -99,7 +99,7 @@ def test_an_existing_out_is_refused_unless_forced(trained, tmp_path, capsys):
     [("keras", "invalid choice: 'keras'"), ("timm", "needs a timm encoder")],
 )
 def test_bad_formats_are_one_line(trained, tmp_path, capsys, fmt, message):
-    line = one_error_line(capsys, export(trained, fmt, tmp_path / "x"))
+    line = one_error_line(capsys, export(trained, fmt, tmp_path / "x.safetensors"))
     assert message in line
     assert list(tmp_path.iterdir()) == []
 
