@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
 from contrastive_cli.errors import ConfigError
@@ -44,7 +43,6 @@ class TimmEncoder(nn.Module):
         patch_size: Literal["auto"] | PositiveInt | None = None,
         dynamic_size: bool = True,
         grad_checkpointing: bool = False,
-        channels_last: bool = False,
     ):
         super().__init__()
         import timm
@@ -81,9 +79,6 @@ class TimmEncoder(nn.Module):
                     f"encoder.grad_checkpointing=true is not allowed: timm's {name} has no "
                     "gradient checkpointing; allowed: encoder.grad_checkpointing=false"
                 ) from None
-        self.channels_last = channels_last
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
         self.out_dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
 
     def _check_patch(self, image_size: int) -> None:
@@ -95,14 +90,12 @@ class TimmEncoder(nn.Module):
         self.patch = patch
         if image_size % patch:
             raise ConfigError(
-                f"data.image_size={image_size} is not allowed with encoder={self.timm_name} "
+                f"data.image_size={image_size} is not allowed with encoder.name={self.timm_name} "
                 f"(patch {patch}): the image must be a whole number of patches; allowed: a "
                 f"multiple of {patch}, or encoder.patch_size dividing {image_size}"
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
 
