@@ -9,18 +9,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from typing import Any
-
 import torch
 from torch import nn
 
 from contrastive_cli.errors import ConfigError
 
 
-def timm_pretrained(encoder: nn.Module, channels: int, strict: bool) -> Any:
-    """The ``Starting`` weights timm downloads for ``encoder`` (a TimmEncoder)."""
-    from contrastive_cli.starting import Starting
-
+def timm_pretrained(encoder: nn.Module, channels: int) -> tuple[dict[str, torch.Tensor], str]:
+    """(the weights timm downloads for ``encoder``, a TimmEncoder, under its names; where
+    they came from, ``timm:NAME.TAG``)."""
     name = getattr(encoder, "timm_name", None)
     if name is None:
         raise ConfigError(
@@ -30,7 +27,7 @@ def timm_pretrained(encoder: nn.Module, channels: int, strict: bool) -> Any:
         )
     kwargs = json.dumps(getattr(encoder, "timm_kwargs", {}), sort_keys=True)
     state, tag = _download(name, channels, kwargs)
-    return Starting(f"timm:{tag}", None, state, strict)
+    return state, f"timm:{tag}"
 
 
 @functools.lru_cache(maxsize=2)  # validate, then the run: one download and one build

@@ -215,7 +215,8 @@ def starting_weights(cfg: DictConfig, encoder: nn.Module) -> Starting | None:
             )
         from contrastive_cli.pretrained import timm_pretrained
 
-        starting = timm_pretrained(encoder, int(cfg.data.channels), strict)
+        state, source = timm_pretrained(encoder, int(cfg.data.channels))
+        starting = Starting(source, None, state, strict)
     elif value is None:
         return None
     else:
