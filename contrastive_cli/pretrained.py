@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+
 import torch
 from torch import nn
 
