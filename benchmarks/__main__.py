@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.common import LOSSES, ORDER, RESULTS, Options
 
-DEFAULT = ("throughput", "evaluation", "memory", "quality", "distributed")
+DEFAULT = ("throughput", "evaluation", "memory", "quality", "distributed", "encoders")
 
 
 def parse(argv: list[str] | None = None) -> tuple[Options, list[str]]:

@@ -210,3 +210,50 @@ def test_two_processes_train_a_large_encoder_as_one_does(tmp_path, overrides):
         )
         for name, value in one["method"].items():
             torch.testing.assert_close(got["method"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------- the command line
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["encoder=timm", "encoder.name=resnet_18"], "did you mean resnet18"),
+        (["encoder=vit_tiny", "encoder.patch_size=3"], "data.image_size=8 is not allowed"),
+        (["encoder=timm", "encoder.kwargs.drop_rate=0.1"], "+encoder.kwargs.drop_rate=0.1"),
+        (["encoder=timm", "encoder.name=test_vit", "encoder.grad_checkpointing=true"], "patch"),
+    ],
+)
+def test_bad_encoder_settings_are_one_line_and_leave_no_run_directory(
+    tmp_path, capsys, monkeypatch, args, words
+):
+    from contrastive_cli import cli
+    from tests.conftest import one_error_line, run_dirs
+
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(capsys, cli.main(["train", "data=digits", *args]))
+    assert words in line
+    assert run_dirs(tmp_path) == [] and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow  # a whole run with evaluation (the matrix above covers training in make test)
+def test_a_timm_vit_with_dino_multi_crop_runs_end_to_end_and_is_evaluated(tmp_path):
+    """`contrast train` with a timm ViT, DINO and local crops: trained, evaluated (k-NN and
+    probe on its pooled features), the random-init baseline built from the same family."""
+    from tests.conftest import read_results, run_cli, run_dirs
+
+    args = [
+        "train",
+        *TINY,
+        "trainer.epochs=1",
+        "encoder=timm",
+        "encoder.name=test_vit",
+        "encoder.patch_size=auto",
+        "loss=dino",
+        "data.augment.local_crops=2",
+        "eval.plots=false",
+    ]
+    run_cli(args, cwd=tmp_path, check=True)
+    (run,) = run_dirs(tmp_path)
+    results = read_results(run)
+    assert results["status"] == "completed"
+    for metrics in (results["metrics"], results["baselines"]["random_init"]):
+        assert 0.1 < metrics["knn_k200"] <= 1 and 0.1 < metrics["linear_top1"] <= 1
