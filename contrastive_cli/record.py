@@ -31,6 +31,10 @@ TRAINING_KEYS = (
 )
 
 
+# encoder.weights, .strict, .pretrained (contrastive_cli.starting) and their defaults
+STARTING_DEFAULTS = {"weights": None, "strict": True, "pretrained": False}
+
+
 def training_config(resolved: dict[str, Any]) -> dict[str, Any]:
     """The TRAINING_KEYS of a resolved config (plain dict), by dotted key."""
     picked = {}
@@ -39,6 +43,12 @@ def training_config(resolved: dict[str, Any]) -> dict[str, Any]:
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         picked[key] = node
+    encoder = picked.get("encoder")
+    if isinstance(encoder, dict):  # starting keys at their defaults: the digest of a run
+        # from before they existed, so that such a run still resumes
+        picked["encoder"] = {
+            k: v for k, v in encoder.items() if STARTING_DEFAULTS.get(k, object()) is not v
+        }
     return picked
 
 

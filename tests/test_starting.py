@@ -186,3 +186,20 @@ def test_pretrained_offline_names_the_file_and_leaves_no_run_directory(tmp_path)
 def test_pretrained_needs_a_timm_encoder(compose_cfg):
     with pytest.raises(ConfigError, match="only timm encoders"):
         starting_weights(compose_cfg("encoder.pretrained=true"), ConvNet(1, 8))
+
+
+def test_runs_from_before_the_starting_keys_keep_their_training_digest(compose_cfg):
+    from omegaconf import OmegaConf
+
+    from contrastive_cli.record import training_digest
+
+    now = OmegaConf.to_container(compose_cfg(), resolve=True)
+    before = {
+        **now,
+        "encoder": {
+            k: v for k, v in now["encoder"].items() if k not in ("weights", "strict", "pretrained")
+        },
+    }
+    assert training_digest(before) == training_digest(now)  # an older checkpoint resumes
+    started = OmegaConf.to_container(compose_cfg("encoder.weights=w.pt"), resolve=True)
+    assert training_digest(started) != training_digest(now)
