@@ -81,19 +81,25 @@ def test_a_pickle_with_code_is_refused(tmp_path):
     ("value", "message"),
     [
         ("missing.safetensors", "no such file"),
-        ("mismatch.safetensors", "does not fit the encoder"),
         ("weights.txt", "allowed: a .safetensors, .pt, .pth or .bin file"),
+        (".", "a folder without encoder.safetensors"),
     ],
 )
-def test_bad_weights_are_one_line_and_leave_no_run_directory(tmp_path, value, message):
-    save_file(
-        ConvNet(1, 8, widths=(4,), strides=(2,)).state_dict(),
-        str(tmp_path / "mismatch.safetensors"),
-    )
+def test_files_that_are_not_weights_are_one_line(compose_cfg, tmp_path, value, message):
     (tmp_path / "weights.txt").write_text("x")
-    proc = run_cli(["train", f"encoder.weights={tmp_path / value}", *TINY], cwd=tmp_path)
+    cfg = compose_cfg(f"encoder.weights={tmp_path / value}")
+    with pytest.raises(ConfigError, match=message) as e:
+        starting_weights(cfg, ConvNet(1, 8))
+    assert "\n" not in str(e.value)
+
+
+def test_a_mismatched_file_is_one_line_and_leaves_no_run_directory(tmp_path):
+    path = tmp_path / "mismatch.safetensors"
+    save_file(ConvNet(1, 8, widths=(4,), strides=(2,)).state_dict(), str(path))
+    proc = run_cli(["train", f"encoder.weights={path}", *TINY], cwd=tmp_path)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "does not fit the encoder: " in lines[0] and " missing (net." in lines[0]
     assert not (tmp_path / "outputs").exists()
 
 
