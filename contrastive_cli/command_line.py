@@ -189,11 +189,22 @@ def _override_problems(parsed: list) -> list[str]:
         name = str(o.key_or_group)
         if _is_group(name) or o.is_add() or o.is_force_add() or o.is_sweep_override():
             continue
-        if not _node_exists(base, name):
+        if not _node_exists(base, name) and _is_kwarg(base, name):
+            problems.append(
+                f"{name} is not allowed: no such setting yet; allowed: +{o.input_line} (keyword "
+                f"arguments under {name.rpartition('.')[0]} are added with +)"
+            )
+        elif not _node_exists(base, name):
             problems.append(
                 f"{name} is not allowed: no such setting{_suggest(base, name)}; {_help_hint(name)}"
             )
     return problems
+
+
+def _is_kwarg(cfg: DictConfig, key: str) -> bool:
+    """``key`` is a new key of a ``kwargs`` mapping (passed through to a library)."""
+    parent = key.rpartition(".")[0]
+    return parent.endswith("kwargs") and _node_exists(cfg, parent)
 
 
 def _node_exists(cfg: DictConfig, key: str) -> bool:

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 
 
-@torch.no_grad()
 def extract_features(
     encoder: nn.Module,
     images: Tensor,
@@ -47,30 +46,33 @@ def extract_features(
     """(N, C, H, W) uint8 -> (N, D) float32 features on ``device``; the encoder's mode is kept.
 
     ``images`` is a tensor, or image files (``ImageFiles``) that decode batch by batch.
+    Batches of ``batch_size`` under ``torch.inference_mode`` (no autograd records, no
+    version counters), in bf16 autocast where the run trains in it; the features come back
+    as ordinary tensors (concatenated outside inference mode), so a probe can train on them.
     ``desc``: show progress under this name (``contrastive_cli.progress``).
     """
     was_training = encoder.training
     encoder.eval()
     out = []
+    ctx = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if autocast
+        else contextlib.nullcontext
+    )
     shown = Task(desc, total=len(images), unit="image") if desc else None
     try:
         with shown or contextlib.nullcontext():
             for chunk in images.split(batch_size):
-                x = transform(chunk.to(device, non_blocking=True))
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                ctx = (
-                    torch.autocast(device.type, dtype=torch.bfloat16)
-                    if autocast
-                    else contextlib.nullcontext()
-                )
-                with ctx:
+                with torch.inference_mode(), ctx():
+                    x = transform(chunk.to(device, non_blocking=True))
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
                     out.append(encoder(x).float())
                 if shown is not None:
                     shown.update(len(chunk))
     finally:
         encoder.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out)  # outside inference mode: an ordinary tensor
 
 
 def pixel_features(images: Tensor) -> Tensor:

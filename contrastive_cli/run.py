@@ -135,7 +135,7 @@ def _run(
     with _shown(f"loading the data ({cfg.data.name}) and building the model", dist):
         built = build_run(cfg, dist)
     s = built.settings
-    record = ConfigRecord(cfg)
+    record = ConfigRecord(cfg, built.starting)
     progress, earlier_s = (
         restore(built.training, built.runtime.device, files, record.resolved, s.epochs)
         if s.resume
@@ -156,6 +156,7 @@ def _run(
             "seed": s.seed,
             "device": built.runtime.describe(),
             "processes": dist.world_size,
+            **({"starting_weights": built.starting} if built.starting else {}),
             **failures.restarts_so_far(),  # an elastically restarted group's earlier failures
         },
     )

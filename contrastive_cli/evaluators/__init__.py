@@ -143,5 +143,6 @@ def evaluate_protocol(
 EVALUATED = {
     "raw_pixels": "raw pixels",
     "random_init": "random-init encoder",
+    "pretrained": "encoder as loaded (encoder.weights)",
     "trained": "trained encoder",
 }
