@@ -167,13 +167,28 @@ def run(opts: Options) -> dict[str, Any]:
     steps = 1 if opts.quick else 2
     repeats = 1 if opts.quick else 3
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and opts.device != "cpu" else [])
-    results = []
+    results: list[dict[str, Any]] = []
+    path = None
     for device in devices:
-        for name, (data, batch) in ENCODERS.items():
+        for name in opts.extra.get("encoders", ENCODERS):
+            data, batch = ENCODERS[name]
             batch = 4 if opts.quick else batch
             print(f"[bench] encoders: {name} on {device}", flush=True)
             args = [name, data, str(batch), str(steps), str(repeats), device]
             results.append(_in_subprocess(args, opts.threads))
+            # written after each encoder: an interrupted run keeps what it measured
+            path = _report(opts, started, results, steps, repeats, devices)
+    return {"path": path, "results": results}
+
+
+def _report(
+    opts: Options,
+    started: dict[str, Any],
+    results: list[dict[str, Any]],
+    steps: int,
+    repeats: int,
+    devices: list[str],
+) -> Any:
     rows = [
         [
             r["encoder"],
@@ -243,7 +258,7 @@ def run(opts: Options) -> dict[str, Any]:
         "GPU lines appear only when a GPU is present.",
     ]
     settings = {"steps": steps, "repeats": repeats, "encoders": ENCODERS, "devices": devices}
-    path = write(
+    return write(
         opts,
         "encoders",
         "Encoders: the pure model step per shipped encoder",
@@ -253,7 +268,6 @@ def run(opts: Options) -> dict[str, Any]:
         md_table(header, rows),
         notes,
     )
-    return {"path": path, "results": results}
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class TimmEncoder(nn.Module):
                 extra.setdefault("dynamic_img_size", True)
                 extra.setdefault("dynamic_img_pad", True)
         self.model = _create(timm, name, in_channels, extra, dynamic_size and fixed)
+        self.timm_kwargs = extra  # what create_model took besides name, num_classes, in_chans
         self._check_patch(image_size)
         small = stem == "small" or (stem == "auto" and image_size < SMALL_BELOW)
         if small:
