@@ -27,6 +27,12 @@ __all__ = [
 
 NOT_IN_TABLE = {"probe_weight_decay", "seconds"}  # in results.json, not accuracies
 LINEAR_LABELS = {"linear_top1": "linear", "linear_top5": "linear top-5"}
+# results.json's baselines, as the table names them (in results.json's order)
+BASELINE_LABELS = {
+    "raw_pixels": "raw pixels",
+    "random_init": "random init encoder",
+    "pretrained": "pretrained (as loaded)",
+}
 
 
 def knn_keys(metrics: dict[str, Any]) -> list[str]:
@@ -151,11 +157,8 @@ def results_table(results: dict) -> str:
         if k not in keys and k not in NOT_IN_TABLE and isinstance(v, (int, float))
     ]
     title = f"{results.get('loss', '?')} encoder"
-    rows = [
-        ("raw pixels", baselines.get("raw_pixels")),
-        ("random init encoder", baselines.get("random_init")),
-        (title, metrics),
-    ]
+    rows = [(BASELINE_LABELS.get(name, name), m) for name, m in baselines.items()]
+    rows.append((title, metrics))
     rows = [(name, m) for name, m in rows if m]
     gain = "gain over best baseline"
     width = max(len(name) for name in [gain, *(name for name, _ in rows)])

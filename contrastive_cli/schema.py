@@ -210,6 +210,7 @@ class Trainer:
     checkpoint_every_s: NonNegative | None  # None (older configs): every epoch
     resume: bool
     log_every: PositiveInt
+    log_every_s: Positive | None  # None (older configs): contrastive_cli.progress's default
     grad_clip: NonNegative
     time_budget: Annotated[str | float, AfterValidator(_duration)] | None
     devices: Annotated[int, Interval(ge=1, le=1024)]
@@ -275,8 +276,18 @@ class Data:
     augment: Node
 
 
+@dataclass
+class Starting:
+    """Keys of the encoder section besides its ``_target_``'s (``contrastive_cli.starting``)."""
+
+    weights: Text | None  # a state dict file or a run directory
+    strict: bool
+    pretrained: bool
+
+
 SECTIONS = {"": Root, "trainer": Trainer, "eval": Eval, "eval.probe": Probe, "optim": Optim}
 SECTIONS["data"] = Data
+SECTIONS["encoder"] = Starting  # not in REQUIRED_IN: configs saved before it lack the keys
 REQUIRED_IN = ("", "trainer", "eval", "eval.probe", "optim")  # every (non-null) field is set
 
 

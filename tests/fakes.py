@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import pickle
 import threading
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def run_ranks(
@@ -79,6 +80,46 @@ def mean_over_ranks(fn: Callable[..., Tensor], world: int, *tensors: Tensor) -> 
         raise ValueError(f"rows must split into {world} equal blocks")
     per_rank = [tuple(t.chunk(world)[r] for t in tensors) for r in range(world)]
     return torch.stack(run_ranks(fn, per_rank, carry_grad=True)).mean()
+
+
+def on_replicas(
+    method: nn.Module, per_rank: Sequence[Sequence[Any]], step: Callable[..., Any]
+) -> list[Any]:
+    """``step(replica, *per_rank[r])`` on every simulated rank r at once (``run_ranks``), each
+    replica a deep copy of ``method`` whose ``gather`` is that rank's: what each of N
+    processes computes, to compare with ``method`` given the whole batch."""
+
+    def work(gather: Callable[..., Any], *inputs: Any) -> Any:
+        replica = copy.deepcopy(method)
+        replica.gather = gather
+        return step(replica, *inputs)
+
+    return run_ranks(work, per_rank)
+
+
+def rank_blocks(world: int, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """Rank r's share of a global batch: the r-th of ``world`` equal row blocks of each tensor."""
+    n = len(tensors[0]) // world
+    return [tuple(t[r * n : (r + 1) * n] for t in tensors) for r in range(world)]
+
+
+# --------------------------------------------------------------------------- small methods
+class Flat(nn.Module):
+    """A BatchNorm-free encoder, so a sample's features do not depend on its batch."""
+
+    def __init__(self, in_dim: int = 12, out_dim: int = 6):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_dim, out_dim), nn.Tanh())
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def views(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 2, 2)) -> tuple[Tensor, Tensor]:
+    """Two seeded batches of n random images of ``shape``: a step's two views."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randn(n, *shape, generator=g)
 
 
 # --------------------------------------------------------------------------- dataset files

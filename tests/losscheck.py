@@ -16,6 +16,11 @@ def randn(*shape: int, seed: int) -> Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def unit(x: Tensor) -> Tensor:
+    """x scaled to norm 1 (a naive reference's normalisation, for any shape)."""
+    return x / x.norm()
+
+
 def value_and_grads(
     fn: Callable[..., Tensor], *inputs: Tensor
 ) -> tuple[Tensor, tuple[Tensor, ...]]:

@@ -15,6 +15,7 @@ from contrastive_cli.builder import build_run, train_steps
 from contrastive_cli.config import build, compose
 from contrastive_cli.errors import ConfigError
 from contrastive_cli.models.timm_encoder import TimmEncoder, auto_patch
+from contrastive_cli.parts import encoder_node
 from contrastive_cli.validate import validate
 from tests.conftest import TINY
 
@@ -145,7 +146,7 @@ def test_kwargs_channels_and_the_image_size_reach_timm():
 )
 def test_small_images_get_a_small_stem(name, size, stem_conv, stride):
     cfg = compose([f"encoder={name}"])
-    net = build(cfg.encoder, in_channels=3, image_size=size)
+    net = build(encoder_node(cfg), in_channels=3, image_size=size)
     conv = net.model.get_submodule(stem_conv)
     assert conv.stride == (stride, stride)
     if name == "resnet50":

@@ -3,23 +3,18 @@ contract, and the method's momentum encoder and its cosine schedule."""
 
 from __future__ import annotations
 
-import copy
 import math
 from functools import partial
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from contrastive_cli.losses import mocov3_loss
 from contrastive_cli.methods.mocov3 import MoCoV3
 from contrastive_cli.models.heads import mlp_head
-from tests.fakes import run_ranks
-from tests.losscheck import assert_close, assert_matches, assert_ranks_equal_whole, randn
-
-
-def unit(x: Tensor) -> Tensor:
-    return x / x.norm()
+from tests.fakes import Flat, on_replicas, rank_blocks, views
+from tests.losscheck import assert_close, assert_matches, assert_ranks_equal_whole, randn, unit
 
 
 def naive_ctr(q: Tensor, k: Tensor, t: float) -> Tensor:
@@ -78,26 +73,10 @@ def test_mocov3_loss_computes_in_float32_under_bf16_autocast():
 
 
 # --------------------------------------------------------------------------- the method
-class Flat(nn.Module):
-    out_dim = 6
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Tanh())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
 def make(**kwargs) -> MoCoV3:
     torch.manual_seed(0)
     head = partial(mlp_head, hidden_dim=8, out_dim=4, batch_norm=False)
     return MoCoV3(Flat(), head, head, projection_dim=4, **kwargs)
-
-
-def views(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 2, 2, generator=g), torch.randn(n, 3, 2, 2, generator=g)
 
 
 def test_mocov3_step_is_its_loss_and_trains_only_the_base_networks():
@@ -142,16 +121,8 @@ def test_mocov3_mean_over_ranks_equals_the_whole_batch():
     method = make()
     world, n = 2, 4
     v1, v2 = views(world * n, seed=4)
-
-    def step(gather, a: Tensor, b: Tensor) -> float:
-        replica = copy.deepcopy(method)
-        replica.gather = gather
-        return replica([a, b]).item()
-
-    per_rank = [(v1[r * n : (r + 1) * n], v2[r * n : (r + 1) * n]) for r in range(world)]
-    assert sum(run_ranks(step, per_rank)) / world == pytest.approx(
-        method([v1, v2]).item(), rel=1e-6
-    )
+    losses = on_replicas(method, rank_blocks(world, v1, v2), lambda m, a, b: m([a, b]).item())
+    assert sum(losses) / world == pytest.approx(method([v1, v2]).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize(

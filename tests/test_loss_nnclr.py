@@ -3,24 +3,19 @@ the multi-process contract, and what the method's queue (support set) holds."""
 
 from __future__ import annotations
 
-import copy
 import math
 from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from contrastive_cli.losses import nearest_neighbours, nnclr_loss
 from contrastive_cli.methods.nnclr import NNCLR
 from contrastive_cli.models.heads import mlp_head
-from tests.fakes import run_ranks
-from tests.losscheck import assert_close, assert_matches, assert_ranks_equal_whole, randn
-
-
-def unit(x: Tensor) -> Tensor:
-    return x / x.norm()
+from tests.fakes import Flat, on_replicas, rank_blocks, views
+from tests.losscheck import assert_close, assert_matches, assert_ranks_equal_whole, randn, unit
 
 
 def naive_nn(z: Tensor, support: Tensor) -> list[Tensor]:
@@ -112,26 +107,10 @@ def test_nnclr_rejects_non_positive_temperature(t):
 
 
 # --------------------------------------------------------------------------- the method
-class Flat(nn.Module):
-    out_dim = 6
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Tanh())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
 def make(queue_size: int = 16) -> NNCLR:
     torch.manual_seed(0)
     head = partial(mlp_head, hidden_dim=8, out_dim=4, batch_norm=False)
     return NNCLR(Flat(), head, head, projection_dim=4, queue_size=queue_size)
-
-
-def views(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 2, 2, generator=g), torch.randn(n, 3, 2, 2, generator=g)
 
 
 def test_nnclr_step_is_the_loss_of_its_projections_predictions_and_queue():
@@ -167,15 +146,12 @@ def test_nnclr_queue_takes_every_ranks_projections_in_rank_order():
     world, n = 2, 3
     v1, v2 = views(world * n, seed=3)
 
-    def step(gather, a: Tensor, b: Tensor) -> Tensor:
-        replica = copy.deepcopy(method)
-        replica.gather = gather
+    def step(replica: NNCLR, a: Tensor, b: Tensor) -> Tensor:
         replica([a, b])
         replica.after_step(1, 10)
         return replica.queue.keys
 
-    per_rank = [(v1[r * n : (r + 1) * n], v2[r * n : (r + 1) * n]) for r in range(world)]
-    queues = run_ranks(step, per_rank)
+    queues = on_replicas(method, rank_blocks(world, v1, v2), step)
     method([v1, v2])
     method.after_step(1, 10)
     for queue in queues:
@@ -186,14 +162,7 @@ def test_nnclr_mean_over_ranks_equals_the_whole_batch():
     method = make()
     world, n = 2, 4
     v1, v2 = views(world * n, seed=4)
-
-    def step(gather, a: Tensor, b: Tensor) -> float:
-        replica = copy.deepcopy(method)
-        replica.gather = gather
-        return replica([a, b]).item()
-
-    per_rank = [(v1[r * n : (r + 1) * n], v2[r * n : (r + 1) * n]) for r in range(world)]
-    losses = run_ranks(step, per_rank)
+    losses = on_replicas(method, rank_blocks(world, v1, v2), lambda m, a, b: m([a, b]).item())
     assert sum(losses) / world == pytest.approx(method([v1, v2]).item(), rel=1e-6)
 
 

@@ -4,20 +4,19 @@ frozen prototypes and the epoch clock of the method."""
 
 from __future__ import annotations
 
-import copy
 import math
 from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from contrastive_cli.losses import sinkhorn, swav_loss
 from contrastive_cli.methods.swav import SwAV
 from contrastive_cli.models.encoders import ConvNet
 from contrastive_cli.models.heads import mlp_head
-from tests.fakes import run_ranks
+from tests.fakes import Flat, on_replicas, rank_blocks
 from tests.losscheck import assert_close, randn, value_and_grads
 
 
@@ -131,17 +130,6 @@ def test_bad_settings_are_refused(call, match):
 
 
 # --------------------------------------------------------------------------- the method
-class Flat(nn.Module):
-    out_dim = 6
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Tanh())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
 HEAD = partial(mlp_head, hidden_dim=8, out_dim=4, batch_norm=False)
 
 
@@ -271,15 +259,12 @@ def test_swav_codes_are_of_the_global_batch_and_ranks_equal_the_whole():
     world, n = 2, 4
     whole = crops(world * n, seed=3)
 
-    def step(gather, *v: Tensor) -> tuple[float, Tensor]:
-        replica = copy.deepcopy(method)
-        replica.gather = gather
+    def step(replica: SwAV, *v: Tensor) -> tuple[float, Tensor]:
         loss = replica(list(v)).item()
         replica.after_step(1, 10)
         return loss, replica.queue
 
-    per_rank = [tuple(x[r * n : (r + 1) * n] for x in whole) for r in range(world)]
-    results = run_ranks(step, per_rank)
+    results = on_replicas(method, rank_blocks(world, *whole), step)
     expected = method(whole).item()
     method.after_step(1, 10)
     assert sum(r[0] for r in results) / world == pytest.approx(expected, rel=1e-6)

@@ -35,27 +35,9 @@ from contrastive_cli.methods.triplet import Triplet
 from contrastive_cli.methods.vicreg import VICReg
 from contrastive_cli.models.encoders import ConvNet
 from contrastive_cli.models.heads import DINOHead, mlp_head
-from tests.fakes import run_ranks
-
-
-class Flat(nn.Module):
-    """A BatchNorm-free encoder, so a sample's features do not depend on its batch."""
-
-    def __init__(self, in_dim: int = 12, out_dim: int = 6):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_dim, out_dim), nn.Tanh())
-        self.out_dim = out_dim
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
+from tests.fakes import Flat, on_replicas, rank_blocks, views
 
 HEAD = partial(mlp_head, hidden_dim=8, out_dim=4, batch_norm=False)
-
-
-def views(n: int, seed: int = 0, shape: tuple[int, ...] = (3, 2, 2)) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g), torch.randn(n, *shape, generator=g)
 
 
 def unit_keys(n: int, d: int = 3, seed: int = 0) -> Tensor:
@@ -567,7 +549,7 @@ def test_method_step_is_a_finite_scalar_that_trains_only_online_parameters(kind)
 # --------------------------------------------------------------------------- several processes
 def rank_views(world: int, n: int) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
     v1, v2 = views(world * n, seed=3)
-    return v1, v2, [(v1[r * n : (r + 1) * n], v2[r * n : (r + 1) * n]) for r in range(world)]
+    return v1, v2, rank_blocks(world, v1, v2)
 
 
 @pytest.mark.parametrize(
@@ -599,13 +581,7 @@ def test_method_mean_over_ranks_equals_the_whole_batch(make):
     method = make()
     world, n = 2, 4
     v1, v2, per_rank = rank_views(world, n)
-
-    def step(gather, a: Tensor, b: Tensor) -> float:
-        replica = copy.deepcopy(method)
-        replica.gather = gather
-        return replica([a, b]).item()
-
-    losses = run_ranks(step, per_rank)
+    losses = on_replicas(method, per_rank, lambda m, a, b: m([a, b]).item())
     assert sum(losses) / world == pytest.approx(method([v1, v2]).item(), rel=1e-6)
 
 
@@ -614,14 +590,12 @@ def test_moco_enqueues_the_keys_of_every_rank_in_rank_order():
     world, n = 2, 3
     _, _, per_rank = rank_views(world, n)
 
-    def step(gather, a: Tensor, b: Tensor) -> Tensor:
-        replica = copy.deepcopy(moco)
-        replica.gather = gather
+    def step(replica: MoCo, a: Tensor, b: Tensor) -> Tensor:
         replica([a, b])
         replica.after_step(1, 10)
         return replica.queue.keys
 
-    queues = run_ranks(step, per_rank)
+    queues = on_replicas(moco, per_rank, step)
     with torch.no_grad():
         keys = torch.cat([moco.key_projector(moco.key_encoder(b)) for _, b in per_rank])
     for queue in queues:

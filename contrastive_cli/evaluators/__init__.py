@@ -9,6 +9,7 @@ the keys of what ran.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import pkgutil
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from contrastive_cli.errors import ConfigError
 from contrastive_cli.evaluate import extract_features, pixel_features
 from contrastive_cli.evaluators.base import Evaluator, Features
+from contrastive_cli.progress import Task
 
 __all__ = [
     "Evaluator",
@@ -77,10 +79,13 @@ def evaluate_features(
     return _run(build_evaluators(["knn", "linear"], settings, seed), features)
 
 
-def _run(evaluators: Sequence[Evaluator], features: Features) -> dict[str, float]:
+def _run(evaluators: Sequence[Evaluator], features: Features, label: str = "") -> dict[str, float]:
+    """Each evaluator on ``features``; with a ``label`` (the evaluated entry), each shows
+    its progress (``contrastive_cli.progress``) as ``<label>: <evaluator>``."""
     metrics: dict[str, float] = {}
     for evaluator in evaluators:
-        metrics.update(evaluator(features))
+        with Task(f"{label}: {evaluator.name}") if label else contextlib.nullcontext():
+            metrics.update(evaluator(features))
     return metrics
 
 
@@ -105,14 +110,14 @@ def evaluate_protocol(
     holds ``seconds``: feature extraction plus the evaluators for that entry.
     """
     train_y, test_y = train_labels.to(device), test_labels.to(device)
-    sources: dict[str, Callable[[Tensor], Tensor]] = {}
+    sources: dict[str, Callable[[Tensor, str], Tensor]] = {}
     if pixels:
-        sources["raw_pixels"] = lambda images: torch.cat(
+        sources["raw_pixels"] = lambda images, desc: torch.cat(
             [pixel_features(chunk.to(device)) for chunk in images.split(batch_size)]
         )
     for name, encoder in encoders.items():
-        sources[name] = lambda images, enc=encoder: extract_features(
-            enc, images, transform, device, batch_size, channels_last, autocast
+        sources[name] = lambda images, desc, enc=encoder: extract_features(
+            enc, images, transform, device, batch_size, channels_last, autocast, desc
         )
     results = {}
     names = ", ".join(e.name for e in evaluators)
@@ -125,10 +130,9 @@ def evaluate_protocol(
             f"{len(test_images):,} test images, {names})"
         )
         start = time.perf_counter()
-        metrics = _run(
-            evaluators,
-            Features(features(train_images), train_y, features(test_images), test_y, num_classes),
-        )
+        train_x = features(train_images, f"{label}: features of train images")
+        test_x = features(test_images, f"{label}: features of test images")
+        metrics = _run(evaluators, Features(train_x, train_y, test_x, test_y, num_classes), label)
         metrics["seconds"] = time.perf_counter() - start
         log.info(f"evaluated {label} in {metrics['seconds']:.1f} s")
         results[name] = metrics
@@ -139,5 +143,6 @@ def evaluate_protocol(
 EVALUATED = {
     "raw_pixels": "raw pixels",
     "random_init": "random-init encoder",
+    "pretrained": "encoder as loaded (encoder.weights)",
     "trained": "trained encoder",
 }

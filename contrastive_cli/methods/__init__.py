@@ -27,11 +27,13 @@ A new method is three files: its loss (``losses/<name>.py``), its module here, a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
+
+from contrastive_cli.schema import parameters, problem
 
 if TYPE_CHECKING:
     from contrastive_cli.distributed import Gather
@@ -60,3 +62,27 @@ def positive_ids(
         return labels
     ids = torch.arange(view.shape[0], device=view.device)
     return ids + gather(ids)[1]
+
+
+def check_settings(method: Callable[..., Any], **values: Any) -> None:
+    """Refuse each value that its annotation in ``method``'s signature does not allow, as
+    ``loss.NAME must be WHAT, got VALUE``. The config is checked against the same annotations
+    before anything is built (``schema``); this is the same check for code that builds a
+    method directly."""
+    types = parameters(method) or {}
+    for name, value in values.items():
+        allowed = problem(value, types[name])
+        if allowed is not None:
+            raise ValueError(f"loss.{name} must be {allowed}, got {value}")
+
+
+def projector_and_predictor(
+    encoder: nn.Module,
+    projector: Callable[[int], nn.Module],
+    predictor: Callable[[int], nn.Module],
+    projection_dim: int,
+) -> tuple[nn.Module, nn.Module]:
+    """The heads of a method that predicts: the projector on the encoder's features
+    (``encoder.out_dim``), the predictor on the projections (``projection_dim``, which the
+    configs tie to the projector's output width)."""
+    return projector(encoder.out_dim), predictor(projection_dim)

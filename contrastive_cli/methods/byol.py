@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from contrastive_cli.losses.byol import byol_loss
+from contrastive_cli.methods import projector_and_predictor
 from contrastive_cli.methods.momentum import cosine_momentum, frozen_copy, update_momentum
 from contrastive_cli.schema import PositiveInt, Probability
 
@@ -23,8 +24,9 @@ class BYOL(nn.Module):
     ):
         super().__init__()
         self.encoder = encoder
-        self.projector = projector(encoder.out_dim)
-        self.predictor = predictor(projection_dim)
+        self.projector, self.predictor = projector_and_predictor(
+            encoder, projector, predictor, projection_dim
+        )
         self.target_encoder = frozen_copy(encoder)
         self.target_projector = frozen_copy(self.projector)
         self.base_momentum = base_momentum

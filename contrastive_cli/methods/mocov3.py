@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.mocov3 import mocov3_loss
+from contrastive_cli.methods import check_settings, projector_and_predictor
 from contrastive_cli.methods.momentum import cosine_momentum, frozen_copy, update_momentum
 from contrastive_cli.schema import Positive, PositiveInt, Probability
 
@@ -25,8 +26,10 @@ class MoCoV3(nn.Module):
     iteration, which is this. The schedule reads the loop's (step, total_steps), so a resumed
     run continues it exactly; the momentum copies are submodules, in the checkpoint.
 
-    Any encoder works; the paper's ViT recipe (3-layer projector, the predictor's output
-    BatchNorm, its frozen random patch embedding) waits for the ViT encoders.
+    Any encoder works. The paper's ViT recipe (3-layer projector, the predictor's output
+    BatchNorm, AdamW, a random patch embedding that is never trained) is
+    ``+experiment=mocov3_vit``; the frozen patch embedding is the encoder's setting
+    (``encoder.freeze_patch_embed``, ``models.patch_embed``), as it concerns the network.
     """
 
     def __init__(
@@ -40,13 +43,11 @@ class MoCoV3(nn.Module):
         gather: Gather = all_gather,  # the identity in one process
     ):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
-        if not 0 <= base_momentum <= 1:
-            raise ValueError(f"loss.base_momentum must be in [0, 1], got {base_momentum}")
+        check_settings(MoCoV3, temperature=temperature, base_momentum=base_momentum)
         self.encoder = encoder
-        self.projector = projector(encoder.out_dim)
-        self.predictor = predictor(projection_dim)
+        self.projector, self.predictor = projector_and_predictor(
+            encoder, projector, predictor, projection_dim
+        )
         self.momentum_encoder = frozen_copy(encoder)
         self.momentum_projector = frozen_copy(self.projector)
         self.temperature = temperature

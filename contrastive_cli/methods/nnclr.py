@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from contrastive_cli.distributed import Gather, all_gather
 from contrastive_cli.losses.nnclr import nnclr_loss
+from contrastive_cli.methods import check_settings, projector_and_predictor
 from contrastive_cli.methods.moco import KeyQueue
 from contrastive_cli.schema import Positive, PositiveInt
 
@@ -36,13 +37,11 @@ class NNCLR(nn.Module):
         gather: Gather = all_gather,  # the identity in one process
     ):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
-        if queue_size < 1:
-            raise ValueError(f"loss.queue_size must be >= 1, got {queue_size}")
+        check_settings(NNCLR, temperature=temperature, queue_size=queue_size)
         self.encoder = encoder
-        self.projector = projector(encoder.out_dim)
-        self.predictor = predictor(projection_dim)
+        self.projector, self.predictor = projector_and_predictor(
+            encoder, projector, predictor, projection_dim
+        )
         self.queue = KeyQueue(queue_size, projection_dim)  # the support set (Q, D)
         self.temperature = temperature
         self.gather = gather

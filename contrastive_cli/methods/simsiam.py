@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from contrastive_cli.losses.simsiam import simsiam_loss
+from contrastive_cli.methods import projector_and_predictor
 from contrastive_cli.schema import PositiveInt
 
 
@@ -27,8 +28,9 @@ class SimSiam(nn.Module):
     ):
         super().__init__()
         self.encoder = encoder
-        self.projector = projector(encoder.out_dim)
-        self.predictor = predictor(projection_dim)
+        self.projector, self.predictor = projector_and_predictor(
+            encoder, projector, predictor, projection_dim
+        )
 
     def forward(self, views: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
         z = self.projector(self.encoder(torch.cat([views[0], views[1]])))  # (2N, D)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from contrastive_cli.errors import ConfigError
+from contrastive_cli.models.patch_embed import freeze_random_patch_embed
 from contrastive_cli.schema import Kwargs, PositiveInt, Text
 
 SMALL_BELOW = 96  # px: below this, stem=auto means the small-image stem (as resnet18's)
@@ -43,6 +44,7 @@ class TimmEncoder(nn.Module):
         patch_size: Literal["auto"] | PositiveInt | None = None,
         dynamic_size: bool = True,
         grad_checkpointing: bool = False,
+        freeze_patch_embed: bool = False,
     ):
         super().__init__()
         import timm
@@ -66,10 +68,13 @@ class TimmEncoder(nn.Module):
                 extra.setdefault("dynamic_img_size", True)
                 extra.setdefault("dynamic_img_pad", True)
         self.model = _create(timm, name, in_channels, extra, dynamic_size and fixed)
+        self.timm_kwargs = extra  # what create_model took besides name, num_classes, in_chans
         self._check_patch(image_size)
         small = stem == "small" or (stem == "auto" and image_size < SMALL_BELOW)
         if small:
             _small_stem(self.model, name, in_channels, image_size, stem)
+        if freeze_patch_embed:  # MoCo v3's random patch projection, never trained
+            freeze_random_patch_embed(self.model, f"timm's {name}")
         if grad_checkpointing:
             try:
                 self.model.set_grad_checkpointing(True)
