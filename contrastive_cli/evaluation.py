@@ -20,6 +20,7 @@ from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
 from contrastive_cli.evaluate import PROTOCOL_VERSION
 from contrastive_cli.evaluators import Evaluator, build_evaluators, evaluate_protocol
+from contrastive_cli.labelfree import LabelFreeSample
 from contrastive_cli.parts import build_encoder
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,19 @@ class Evaluation:
     cache_keys: Callable[[], dict[str, dict[str, Any]]]  # {}: nothing read or written
     random_init: Callable[[], nn.Module]  # the encoder as initialised, on the CPU
     batch_size: int
+    labelfree_size: int = 2048  # eval.labelfree_size
 
     def __call__(
-        self, encoder: nn.Module, data: ImageData, augment: Any, runtime: Runtime
+        self,
+        encoder: nn.Module,
+        data: ImageData,
+        augment: Any,
+        runtime: Runtime,
+        projector: nn.Module | None = None,
     ) -> Outcome:
-        """(metrics, baselines, {baseline: whether it came from the cache})."""
-        assert data.train is not None and data.test is not None
-        keys = self.cache_keys()
+        """(metrics, baselines, {baseline: whether it came from the cache}). Without labels,
+        the label-free evaluators only; ``projector``: the method's, for ``rankme_projector``."""
+        keys = self.cache_keys() if data.labelled else {}
         cache = BaselineCache(cache_dir())
         cached: dict[str, dict[str, float]] = {}
         for name, key in keys.items():
@@ -56,12 +63,13 @@ class Evaluation:
             encoders["random_init"] = self.random_init().to(
                 runtime.device, memory_format=memory_format
             )
+        train, test = data.train, data.test
         evaluated = evaluate_protocol(
             encoders,
-            data.train.images,
-            data.train.labels,
-            data.test.images,
-            data.test.labels,
+            train.images if train else None,
+            train.labels if train else None,
+            test.images if test else None,
+            test.labels if test else None,
             data.num_classes,
             augment.normalize,
             runtime.device,
@@ -70,8 +78,10 @@ class Evaluation:
             pixels=self.baselines and "raw_pixels" not in cached,
             channels_last=runtime.channels_last,
             autocast=runtime.autocast,
+            sample=labelfree_sample(data, augment, self.labelfree_size),
+            projectors={"trained": projector} if projector is not None else None,
         )
-        metrics = evaluated.pop("trained")
+        metrics = evaluated.pop("trained", {})
         for name, result in evaluated.items():
             if name in keys:
                 cache.put(name, keys[name], {k: v for k, v in result.items() if k != "seconds"})
@@ -101,7 +111,15 @@ def evaluation_of(cfg: DictConfig, data: ImageData, runtime: Runtime, seed: int)
         keys,
         lambda: build_encoder(cfg, seed),
         int(cfg.eval.batch_size),
+        int(cfg.eval.get("labelfree_size", 2048)),
     )
+
+
+def labelfree_sample(data: ImageData, augment: Any, size: int) -> LabelFreeSample:
+    """The label-free metrics' fixed sample: of the test split (held out of training) where
+    the data has one, else of the images trained on (an unlabelled folder)."""
+    split = data.test if data.test is not None else data.pretrain
+    return LabelFreeSample.of(split.images, augment, size)
 
 
 def evaluate_encoder(

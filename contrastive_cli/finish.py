@@ -54,12 +54,15 @@ def finish(
         "images_per_s": progress.step * s.batch_size / max(progress.train_seconds, 1e-9),
     }
     eval_start = time.perf_counter()
-    if built.data.labelled:
-        results["metrics"], results["baselines"], results["baselines_from_cache"] = (
-            built.evaluation(encoder, built.data, built.augment, built.runtime)
+    projector = getattr(built.training.method, "projector", None)
+    results["metrics"], results["baselines"], results["baselines_from_cache"] = built.evaluation(
+        encoder, built.data, built.augment, built.runtime, projector
+    )
+    if not built.data.labelled:
+        results["eval_skipped"] = (
+            "the data has no labels: k-NN, the probes and retrieval are skipped "
+            "(label-free metrics only)"
         )
-    else:
-        results["eval_skipped"] = "the data has no labels: k-NN and the linear probe are skipped"
         log.info(results["eval_skipped"])
     results["eval_time_s"] = time.perf_counter() - eval_start
     # One feature extraction for the embedding map and TensorBoard's projector.
