@@ -26,6 +26,7 @@ from contrastive_cli.errors import ConfigError
 from contrastive_cli.evaluate import KnnMonitor
 from contrastive_cli.evaluation import Evaluation, evaluation_of
 from contrastive_cli.events import Callback, Loop, Progress
+from contrastive_cli.labelfree import LABEL_FREE_METRICS, LabelFreeMonitor
 from contrastive_cli.parts import build_encoder, encoder_metadata, load_data, seed_everything
 from contrastive_cli.train import Training, train
 from contrastive_cli.validate import check_data
@@ -81,6 +82,8 @@ class Built:
     monitor: KnnMonitor | None  # rank 0, labelled data and eval.every > 0 only
     evaluation: Evaluation
     encoder_metadata: dict[str, str]  # what encoder.safetensors carries
+    # rank 0, eval.every > 0 and a label-free metric in eval.metrics only
+    labelfree_monitor: LabelFreeMonitor | None = None
 
 
 def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = None) -> Built:
@@ -116,6 +119,17 @@ def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = Non
             runtime.autocast,
         )
     evaluation = evaluation_of(cfg, data, runtime, int(t.seed))
+    labelfree_monitor = None
+    if dist.main and cfg.eval.every > 0 and set(cfg.eval.metrics) & LABEL_FREE_METRICS:
+        labelfree_monitor = LabelFreeMonitor(
+            data.train.images if labelled else data.pretrain.images,
+            augment,
+            int(cfg.eval.get("labelfree_size", 2048)),
+            runtime.device,
+            cfg.eval.batch_size,
+            runtime.channels_last,
+            runtime.autocast,
+        )
     return Built(
         Settings.of(cfg),
         runtime,
@@ -125,6 +139,7 @@ def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = Non
         monitor,
         evaluation,
         encoder_metadata(cfg),
+        labelfree_monitor,
     )
 
 

@@ -31,6 +31,7 @@ from contrastive_cli.data.batches import derive_seed
 RANKME_EPS = 1e-7  # Garrido et al. 2023, eq. 1
 UNIFORMITY_T = 2.0  # Wang & Isola 2020
 SAMPLE_SEED = 0  # the label-free sample and its views: the same for every run
+LABEL_FREE_METRICS = {"rankme", "alignment", "uniformity"}  # the evaluators of this module
 
 
 @torch.no_grad()
@@ -130,3 +131,38 @@ def labelfree_metrics(f: SampleFeatures) -> dict[str, float]:
     metrics["alignment"] = alignment(*f.views)
     metrics["uniformity"] = uniformity(f.clean)
     return metrics
+
+
+class LabelFreeMonitor:
+    """The label-free metrics during training (``eval.every``): of a fixed sample of the
+    train split (of the images trained on, without labels); the test split is left alone."""
+
+    def __init__(
+        self,
+        images: Any,
+        augment: Any,
+        size: int,
+        device: torch.device,
+        batch_size: int = 1024,
+        channels_last: bool = False,
+        autocast: bool = False,
+    ):
+        self.sample = LabelFreeSample.of(images, augment, size)
+        self.normalize, self.device, self.batch_size = augment.normalize, device, batch_size
+        self.channels_last, self.autocast = channels_last, autocast
+
+    def __call__(self, encoder: nn.Module, projector: nn.Module | None = None) -> dict[str, float]:
+        from contrastive_cli.evaluate import extract_features
+
+        def features(transform: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+            return lambda x: extract_features(
+                encoder, x, transform, self.device, self.batch_size, self.channels_last, self.autocast
+            )
+
+        return labelfree_metrics(
+            sample_features(self.sample, features(self.normalize), features(_same), projector)
+        )
+
+
+def _same(x: Tensor) -> Tensor:
+    return x

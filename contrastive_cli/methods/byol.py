@@ -17,14 +17,16 @@ class BYOL(nn.Module):
         self,
         encoder: nn.Module,
         projector: Callable[[int], nn.Module],
-        predictor: Callable[[int], nn.Module],
+        predictor: Callable[[int], nn.Module] | None,
         projection_dim: PositiveInt = 256,
         base_momentum: Probability = 0.996,
     ):
         super().__init__()
         self.encoder = encoder
         self.projector = projector(encoder.out_dim)
-        self.predictor = predictor(projection_dim)
+        # loss.predictor=null: no predictor (the ablation of Grill et al. 2020, Table 5b, that
+        # collapses); what the label-free metrics' collapse check and study use
+        self.predictor = predictor(projection_dim) if predictor is not None else nn.Identity()
         self.target_encoder = frozen_copy(encoder)
         self.target_projector = frozen_copy(self.projector)
         self.base_momentum = base_momentum

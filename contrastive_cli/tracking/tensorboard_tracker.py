@@ -68,8 +68,9 @@ class TensorboardTracker:
         writer = self._writer(step)
         writer.add_scalar("epoch/loss", record["loss"], step)
         writer.add_scalar("epoch/images_per_s", record["images_per_s"], step)
-        if record.get("knn") is not None:
-            writer.add_scalar("monitor/knn", record["knn"], step)
+        for key in ("knn", "rankme", "rankme_projector", "alignment", "uniformity"):
+            if record.get(key) is not None:  # the monitor's k-NN and label-free metrics
+                writer.add_scalar(f"monitor/{key}", record[key], step)
 
     def log_embedding(self, sample: EmbeddingSample, step: int) -> None:
         """The projector: features, labels (and class names) and thumbnails in [0, 1]."""
