@@ -93,7 +93,9 @@ def report(rows: list[tuple[str, list[str], dict]], epochs: int, data: str) -> s
         lines.append(f"| {name} | `{' '.join(overrides)}` | " + " | ".join(cells) + " |")
     lines += ["", f"| metric | Spearman rho with {TARGET} | runs |", "|---|---|---|"]
     for key in LABEL_FREE:
-        pairs = [(r["metrics"][key], r["metrics"][TARGET]) for _, _, r in rows if key in r["metrics"]]
+        pairs = [
+            (r["metrics"][key], r["metrics"][TARGET]) for _, _, r in rows if key in r["metrics"]
+        ]
         if len(pairs) >= 3:
             rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
             lines.append(f"| {key} | {rho:+.2f} | {len(pairs)} |")

@@ -18,6 +18,7 @@ and their two views augmented with the training augmentation from a fixed genera
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,7 @@ def uniformity(z: Tensor, t: float = UNIFORMITY_T) -> float:
     f = F.normalize(z.double(), dim=1)
     sq = (2 - 2 * f @ f.T).clamp_min(0)  # ||a - b||^2 of unit vectors
     i, j = torch.triu_indices(len(f), len(f), offset=1)
-    return float(torch.logsumexp(-t * sq[i, j], 0) - torch.log(torch.tensor(float(len(i)))))
+    return float(torch.logsumexp(-t * sq[i, j], 0)) - math.log(len(i))
 
 
 @dataclass
@@ -156,7 +157,13 @@ class LabelFreeMonitor:
 
         def features(transform: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
             return lambda x: extract_features(
-                encoder, x, transform, self.device, self.batch_size, self.channels_last, self.autocast
+                encoder,
+                x,
+                transform,
+                self.device,
+                self.batch_size,
+                self.channels_last,
+                self.autocast,
             )
 
         return labelfree_metrics(

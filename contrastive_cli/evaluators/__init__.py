@@ -110,9 +110,11 @@ def evaluate_protocol(
     label-free sample), and RankMe also ``projectors[name]`` where given.
     """
     labelled = train_labels is not None and test_labels is not None
-    chosen = [e for e in evaluators if labelled or not e.needs_labels]
+    # Without labels there is no train/test split: only the evaluators of the sample run.
+    chosen = [e for e in evaluators if labelled or getattr(e, "needs_sample", False)]
     wants_sample = sample is not None and any(getattr(e, "needs_sample", False) for e in chosen)
     chosen = [e for e in chosen if wants_sample or not getattr(e, "needs_sample", False)]
+    need_split = labelled and any(not getattr(e, "needs_sample", False) for e in chosen)
     if not chosen:
         return {}
     train_y = train_labels.to(device) if labelled else None  # type: ignore[union-attr]
@@ -128,12 +130,11 @@ def evaluate_protocol(
         label = EVALUATED.get(name, name)
         what = (
             f"features of {len(train_images):,} train + {len(test_images):,} test images"  # type: ignore[arg-type]
-            if labelled and any(e.needs_labels for e in chosen)
+            if need_split
             else f"features of {len(sample.images):,} sample images and 2 views"  # type: ignore[union-attr]
         )
         log.info(f"evaluating {i}/{len(sources)}: {label} ({what}, {names})")
         start = time.perf_counter()
-        need_split = any(e.needs_labels for e in chosen)
         projector = (projectors or {}).get(name)
         metrics = _run(
             chosen,
