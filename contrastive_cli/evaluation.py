@@ -20,6 +20,7 @@ from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
 from contrastive_cli.evaluate import PROTOCOL_VERSION
 from contrastive_cli.evaluators import Evaluator, build_evaluators, evaluate_protocol
+from contrastive_cli.finetune import finetune_metrics
 from contrastive_cli.labelfree import LabelFreeSample
 from contrastive_cli.parts import build_encoder
 
@@ -37,6 +38,8 @@ class Evaluation:
     random_init: Callable[[], nn.Module]  # the encoder as initialised, on the CPU
     batch_size: int
     labelfree_size: int = 2048  # eval.labelfree_size
+    finetune: dict[str, Any] | None = None  # eval.finetune when enabled
+    seed: int = 0
 
     def __call__(
         self,
@@ -90,6 +93,10 @@ class Evaluation:
             for name in ("raw_pixels", "random_init")
             if name in cached or name in evaluated
         }
+        if self.finetune is not None and data.labelled:
+            metrics |= finetune_metrics(
+                encoder, self.random_init, data, augment, runtime.device, self.finetune, self.seed
+            )
         return metrics, baselines, {name: name in cached for name in baselines}
 
 
@@ -100,6 +107,7 @@ def evaluation_of(cfg: DictConfig, data: ImageData, runtime: Runtime, seed: int)
     baselines = bool(cfg.eval.baselines)
     cached = baselines and bool(cfg.eval.get("cache_baselines", True))
     encoder_config = OmegaConf.to_container(cfg.encoder, resolve=True)
+    finetune = settings.get("finetune")
     keys = (
         (lambda: baseline_keys(cfg, data, runtime, seed, encoder_config, PROTOCOL_VERSION) or {})
         if cached
@@ -112,6 +120,8 @@ def evaluation_of(cfg: DictConfig, data: ImageData, runtime: Runtime, seed: int)
         lambda: build_encoder(cfg, seed),
         int(cfg.eval.batch_size),
         int(cfg.eval.get("labelfree_size", 2048)),
+        finetune if finetune and finetune.get("enabled") else None,
+        seed,
     )
 
 

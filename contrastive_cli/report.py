@@ -25,7 +25,12 @@ __all__ = [
     "write_json",
 ]
 
-NOT_IN_TABLE = {"probe_weight_decay", "seconds", "finetune_lr"}  # in results.json, not accuracies
+NOT_IN_TABLE = {
+    "probe_weight_decay",
+    "seconds",
+    "finetune_lr",
+    "finetune_scratch_lr",
+}  # in results.json, not accuracies
 LINEAR_LABELS = {"linear_top1": "linear", "linear_top5": "linear top-5"}
 LABELS = {
     **LINEAR_LABELS,
@@ -33,6 +38,7 @@ LABELS = {
     "recall_at_5": "R@5",
     "map_at_r": "MAP@R",
     "finetune_top1": "fine-tune",
+    "finetune_scratch_top1": "from scratch",
     "rankme": "RankMe",
     "rankme_projector": "RankMe proj.",
 }
