@@ -27,6 +27,7 @@ import torch
 from contrastive_cli.builder import build_run, train_steps
 from contrastive_cli.config import compose
 from contrastive_cli.data.datasets import Split
+from contrastive_cli.labelfree import projector_of
 from contrastive_cli.parts import load_data
 from contrastive_cli.validate import validate
 
@@ -104,7 +105,7 @@ def train(out: Path, name: str, overrides: list[str], ns: argparse.Namespace) ->
         return None
     method = built.training.method
     metrics, _, _ = built.evaluation(
-        method.encoder, data, built.augment, built.runtime, getattr(method, "projector", None)
+        method.encoder, data, built.augment, built.runtime, projector_of(method)
     )
     metrics["seconds"] = time.perf_counter() - start
     results.write_text(json.dumps({"overrides": overrides, "metrics": metrics}, indent=1))

@@ -17,6 +17,7 @@ from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
 from contrastive_cli.evaluate import extract_features
 from contrastive_cli.events import Progress
+from contrastive_cli.labelfree import projector_of
 from contrastive_cli.parts import load_data
 from contrastive_cli.report import results_table, versions
 from contrastive_cli.rundirs import Run
@@ -54,7 +55,7 @@ def finish(
         "images_per_s": progress.step * s.batch_size / max(progress.train_seconds, 1e-9),
     }
     eval_start = time.perf_counter()
-    projector = getattr(built.training.method, "projector", None)
+    projector = projector_of(built.training.method)
     results["metrics"], results["baselines"], results["baselines_from_cache"] = built.evaluation(
         encoder, built.data, built.augment, built.runtime, projector
     )

@@ -59,6 +59,15 @@ def uniformity(z: Tensor, t: float = UNIFORMITY_T) -> float:
     return float(torch.logsumexp(-t * sq[i, j], 0)) - math.log(len(i))
 
 
+def projector_of(method: nn.Module) -> nn.Module | None:
+    """The method's projector (VICReg calls its ``expander``), None where it has none."""
+    for name in ("projector", "expander"):
+        module = getattr(method, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
 @dataclass
 class LabelFreeSample:
     """The fixed images the label-free metrics see, and their two augmented views.

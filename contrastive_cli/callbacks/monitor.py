@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from contrastive_cli.events import Callback, Loop
+from contrastive_cli.labelfree import projector_of
 
 
 class Monitor(Callback):
@@ -32,5 +33,5 @@ class Monitor(Callback):
             if self.knn is not None:
                 record["knn"] = self.knn(loop.method.encoder)
             if self.labelfree is not None:
-                projector = getattr(loop.method, "projector", None)
+                projector = projector_of(loop.method)
                 record.update(self.labelfree(loop.method.encoder, projector))
