@@ -87,8 +87,8 @@ class LabelFreeSample:
         g = torch.Generator().manual_seed(derive_seed(seed, "labelfree"))
         idx = torch.randperm(len(images), generator=g)[:size].sort().values
         chosen = images[idx]
-        if not isinstance(chosen, Tensor):
-            chosen = torch.as_tensor(chosen)
+        if not isinstance(chosen, Tensor):  # image files, streamed: decoded once, here
+            chosen = torch.cat(list(chosen.split(256)))
         g = torch.Generator().manual_seed(derive_seed(seed, "labelfree-views"))
         views = (augment(chosen, g), augment(chosen, g))
         return LabelFreeSample(chosen, views, tuple(augment.mean), tuple(augment.std))
