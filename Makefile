@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(foreach p,$(TORCH),'$(p)')
-	$(BIN)/python -m pip install -q -e '.[dev,sweep,parquet,tracking]'
+	$(BIN)/python -m pip install -q -e '.[dev,sweep,parquet,tracking,export]'
 	@# our own earlier name in this venv (now contrastive-cli; both would install `contrast`)
 	-$(BIN)/python -m pip uninstall -q -y contrast 2>/dev/null
 	touch $@

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.common import LOSSES, ORDER, RESULTS, Options
 
-DEFAULT = ("throughput", "evaluation", "memory", "quality", "distributed")
+DEFAULT = ("throughput", "evaluation", "memory", "quality", "distributed", "encoders")
 
 
 def parse(argv: list[str] | None = None) -> tuple[Options, list[str]]:
@@ -83,6 +83,11 @@ def parse(argv: list[str] | None = None) -> tuple[Options, list[str]]:
         help="evaluation: encoder.safetensors of a cnn run to extract features with (default: random init)",
     )
     p.add_argument(
+        "--encoders",
+        default="",
+        help="encoders: comma-separated shipped encoders to measure, in this order (default: all)",
+    )
+    p.add_argument(
         "--override",
         action="append",
         default=[],
@@ -112,7 +117,10 @@ def parse(argv: list[str] | None = None) -> tuple[Options, list[str]]:
         minutes=args.minutes if args.minutes is not None else (0.05 if quick else 5.0),
         threads=args.threads,
         overrides=args.override,
-        extra={"encoder": args.encoder} if args.encoder else {},
+        extra={
+            **({"encoder": args.encoder} if args.encoder else {}),
+            **({"encoders": args.encoders.split(",")} if args.encoders else {}),
+        },
     )
     return opts, [n for n in ORDER if n in names]
 

@@ -30,7 +30,7 @@ from contrastive_cli.report import versions, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOSSES = tuple(config_groups()["loss"])  # every conf/loss option: a new method is benchmarked too
-ORDER = ("throughput", "evaluation", "memory", "quality", "distributed")  # README order
+ORDER = ("throughput", "evaluation", "memory", "quality", "distributed", "encoders")  # README order
 
 
 @dataclass

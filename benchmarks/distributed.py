@@ -83,16 +83,20 @@ def _entry(
 ) -> None:
     import torch.distributed as dist
 
+    from contrastive_cli.distributed import leave_process_group
+
     torch.set_num_threads(max(1, torch.get_num_threads() // WORLD))
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
+    clean = False
     try:
         seconds = _steps(rank, WORLD, overrides, steps, local, *data)
         if rank == 0:
             Path(out).write_text(str(seconds))
+        clean = True
     finally:
-        dist.destroy_process_group()
+        leave_process_group(clean)  # a barrier, then the group freed (issue 23)
 
 
 def _several(overrides: list[str], steps: int, local: bool, data: tuple[str, int | None]) -> float:

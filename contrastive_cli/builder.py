@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 from collections.abc import Callable
 
@@ -28,8 +29,11 @@ from contrastive_cli.evaluation import Evaluation, evaluation_of
 from contrastive_cli.events import Callback, Loop, Progress
 from contrastive_cli.labelfree import LABEL_FREE_METRICS, LabelFreeMonitor
 from contrastive_cli.parts import build_encoder, encoder_metadata, load_data, seed_everything
+from contrastive_cli.starting import starting_weights
 from contrastive_cli.train import Training, train
 from contrastive_cli.validate import check_data
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +86,7 @@ class Built:
     monitor: KnnMonitor | None  # rank 0, labelled data and eval.every > 0 only
     evaluation: Evaluation
     encoder_metadata: dict[str, str]  # what encoder.safetensors carries
+    starting: dict | None = None  # the starting weights' record (source, SHA-256), if any
     # rank 0, eval.every > 0 and a label-free metric in eval.metrics only
     labelfree_monitor: LabelFreeMonitor | None = None
 
@@ -99,7 +104,12 @@ def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = Non
     data = load_data(cfg) if data is None else data
     check_data(cfg, data)
     augment = build(cfg.data.augment)
-    training = build_training(cfg, runtime, data, build_encoder(cfg, t.seed), dist)
+    encoder = build_encoder(cfg, t.seed)
+    starting = starting_weights(cfg, encoder)
+    if starting is not None:  # before the method copies it (EMA targets) or wraps it
+        log.info(f"encoder: starting weights from {starting.source}")
+        starting.load_into(encoder)
+    training = build_training(cfg, runtime, data, encoder, dist)
     monitor = None
     labelled = data.train is not None and data.train.labels is not None
     if dist.main and labelled and cfg.eval.every > 0:
@@ -118,7 +128,7 @@ def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = Non
             runtime.channels_last,
             runtime.autocast,
         )
-    evaluation = evaluation_of(cfg, data, runtime, int(t.seed))
+    evaluation = evaluation_of(cfg, data, runtime, int(t.seed), starting)
     labelfree_monitor = None
     if dist.main and cfg.eval.every > 0 and set(cfg.eval.metrics) & LABEL_FREE_METRICS:
         labelfree_monitor = LabelFreeMonitor(
@@ -139,7 +149,8 @@ def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = Non
         monitor,
         evaluation,
         encoder_metadata(cfg),
-        labelfree_monitor,
+        starting.record() if starting is not None else None,
+        labelfree_monitor=labelfree_monitor,
     )
 
 

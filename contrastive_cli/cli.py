@@ -13,7 +13,7 @@ from contrastive_cli.errors import UserError, error_lines
 from contrastive_cli.untrusted import printable
 
 # name -> module under contrastive_cli.commands; each has HELP and main(args) -> exit code.
-COMMANDS = ["train", "runs", "resume", "reproduce", "eval", "plot", "embed"]
+COMMANDS = ["train", "runs", "resume", "reproduce", "eval", "plot", "embed", "export"]
 
 
 def _command(name: str):

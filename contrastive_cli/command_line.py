@@ -9,7 +9,7 @@ import difflib
 import functools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ _HYDRA_OTHER_FLAGS = ("-h", "--help", "--hydra-help", "--version", "--resolve", 
 MAX_PRECHECKED_JOBS = 256
 
 
-def check_command_line(args: Sequence[str]) -> None:
+def check_command_line(
+    args: Sequence[str], announce: Callable[[DictConfig], None] | None = None
+) -> None:
     """Compose the config ``contrast train <args>`` would run and validate it, before Hydra
     creates a run directory. Every problem of the command line is reported at once, one
     line each (ConfigErrors): options and flags it does not know (``--epochs 2`` is shown as
@@ -45,7 +47,8 @@ def check_command_line(args: Sequence[str]) -> None:
     found without importing torch (about a second); the objects' own arguments after.
     Sweeps (-m): every job's overrides must compose; values are validated per job as it
     starts, so one bad job does not stop the others. Hydra's own flags (--help, --cfg, ...)
-    and ``debug=true`` are left to Hydra as they are.
+    and ``debug=true`` are left to Hydra as they are. ``announce(cfg)`` is called once the
+    names and plain values are right, before torch loads (the first line a run prints).
     """
     _check_config_name(args)
     args, problems = _foreign_flags(list(args))
@@ -80,6 +83,8 @@ def check_command_line(args: Sequence[str]) -> None:
         cfg = _compose(overrides)
         check_output_dir(cfg, "hydra.run.dir")
         validate(cfg, torch_free=True)  # the plain sections' values, before torch loads
+        if announce is not None:
+            announce(cfg)
         validate(cfg)
         return
     raise_all(problems)
@@ -184,11 +189,22 @@ def _override_problems(parsed: list) -> list[str]:
         name = str(o.key_or_group)
         if _is_group(name) or o.is_add() or o.is_force_add() or o.is_sweep_override():
             continue
-        if not _node_exists(base, name):
+        if not _node_exists(base, name) and _is_kwarg(base, name):
+            problems.append(
+                f"{name} is not allowed: no such setting yet; allowed: +{o.input_line} (keyword "
+                f"arguments under {name.rpartition('.')[0]} are added with +)"
+            )
+        elif not _node_exists(base, name):
             problems.append(
                 f"{name} is not allowed: no such setting{_suggest(base, name)}; {_help_hint(name)}"
             )
     return problems
+
+
+def _is_kwarg(cfg: DictConfig, key: str) -> bool:
+    """``key`` is a new key of a ``kwargs`` mapping (passed through to a library)."""
+    parent = key.rpartition(".")[0]
+    return parent.endswith("kwargs") and _node_exists(cfg, parent)
 
 
 def _node_exists(cfg: DictConfig, key: str) -> bool:

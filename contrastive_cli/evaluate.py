@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastive_cli.data.batches import derive_seed
+from contrastive_cli.progress import Task
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 
 
-@torch.no_grad()
 def extract_features(
     encoder: nn.Module,
     images: Tensor,
@@ -41,29 +41,38 @@ def extract_features(
     batch_size: int = 1024,
     channels_last: bool = False,
     autocast: bool = False,
+    desc: str | None = None,
 ) -> Tensor:
     """(N, C, H, W) uint8 -> (N, D) float32 features on ``device``; the encoder's mode is kept.
 
     ``images`` is a tensor, or image files (``ImageFiles``) that decode batch by batch.
+    Batches of ``batch_size`` under ``torch.inference_mode`` (no autograd records, no
+    version counters), in bf16 autocast where the run trains in it; the features come back
+    as ordinary tensors (concatenated outside inference mode), so a probe can train on them.
+    ``desc``: show progress under this name (``contrastive_cli.progress``).
     """
     was_training = encoder.training
     encoder.eval()
     out = []
+    ctx = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if autocast
+        else contextlib.nullcontext
+    )
+    shown = Task(desc, total=len(images), unit="image") if desc else None
     try:
-        for chunk in images.split(batch_size):
-            x = transform(chunk.to(device, non_blocking=True))
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            ctx = (
-                torch.autocast(device.type, dtype=torch.bfloat16)
-                if autocast
-                else contextlib.nullcontext()
-            )
-            with ctx:
-                out.append(encoder(x).float())
+        with shown or contextlib.nullcontext():
+            for chunk in images.split(batch_size):
+                with torch.inference_mode(), ctx():
+                    x = transform(chunk.to(device, non_blocking=True))
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    out.append(encoder(x).float())
+                if shown is not None:
+                    shown.update(len(chunk))
     finally:
         encoder.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out)  # outside inference mode: an ordinary tensor
 
 
 def pixel_features(images: Tensor) -> Tensor:
@@ -301,20 +310,25 @@ def linear_probe(
     fit_y, val_y = train_y[fit_idx], train_y[val_idx]
     best: tuple[float, float, tuple[Tensor, Tensor]] | None = None
     params = None
-    for wd in sorted(weight_decays, reverse=True):  # strong to weak, warm-started
-        params = fit_logistic(
-            fit_z, fit_y, num_classes, wd * fit_basis.penalty, max_iter, init=params
-        )
-        val_acc = accuracy(F.linear(val_z, *params).argmax(1), val_y)
-        if best is None or val_acc > best[1]:
-            best = (wd, val_acc, params)
-    assert best is not None
-    del fit_z, val_z
-    basis = ProbeBasis.of(train_x.float(), whiten)
-    init = fit_basis.carry(*best[2], to=basis)
-    all_z = basis.z(train_x.float())
-    v, b = fit_logistic(all_z, train_y, num_classes, best[0] * basis.penalty, max_iter, init=init)
-    del all_z
+    with Task("probe fits", total=len(weight_decays) + 1, unit="fit") as fits:
+        for wd in sorted(weight_decays, reverse=True):  # strong to weak, warm-started
+            fits.note(weight_decay=f"{wd:g}")
+            params = fit_logistic(
+                fit_z, fit_y, num_classes, wd * fit_basis.penalty, max_iter, init=params
+            )
+            val_acc = accuracy(F.linear(val_z, *params).argmax(1), val_y)
+            if best is None or val_acc > best[1]:
+                best = (wd, val_acc, params)
+            fits.update()
+        assert best is not None
+        del fit_z, val_z
+        fits.note(refit=f"weight decay {best[0]:g} on all of train")
+        basis = ProbeBasis.of(train_x.float(), whiten)
+        init = fit_basis.carry(*best[2], to=basis)
+        all_z = basis.z(train_x.float())
+        wd = best[0] * basis.penalty
+        v, b = fit_logistic(all_z, train_y, num_classes, wd, max_iter, init=init)
+        del all_z
     logits = F.linear(basis.z(test_x.float()), v, b)
     top5 = None
     if num_classes > 10:

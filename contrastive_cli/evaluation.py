@@ -1,7 +1,8 @@
 """The end-of-run evaluation: the chosen evaluators on the trained encoder and, with
-``eval.baselines``, on raw pixels and on the same encoder freshly initialised from the seed
-(its weights before training), a baseline read from the cache where it was computed before
-for the same data, settings and encoder config (``contrastive_cli.baselines``)."""
+``eval.baselines``, on raw pixels, on the same encoder freshly initialised from the seed
+and, for a run that started from weights (``encoder.weights``), on the encoder as loaded
+(``pretrained``): each baseline read from the cache where it was computed before for the
+same data, settings, encoder config and weights file (``contrastive_cli.baselines``)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from contrastive_cli.evaluate import PROTOCOL_VERSION
 from contrastive_cli.evaluators import Evaluator, build_evaluators, evaluate_protocol
 from contrastive_cli.finetune import finetune_metrics
 from contrastive_cli.labelfree import LabelFreeSample
-from contrastive_cli.parts import build_encoder
+from contrastive_cli.parts import build_encoder, encoder_node
+from contrastive_cli.starting import Starting
 
 log = logging.getLogger(__name__)
 Outcome = tuple[dict[str, float], dict[str, dict[str, float]], dict[str, bool]]
@@ -33,9 +35,9 @@ class Evaluation:
     """What the evaluation needs, built from the config once (``evaluation_of``)."""
 
     evaluators: list[Evaluator]
-    baselines: bool  # also raw pixels and the randomly initialised encoder
+    baselines: bool  # also raw pixels and the encoders of ``baseline_encoders``
     cache_keys: Callable[[], dict[str, dict[str, Any]]]  # {}: nothing read or written
-    random_init: Callable[[], nn.Module]  # the encoder as initialised, on the CPU
+    baseline_encoders: dict[str, Callable[[], nn.Module]]  # name -> the encoder, on the CPU
     batch_size: int
     labelfree_size: int = 2048  # eval.labelfree_size
     finetune: dict[str, Any] | None = None  # eval.finetune when enabled
@@ -61,11 +63,10 @@ class Evaluation:
                 cached[name] = found | {"seconds": time.perf_counter() - start}
                 log.info(f"{name} baseline: from the cache ({cache.path(name, key)})")
         encoders = {"trained": encoder}
-        if self.baselines and "random_init" not in cached:
-            memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
-            encoders["random_init"] = self.random_init().to(
-                runtime.device, memory_format=memory_format
-            )
+        memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
+        for name, make in self.baseline_encoders.items() if self.baselines else ():
+            if name not in cached:
+                encoders[name] = make().to(runtime.device, memory_format=memory_format)
         train, test = data.train, data.test
         evaluated = evaluate_protocol(
             encoders,
@@ -90,34 +91,52 @@ class Evaluation:
                 cache.put(name, keys[name], {k: v for k, v in result.items() if k != "seconds"})
         baselines = {
             name: cached[name] if name in cached else evaluated[name]
-            for name in ("raw_pixels", "random_init")
+            for name in ("raw_pixels", *self.baseline_encoders)
             if name in cached or name in evaluated
         }
         if self.finetune is not None and data.labelled:
             metrics |= finetune_metrics(
-                encoder, self.random_init, data, augment, runtime.device, self.finetune, self.seed
+                encoder,
+                self.baseline_encoders["random_init"],
+                data,
+                augment,
+                runtime.device,
+                self.finetune,
+                self.seed,
             )
         return metrics, baselines, {name: name in cached for name in baselines}
 
 
-def evaluation_of(cfg: DictConfig, data: ImageData, runtime: Runtime, seed: int) -> Evaluation:
+def evaluation_of(
+    cfg: DictConfig,
+    data: ImageData,
+    runtime: Runtime,
+    seed: int,
+    starting: Starting | None = None,
+) -> Evaluation:
     """The evaluation ``cfg.eval`` describes, for ``data`` on ``runtime``; ``seed`` fixes the
-    random-init baseline's weights and the probe's split."""
+    random-init baseline's weights and the probe's split; ``starting``: the weights the run
+    started from (the ``pretrained`` baseline)."""
     settings: dict[str, Any] = OmegaConf.to_container(cfg.eval, resolve=True)  # type: ignore[assignment]
     baselines = bool(cfg.eval.baselines)
     cached = baselines and bool(cfg.eval.get("cache_baselines", True))
-    encoder_config = OmegaConf.to_container(cfg.encoder, resolve=True)
+    encoder_config = OmegaConf.to_container(encoder_node(cfg), resolve=True)
     finetune = settings.get("finetune")
-    keys = (
-        (lambda: baseline_keys(cfg, data, runtime, seed, encoder_config, PROTOCOL_VERSION) or {})
-        if cached
-        else dict
-    )
+    encoders: dict[str, Callable[[], nn.Module]] = {"random_init": lambda: build_encoder(cfg, seed)}
+    if starting is not None:
+        encoders["pretrained"] = lambda: starting.load_into(build_encoder(cfg, seed))
+
+    def keys() -> dict[str, dict[str, Any]]:
+        found = baseline_keys(cfg, data, runtime, seed, encoder_config, PROTOCOL_VERSION) or {}
+        if found and starting is not None:  # the encoder as loaded: also the file's digest
+            found["pretrained"] = {**found["random_init"], "starting": starting.record()}
+        return found
+
     return Evaluation(
         build_evaluators(settings["metrics"], settings, seed),
         baselines,
-        keys,
-        lambda: build_encoder(cfg, seed),
+        keys if cached else dict,
+        encoders,
         int(cfg.eval.batch_size),
         int(cfg.eval.get("labelfree_size", 2048)),
         finetune if finetune and finetune.get("enabled") else None,
@@ -136,5 +155,15 @@ def evaluate_encoder(
     cfg: DictConfig, encoder: nn.Module, data: ImageData, augment: Any, runtime: Runtime, seed: int
 ) -> Outcome:
     """The evaluation of ``cfg`` for ``encoder`` (what `contrast eval` runs): (metrics,
-    baselines, {baseline: whether it came from the cache})."""
-    return evaluation_of(cfg, data, runtime, seed)(encoder, data, augment, runtime)
+    baselines, {baseline: whether it came from the cache}). The ``pretrained`` baseline of a
+    run that started from weights is left out, with a warning, when they cannot be read."""
+    from contrastive_cli.errors import ConfigError
+    from contrastive_cli.starting import starting_weights
+
+    starting = None
+    if cfg.eval.baselines:
+        try:
+            starting = starting_weights(cfg, build_encoder(cfg, seed))
+        except ConfigError as e:
+            log.warning(f"warning: no pretrained baseline: {e}")
+    return evaluation_of(cfg, data, runtime, seed, starting)(encoder, data, augment, runtime)

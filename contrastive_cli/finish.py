@@ -19,6 +19,7 @@ from contrastive_cli.evaluate import extract_features
 from contrastive_cli.events import Progress
 from contrastive_cli.labelfree import projector_of
 from contrastive_cli.parts import load_data
+from contrastive_cli.progress import configure as progress_lines
 from contrastive_cli.report import results_table, versions
 from contrastive_cli.rundirs import Run
 from contrastive_cli.runfiles import RunFiles
@@ -136,6 +137,7 @@ def embedding_map(run: Run, out: Path) -> Path | None:
         return None
     cfg = run.config()
     validate(cfg)
+    progress_lines(cfg.trainer.get("log_every_s"))
     runtime = build(cfg.device)
     data = load_data(cfg)
     encoder = load_trained_encoder(cfg, weights)

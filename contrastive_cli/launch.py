@@ -340,8 +340,10 @@ def _line(e: BaseException) -> str:
 
 
 def _leave() -> None:
-    import torch.distributed as torch_dist
+    """No barrier: the other ranks return from training while rank 0 evaluates (minutes on
+    a large dataset, past a collective's timeout), and rank 0, which may host the
+    rendezvous store, is the last to leave anyway. What matters here is that the process
+    group is freed before interpreter shutdown (``leave_process_group``)."""
+    from contrastive_cli.distributed import leave_process_group
 
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        with contextlib.suppress(Exception):
-            torch_dist.destroy_process_group()
+    leave_process_group(clean=False)

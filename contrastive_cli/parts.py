@@ -52,10 +52,23 @@ def load_data(cfg: DictConfig) -> ImageData:
     return data
 
 
+# Keys of the encoder section that say where its weights start, not how it is built
+# (``contrastive_cli.starting``): never passed to its ``_target_``.
+STARTING_KEYS = ("weights", "strict", "pretrained")
+
+
+def encoder_node(cfg: DictConfig) -> DictConfig:
+    """The encoder section as its ``_target_`` takes it: without ``STARTING_KEYS``."""
+    plain = OmegaConf.to_container(cfg.encoder, resolve=True)
+    assert isinstance(plain, dict)
+    return OmegaConf.create({k: v for k, v in plain.items() if k not in STARTING_KEYS})
+
+
 def build_encoder(cfg: DictConfig, seed: int) -> torch.nn.Module:
-    """The encoder, initialised on the CPU from ``seed`` alone (same weights on any device)."""
+    """The encoder, initialised on the CPU from ``seed`` alone (same weights on any device);
+    starting weights (``encoder.weights``) are loaded by the run, not here."""
     torch.manual_seed(seed)
-    return build(cfg.encoder, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    return build(encoder_node(cfg), in_channels=cfg.data.channels, image_size=cfg.data.image_size)
 
 
 def encoder_metadata(cfg: DictConfig) -> dict[str, str]:
@@ -63,7 +76,7 @@ def encoder_metadata(cfg: DictConfig) -> dict[str, str]:
     (read back against a fixed schema: ``commands.eval.read_encoder_metadata``)."""
     return {
         "format": "contrast-encoder-v1",
-        "encoder": json.dumps(OmegaConf.to_container(cfg.encoder, resolve=True)),
+        "encoder": json.dumps(OmegaConf.to_container(encoder_node(cfg), resolve=True)),
         "data": str(cfg.data.name),
         "channels": str(cfg.data.channels),
         "image_size": str(cfg.data.image_size),

@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 
+from contrastive_cli.progress import Task
 from contrastive_cli.rundirs import Run
 
 log = logging.getLogger(__name__)
@@ -89,19 +90,8 @@ def plot_embedding(
 ) -> Path:
     """2-D map of features (UMAP when installed, else t-SNE), coloured by class (named in
     the legend when the data has class names)."""
-    try:
-        import umap  # type: ignore[import-not-found]
-
-        xy = umap.UMAP(random_state=seed).fit_transform(features)
-        method = "UMAP"
-    except ImportError:
-        from sklearn.manifold import TSNE
-
-        perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
-        xy = TSNE(
-            n_components=2, init="pca", random_state=seed, perplexity=perplexity
-        ).fit_transform(features)
-        method = "t-SNE"
+    with Task(f"2-D map (UMAP or t-SNE) of {len(features):,} test features"):
+        xy, method = _map_2d(features, seed)  # the slow part of the map
     fig, ax = plt.subplots(figsize=EMBEDDING_SIZE, dpi=DPI)
     classes = np.unique(labels)
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
@@ -113,6 +103,20 @@ def plot_embedding(
     if len(classes) <= 20:
         ax.legend(markerscale=3, fontsize=7, loc="best")
     return _save(fig, out)
+
+
+def _map_2d(features: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
+    """(N, D) -> (N, 2) by UMAP when installed, else t-SNE; and which one ran."""
+    try:
+        import umap  # type: ignore[import-not-found]
+
+        return umap.UMAP(random_state=seed).fit_transform(features), "UMAP"
+    except ImportError:
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
+        tsne = TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity)
+        return tsne.fit_transform(features), "t-SNE"
 
 
 def swept_keys(runs: Sequence[Run]) -> dict[str, list[str]]:

@@ -31,6 +31,10 @@ TRAINING_KEYS = (
 )
 
 
+# encoder.weights, .strict, .pretrained (contrastive_cli.starting) and their defaults
+STARTING_DEFAULTS = {"weights": None, "strict": True, "pretrained": False}
+
+
 def training_config(resolved: dict[str, Any]) -> dict[str, Any]:
     """The TRAINING_KEYS of a resolved config (plain dict), by dotted key."""
     picked = {}
@@ -39,6 +43,12 @@ def training_config(resolved: dict[str, Any]) -> dict[str, Any]:
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         picked[key] = node
+    encoder = picked.get("encoder")
+    if isinstance(encoder, dict):  # starting keys at their defaults: the digest of a run
+        # from before they existed, so that such a run still resumes
+        picked["encoder"] = {
+            k: v for k, v in encoder.items() if STARTING_DEFAULTS.get(k, object()) is not v
+        }
     return picked
 
 
@@ -48,10 +58,12 @@ def training_digest(resolved: dict[str, Any]) -> str:
 
 
 class ConfigRecord:
-    """The resolved config a checkpoint holds, its training digest, and the epoch count."""
+    """The resolved config a checkpoint holds, its training digest, the epoch count, and
+    the starting weights' record (``encoder.weights``: the file's SHA-256)."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, starting: dict[str, Any] | None = None):
         self._cfg = cfg  # never changed; copied when the record changes
+        self.starting = starting  # the starting weights' source and SHA-256 (resume checks)
         self.resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         self.digest = training_digest(self.resolved)
 

@@ -347,9 +347,9 @@ def settings(cfg: DictConfig, choices: dict[str, str]) -> list[Setting]:
                 continue
             if isinstance(raw, str) and raw.startswith("${.") and raw.endswith("}"):
                 continue  # a copy of a neighbour's value (data.source.root: ${..root})
-            if isinstance(child, DictConfig):
+            if isinstance(child, DictConfig) and (len(child) or str(name) not in params):
                 walk(child, f"{key}.", _target(child), schema.section_types(key) or {})
-                continue
+                continue  # an empty mapping a target takes (encoder.kwargs) is a setting
             kind, about = params.get(str(name), ("", ""))
             if not kind and str(name) in types:
                 kind = describe(types[str(name)])

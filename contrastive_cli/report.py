@@ -43,6 +43,12 @@ LABELS = {
     "rankme_projector": "RankMe proj.",
 }
 LABEL_FREE_KEYS = {"rankme", "rankme_projector", "alignment", "uniformity"}
+# results.json's baselines, as the table names them (in results.json's order)
+BASELINE_LABELS = {
+    "raw_pixels": "raw pixels",
+    "random_init": "random init encoder",
+    "pretrained": "pretrained (as loaded)",
+}
 
 
 def knn_keys(metrics: dict[str, Any]) -> list[str]:
@@ -164,12 +170,8 @@ def results_table(results: dict) -> str:
     metrics = results.get("metrics") or {}
     baselines = results.get("baselines") or {}
     title = f"{results.get('loss', '?')} encoder"
-    rows = [
-        ("raw pixels", baselines.get("raw_pixels")),
-        ("random init encoder", baselines.get("random_init")),
-        *((f"{name} encoder", m) for name, m in baselines.items() if name not in BASELINE_ROWS),
-        (title, metrics),
-    ]
+    rows = [(BASELINE_LABELS.get(name, name), m) for name, m in baselines.items()]
+    rows.append((title, metrics))
     rows = [(name, m) for name, m in rows if m]
     keys = table_keys([m for _, m in rows])
     blocks = []
@@ -187,9 +189,6 @@ def results_table(results: dict) -> str:
     if split.startswith("heldout"):  # `contrast eval --heldout`: not a test-split result
         blocks.insert(0, f"held-out (train): {split}, not the test split")
     return "\n\n".join(blocks)
-
-
-BASELINE_ROWS = ("raw_pixels", "random_init")
 
 
 def table_keys(rows: list[dict[str, Any]]) -> list[str]:

@@ -30,6 +30,8 @@ from contrastive_cli.distributed import SINGLE, Dist
 from contrastive_cli.errors import Diverged, RunExists, UserError
 from contrastive_cli.events import Callback, Loop, Progress
 from contrastive_cli.finish import finish
+from contrastive_cli.progress import Task
+from contrastive_cli.progress import configure as progress_lines
 from contrastive_cli.record import ConfigRecord
 from contrastive_cli.report import MetricsLog, versions
 from contrastive_cli.restore import check_resumable, restore
@@ -53,7 +55,9 @@ def run_training(
     (on the main process; the others return an empty dict). ``lock``: hold the run
     directory's lock (a launcher of several processes holds it for them)."""
     started = time.time()
-    validate(cfg)
+    with _shown("checking the config", dist):  # builds each object: imports torch's modules
+        validate(cfg)
+    progress_lines(cfg.trainer.get("log_every_s"))
     check_resumable(cfg, run_dir)  # before anything in run_dir is touched
     run_dir.mkdir(parents=True, exist_ok=True)
     files = RunFiles(run_dir, writes=dist.main)
@@ -105,6 +109,11 @@ def _tracked(
         trackers.finish(*outcome, run_dir)
 
 
+def _shown(what: str, dist: Dist) -> contextlib.AbstractContextManager[Any]:
+    """Progress of ``what`` on the main process (the others stay quiet)."""
+    return Task(what) if dist.main else contextlib.nullcontext()
+
+
 def _results_or(run_dir: Path, default: dict[str, Any]) -> dict[str, Any]:
     """results.json of ``run_dir`` (what a stopped run wrote), else ``default``."""
     from contrastive_cli.rundirs import read_results
@@ -123,9 +132,10 @@ def _run(
     trackers: Trackers,
 ) -> dict[str, Any]:
     """Build, restore, train with the callbacks, finish (rank 0)."""
-    built = build_run(cfg, dist)
+    with _shown(f"loading the data ({cfg.data.name}) and building the model", dist):
+        built = build_run(cfg, dist)
     s = built.settings
-    record = ConfigRecord(cfg)
+    record = ConfigRecord(cfg, built.starting)
     progress, earlier_s = (
         restore(built.training, built.runtime.device, files, record.resolved, s.epochs)
         if s.resume
@@ -146,6 +156,7 @@ def _run(
             "seed": s.seed,
             "device": built.runtime.describe(),
             "processes": dist.world_size,
+            **({"starting_weights": built.starting} if built.starting else {}),
             **failures.restarts_so_far(),  # an elastically restarted group's earlier failures
         },
     )

@@ -64,6 +64,7 @@ Ordered = AfterValidator(_ordered)
 NonEmpty = Len(min_length=1)
 AreaRange = Annotated[Sequence[Annotated[float, Interval(gt=0, le=1)]], Ordered]  # of an image
 PositiveRange = Annotated[Sequence[Positive], Ordered]
+Kwargs = Annotated[dict[str, Any], "passed through"]  # keyword arguments for a library
 Node = Annotated[dict, "config node"]  # keys under it: a section or an object
 NODE_WORDS = "a config node (keys under it), as in the shipped configs"
 
@@ -123,6 +124,8 @@ def is_plain(tp: Any) -> bool:
     if origin in (typing.Union, __import__("types").UnionType):
         return all(is_plain(a) for a in args)
     if origin is Literal or tp in (bool, int, float, str, type(None)):
+        return True
+    if origin is dict:  # Kwargs: plain values passed through, by name, to a library
         return True
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         return all(is_plain(a) for a in args if a is not Ellipsis)
@@ -207,6 +210,7 @@ class Trainer:
     checkpoint_every_s: NonNegative | None  # None (older configs): every epoch
     resume: bool
     log_every: PositiveInt
+    log_every_s: Positive | None  # None (older configs): contrastive_cli.progress's default
     grad_clip: NonNegative
     time_budget: Annotated[str | float, AfterValidator(_duration)] | None
     devices: Annotated[int, Interval(ge=1, le=1024)]
@@ -287,6 +291,15 @@ class Data:
     augment: Node
 
 
+@dataclass
+class Starting:
+    """Keys of the encoder section besides its ``_target_``'s (``contrastive_cli.starting``)."""
+
+    weights: Text | None  # a state dict file or a run directory
+    strict: bool
+    pretrained: bool
+
+
 SECTIONS = {
     "": Root,
     "trainer": Trainer,
@@ -296,6 +309,7 @@ SECTIONS = {
     "optim": Optim,
 }
 SECTIONS["data"] = Data
+SECTIONS["encoder"] = Starting  # not in REQUIRED_IN: configs saved before it lack the keys
 REQUIRED_IN = ("", "trainer", "eval", "eval.probe", "optim")  # every (non-null) field is set
 
 

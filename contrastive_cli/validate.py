@@ -142,6 +142,9 @@ def _expected(cfg: DictConfig, node: DictConfig, path: str, key: str) -> Any:
             return HYDRA_KEYS[key]
         target = str(node._get_node("_target_")._value())
         params = target_types(target)
+        extra = section_types(path) or {}  # encoder.weights...: read by the run, not passed
+        if key in extra and (params is None or key not in params):
+            return extra[key]
         if params is None or key in params or "**" in params:
             return (params or {}).get(key, Any)
         names = ", ".join(p for p in params if p not in ("self", "**"))
@@ -379,6 +382,8 @@ def _check_objects(cfg: DictConfig) -> None:
 
     from contrastive_cli.config import build
     from contrastive_cli.models.encoders import output_shape
+    from contrastive_cli.parts import encoder_node
+    from contrastive_cli.starting import starting_weights
 
     def built(
         what: str, make: Callable[[], Any], problem: str = "cannot be built from this config"
@@ -421,7 +426,7 @@ def _check_objects(cfg: DictConfig) -> None:
     with torch.device("meta"):
         encoder = built(
             f"encoder ({cfg.encoder._target_})",
-            lambda: build(cfg.encoder, in_channels=c, image_size=size),
+            lambda: build(encoder_node(cfg), in_channels=c, image_size=size),
         )
         shape = built(
             f"encoder ({cfg.encoder._target_})",
@@ -433,6 +438,7 @@ def _check_objects(cfg: DictConfig) -> None:
                 f"encoder ({cfg.encoder._target_}) gives features of shape {shape[1:]} on "
                 f"{c}x{size}x{size} images, not ({getattr(encoder, 'out_dim', '?')},)"
             )
+        starting_weights(cfg, encoder)  # the file is there, readable and fits: before any run
         method = built(f"loss ({cfg.loss._target_})", lambda: build(cfg.loss, encoder=encoder))
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = built("optim.optimizer", lambda: build(cfg.optim.optimizer)(params))

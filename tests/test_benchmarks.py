@@ -150,3 +150,17 @@ def test_auto_data_falls_back_without_fashion_mnist_and_leaves_nothing(no_datase
     data, name = load_images(opts, opts.config(), size=256)
     assert name.startswith("digits") and data.train.images.shape[1:] == (1, 28, 28)
     assert not any(no_datasets.iterdir())
+
+
+def test_encoders_times_the_pure_step_of_one_encoder():
+    """`make bench`'s encoder table, one row, in this process: cnn at Fashion-MNIST's shape."""
+    from benchmarks.encoders import measure_one
+
+    r = measure_one("cnn", "fashion_mnist", 4, 1, 1, "cpu")
+    assert r["image"] == "1x28x28" and r["out_dim"] == 256 and r["batch"] == 4
+    assert r["flops_per_step"] > 0 and r["peak_mib"] >= 0
+    for precision in ("fp32", "bf16"):
+        ips = r["images_per_s"][precision]["median"]
+        gflops = r["gflops"][precision]["median"]
+        # images/s and GFLOP/s come from the same timings: GFLOP/s = FLOPs per image x images/s
+        assert gflops == pytest.approx(r["flops_per_step"] / 4 * ips / 1e9, rel=1e-9)

@@ -23,9 +23,17 @@ RUN_FILES = [
 ]
 
 
+# The baselines (raw pixels, the random-init encoder) and the plots do not depend on the
+# loss: the default loss's run evaluates and draws them; every other loss trains, saves and
+# evaluates its own encoder without them (they were half of each run's time).
+REFERENCE_LOSS = "ntxent"
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_train_every_loss_writes_a_complete_run(tmp_path, loss):
-    proc = run_cli(["train", f"loss={loss}", *TINY], cwd=tmp_path, check=True)
+    full = loss == REFERENCE_LOSS
+    lean = [] if full else ["eval.baselines=false", "eval.plots=false"]
+    proc = run_cli(["train", f"loss={loss}", *TINY, *lean], cwd=tmp_path, check=True)
     [run] = run_dirs(tmp_path / "outputs")
     assert run.name.endswith(f"_{loss}_digits")
     assert list(run.parent.iterdir()) == [run]  # one run, one directory: nothing claimed twice
@@ -35,11 +43,16 @@ def test_train_every_loss_writes_a_complete_run(tmp_path, loss):
     assert results["status"] == "completed"
     for key in ("knn_k200", "knn_k20", "linear_top1"):
         assert 0.0 <= results["metrics"][key] <= 1.0
-        assert key in results["baselines"]["raw_pixels"]
-        assert key in results["baselines"]["random_init"]
+        if full:
+            assert key in results["baselines"]["raw_pixels"]
+            assert key in results["baselines"]["random_init"]
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
-    assert "random init encoder" in proc.stdout and f"{loss} encoder" in proc.stdout
+    assert f"{loss} encoder" in proc.stdout
+    if full:
+        assert "random init encoder" in proc.stdout
+        assert (run / "plots" / "curves.png").is_file()
+        assert (run / "plots" / "embedding.png").is_file()
     first_epoch = next(ln for ln in proc.stdout.splitlines() if ln.startswith("epoch 1/2"))
     assert "of training left" in first_epoch  # the first epoch line says how long the rest takes
 

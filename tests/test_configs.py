@@ -12,13 +12,23 @@ from omegaconf import OmegaConf
 from contrastive_cli.config import build, config_groups
 from contrastive_cli.device import Runtime
 from contrastive_cli.errors import ConfigError
+from contrastive_cli.parts import encoder_node
 from tests.fakes import write_cifar, write_mnist
 
 GROUPS = {
     "data": ["cifar10", "cifar100", "digits", "fashion_mnist", "folder", "mnist", "stl10"],
     "data/augment": ["color", "color_blur", "digits", "gray", "gray_upright"],
     "device": ["auto", "cpu", "cuda", "mps"],
-    "encoder": ["cnn", "mlp", "resnet18"],
+    "encoder": [
+        "cnn",
+        "convnext_tiny",
+        "mlp",
+        "resnet18",
+        "resnet50",
+        "timm",
+        "vit_small",
+        "vit_tiny",
+    ],
     # Discovered: a new method is its YAML, loss module and method module; nothing here.
     "loss": config_groups()["loss"],
     "optim": ["adam", "lars", "sgd"],
@@ -148,7 +158,7 @@ def test_every_encoder_on_every_data_shape(compose_cfg, encoder, data):
     cfg = compose_cfg(f"encoder={encoder}", f"data={data}")
     c, size = SHAPES[data]
     torch.manual_seed(0)
-    net = build(cfg.encoder, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    net = build(encoder_node(cfg), in_channels=cfg.data.channels, image_size=cfg.data.image_size)
     out = net(torch.randn(2, c, size, size))
     assert out.shape == (2, net.out_dim) and torch.isfinite(out).all()
 
@@ -158,7 +168,7 @@ def test_every_encoder_on_every_data_shape(compose_cfg, encoder, data):
 def test_every_loss_builds_its_method_around_an_encoder(compose_cfg, loss):
     cfg = compose_cfg(f"loss={loss}", "encoder=mlp")
     torch.manual_seed(0)
-    encoder = build(cfg.encoder, in_channels=1, image_size=8)
+    encoder = build(encoder_node(cfg), in_channels=1, image_size=8)
     method = build(cfg.loss, encoder=encoder)
     assert method.encoder is encoder
     views = torch.randn(2, 8, 1, 8, 8)
@@ -238,7 +248,7 @@ def test_swav_nnclr_and_mocov3_defaults(compose_cfg):
 def test_swav_builds_and_steps_with_local_crops(compose_cfg, local_crops):
     cfg = compose_cfg("loss=swav", "encoder=mlp", f"data.augment.local_crops={local_crops}")
     torch.manual_seed(0)
-    method = build(cfg.loss, encoder=build(cfg.encoder, in_channels=1, image_size=8))
+    method = build(cfg.loss, encoder=build(encoder_node(cfg), in_channels=1, image_size=8))
     views = [torch.randn(8, 1, 8, 8) for _ in range(2)] + [
         torch.randn(8, 1, 8, 8) for _ in range(local_crops)
     ]
@@ -249,13 +259,13 @@ def test_swav_builds_and_steps_with_local_crops(compose_cfg, local_crops):
 @pytest.mark.parametrize("override", ["loss.positives=labels", "loss.distance=cosine"])
 def test_contrastive_options_build(compose_cfg, override):
     cfg = compose_cfg("loss=contrastive", "encoder=mlp", override)
-    method = build(cfg.loss, encoder=build(cfg.encoder, in_channels=1, image_size=8))
+    method = build(cfg.loss, encoder=build(encoder_node(cfg), in_channels=1, image_size=8))
     assert method([torch.randn(8, 1, 8, 8)] * 2, torch.arange(8) % 2).dim() == 0
 
 
 def test_dino_builds_with_local_crops_of_the_configured_size(compose_cfg):
     cfg = compose_cfg("loss=dino", "data.augment.local_crops=3", "data.augment.local_crop_size=4")
-    encoder = build(cfg.encoder, in_channels=1, image_size=8)
+    encoder = build(encoder_node(cfg), in_channels=1, image_size=8)
     method, augment = build(cfg.loss, encoder=encoder), build(cfg.data.augment)
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     views = augment.views(images, torch.Generator().manual_seed(0))
@@ -268,7 +278,7 @@ def test_dino_builds_with_local_crops_of_the_configured_size(compose_cfg):
 )
 def test_triplet_options_build(compose_cfg, override):
     cfg = compose_cfg("loss=triplet", "encoder=mlp", override)
-    method = build(cfg.loss, encoder=build(cfg.encoder, in_channels=1, image_size=8))
+    method = build(cfg.loss, encoder=build(encoder_node(cfg), in_channels=1, image_size=8))
     assert (
         method([torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8)], torch.arange(8) % 2).dim() == 0
     )

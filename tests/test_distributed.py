@@ -8,6 +8,8 @@ compares them with one process given the whole global batch.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from contrastive_cli.distributed import (
     all_gather,
     convert_sync_batchnorm,
     expand_nodelist,
+    leave_process_group,
     place_from_env,
 )
 from tests.conftest import TINY
@@ -41,10 +44,12 @@ def _entry(rank: int, fn, port: int, out: str, args: tuple) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
+    clean = False
     try:
         torch.save(fn(rank, *args), Path(out) / f"rank{rank}.pt")
+        clean = True
     finally:
-        dist.destroy_process_group()
+        leave_process_group(clean)
 
 
 def in_processes(fn, tmp_path: Path, *args) -> list:
@@ -124,12 +129,22 @@ def _ranked_step(rank: int, kind: str) -> dict:
     return _step(method, ddp, v1[rows], v2[rows], labels[rows])
 
 
+def _all_ranked_steps(rank: int) -> dict:
+    return {kind: _ranked_step(rank, kind) for kind in METHODS}
+
+
+@pytest.fixture(scope="module")
+def ranked_steps(tmp_path_factory) -> list[dict]:
+    """Every kind's step in one pair of processes (one start-up, not one per kind)."""
+    return in_processes(_all_ranked_steps, tmp_path_factory.mktemp("ranked"))
+
+
 @pytest.mark.parametrize("kind", list(METHODS))
-def test_each_rank_loss_and_ddp_gradient_equal_one_process(tmp_path, kind):
+def test_each_rank_loss_and_ddp_gradient_equal_one_process(ranked_steps, kind):
     """float64: the mean of the ranks' losses is the global loss, the gradient DDP applies
     on every rank is the global gradient, and the method's state after the step (EMA
     copies, MoCo queue, BatchNorm statistics) is the one-process state, to 1e-10."""
-    ranks = in_processes(_ranked_step, tmp_path, kind)
+    ranks = [r[kind] for r in ranked_steps]
     method = _method(kind)
     one = _step(method, method, *_batch())
     assert sum(r["loss"] for r in ranks) / WORLD == pytest.approx(one["loss"], rel=1e-10, abs=1e-12)
@@ -139,6 +154,35 @@ def test_each_rank_loss_and_ddp_gradient_equal_one_process(tmp_path, kind):
             torch.testing.assert_close(r["grads"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
         for name, value in one["state"].items():
             torch.testing.assert_close(r["state"][name], value, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def _step_then_leave(rank: int) -> dict:
+    """A MoCo step under DDP (the case that once aborted), then leaving as every entry
+    point does (a barrier, the group freed while the interpreter is whole)."""
+    loss = _ranked_step(rank, "moco")["loss"]
+    leave_process_group(clean=True)
+    return {"loss": loss, "initialized": dist.is_initialized()}
+
+
+def test_processes_leave_cleanly_beside_busy_processes(tmp_path):
+    """Issue 23: under load, rank 0 of the MoCo case died with SIGABRT ("terminate called
+    without an active exception") at exit. Two rounds of two processes, each a DDP step,
+    with two busy processes taking the cores: every process exits 0 (spawn raises
+    otherwise) and each left the group."""
+    method = _method("moco")
+    one = _step(method, method, *_batch())["loss"]
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for attempt in range(2):
+            out = tmp_path / str(attempt)
+            out.mkdir()
+            ranks = in_processes(_step_then_leave, out)
+            assert not any(r["initialized"] for r in ranks)
+            assert sum(r["loss"] for r in ranks) / WORLD == pytest.approx(one, rel=1e-10)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
 
 
 def _gather_rows(rank: int) -> dict:

@@ -53,8 +53,8 @@ def _optuna(tmp_path, *extra: str):
 
 
 def test_optuna_sweep_maximises_knn_accuracy(tmp_path):
-    stdout, sweep, knn, best = _optuna(tmp_path, "hydra.sweeper.n_trials=3")
-    assert len(knn) == 3 and "3 jobs" in stdout
+    stdout, sweep, knn, best = _optuna(tmp_path, "hydra.sweeper.n_trials=2")
+    assert len(knn) == 2 and "2 jobs" in stdout
     # Optuna minimises unless told otherwise; contrast tells it to maximise accuracy.
     assert best["best_value"] == pytest.approx(max(knn))
     rows = list(csv.DictReader((sweep / "sweep_results.csv").open()))

@@ -37,7 +37,6 @@ QUICK = [  # a job whose training is what matters: no baselines, no plots
     "eval.plots=false",
 ]
 STEPS_PER_EPOCH, LOG_EVERY = 22, 10
-TARGET_NTXENT = "contrastive_cli.methods.simclr.SimCLR"  # conf/loss/ntxent.yaml
 
 
 def _store(root: Path):
@@ -158,7 +157,7 @@ def test_mlflow_run_holds_params_final_metrics_tags_and_artifacts(stopped_and_re
     assert params["loss"] == "ntxent" and params["data"] == "digits" and params["encoder"] == "cnn"
     assert params["trainer.epochs"] == "3" and params["trainer.batch_size"] == "64"
     assert params["eval.knn_k"] == "[200, 20]" and params["data.name"] == "digits"
-    assert params["loss._target_"] == TARGET_NTXENT
+    assert "loss._target_" not in params  # the option (params["loss"]) names the object
     assert (
         not any(k.startswith(("tracker", "hydra")) for k in params)
         and "trainer.resume" not in params
@@ -200,12 +199,14 @@ def test_tensorboard_scalars_and_projector(stopped_and_resumed):
     events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "epoch/loss", "epoch/images_per_s", "monitor/knn"} <= tags
     assert {
-        "final/knn_k200",
-        "baseline/raw_pixels/knn_k200",
-        "baseline/random_init/knn_k20",
+        "train/loss",
+        "train/lr",
+        "epoch/loss",
+        "train/images_per_s",
+        "epoch/monitor_knn",
     } <= tags
+    assert "final/knn_k200" in tags and not [t for t in tags if t.startswith("baseline")]
     # The events of the attempt that was stopped are purged from the resume point on.
     assert [e.step for e in events.Scalars("train/loss")] == _logged_steps(3)
     records = _records(run)

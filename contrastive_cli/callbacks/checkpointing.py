@@ -20,6 +20,7 @@ class Recorded(Protocol):
 
     resolved: dict[str, Any]
     digest: str
+    starting: dict[str, Any] | None
 
 
 class Checkpointing(Callback):
@@ -60,6 +61,7 @@ class Checkpointing(Callback):
                 "config": self.config.resolved,
                 "config_digest": self.config.digest,
                 "wall_time_s": self.wall_time(),  # this attempt and the earlier ones
+                **({"starting_weights": self.config.starting} if self.config.starting else {}),
             },
         )
         self.last_save = time.monotonic()

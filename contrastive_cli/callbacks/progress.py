@@ -1,4 +1,5 @@
-"""What a person watching sees: the progress bar of each epoch, and one log line per epoch."""
+"""What a person watching sees: the progress of each epoch (a bar on a terminal, a
+timestamped line every ``trainer.log_every_s`` seconds elsewhere), and one log line per epoch."""
 
 from __future__ import annotations
 
@@ -6,30 +7,28 @@ import logging
 import time
 from typing import Any
 
-from tqdm import tqdm
-
 from contrastive_cli.events import Callback, Loop, StepEnd
+from contrastive_cli.progress import Task
 
 log = logging.getLogger(__name__)
 
 
 class ProgressBar(Callback):
-    """A bar per epoch (closed before anything else runs at its end), with the loss and
-    images/s every ``log_every`` steps: the loop's only other host sync."""
+    """A bar per epoch (closed before anything else runs at its end; off a terminal its
+    timestamped lines), with the loss and images/s every ``log_every`` steps: the loop's only
+    other host sync."""
 
     def __init__(self, log_every: int):
         self.log_every = log_every
-        self.bar: tqdm | None = None
+        self.bar: Task | None = None
 
     def epoch_start(self, loop: Loop) -> None:
-        self.bar = tqdm(
+        self.bar = Task(
+            f"epoch {loop.progress.epoch + 1}/{loop.epochs}",
             total=loop.steps_per_epoch,
+            unit="step",
             initial=loop.progress.batch,
-            desc=f"epoch {loop.progress.epoch + 1}/{loop.epochs}",
-            leave=False,
-            disable=None,
-            dynamic_ncols=True,
-        )
+        ).__enter__()
 
     def step_end(self, loop: Loop, step: StepEnd) -> None:
         assert self.bar is not None
@@ -38,7 +37,7 @@ class ProgressBar(Callback):
         if progress.batch % self.log_every == 0:
             seconds = progress.epoch_seconds + time.perf_counter() - loop.epoch_started
             rate = (progress.batch * loop.batch_size) / max(seconds, 1e-9)
-            self.bar.set_postfix(loss=f"{step.loss_value:.4f}", img_s=f"{rate:,.0f}")
+            self.bar.note(loss=f"{step.loss_value:.4f}", img_s=f"{rate:,.0f}")
 
     def epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:
         self.close()
@@ -51,7 +50,7 @@ class ProgressBar(Callback):
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.__exit__(None, None, None)
             self.bar = None
 
 

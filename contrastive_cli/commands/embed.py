@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from contrastive_cli import install_hint
 from contrastive_cli.config import apply_overrides, build
@@ -137,22 +136,17 @@ def embed(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig) -> dict[str, np.n
     batch_size = cfg.eval.batch_size
     columns: dict[str, list] = {"split": [], "id": [], "label": [], "embedding": []}
     for name, split in data.named_splits().items():
-        bar = tqdm(
-            total=len(split), desc=f"embedding {name}", unit="img", disable=None, dynamic_ncols=True
+        features = extract_features(
+            encoder,
+            split.images,
+            normalize,
+            runtime.device,
+            batch_size,
+            runtime.channels_last,
+            runtime.autocast,
+            desc=f"embedding {name}",
         )
-        for chunk in split.images.split(batch_size):
-            features = extract_features(
-                encoder,
-                chunk,
-                normalize,
-                runtime.device,
-                batch_size,
-                runtime.channels_last,
-                runtime.autocast,
-            )
-            columns["embedding"].append(features.cpu().numpy())
-            bar.update(len(chunk))
-        bar.close()
+        columns["embedding"].append(features.cpu().numpy())
         columns["split"] += [name] * len(split)
         columns["id"] += split.paths if split.paths is not None else list(range(len(split)))
         columns["label"].append(

@@ -189,6 +189,7 @@ def main(args: list[str]) -> int:
 
     from contrastive_cli.evaluation import evaluate_encoder
     from contrastive_cli.parts import load_data
+    from contrastive_cli.progress import configure as progress_lines
     from contrastive_cli.weights import load_trained_encoder
 
     runtime = build(cfg.device)
@@ -202,6 +203,7 @@ def main(args: list[str]) -> int:
     encoder = load_trained_encoder(cfg, weights)
     encoder.to(runtime.device)
     augment = build(cfg.data.augment)
+    progress_lines(cfg.trainer.get("log_every_s"))
     metrics, baselines, from_cache = evaluate_encoder(
         cfg, encoder, data, augment, runtime, cfg.trainer.seed
     )

@@ -66,6 +66,9 @@ def main(args: list[str]) -> int:
                 if len(runs) == 1
                 else safe_path(run.path, "plots/embedding.png")
             )
+            log.info(
+                f"embedding map of {printable(run.path)}: its encoder's test features, then t-SNE"
+            )
             if (path := embedding_map(run, target)) is not None:
                 written.append(path)
     for path in written:

@@ -15,6 +15,7 @@ from contrastive_cli.errors import ConfigError
 from contrastive_cli.rebuild import rebuild, saved_config
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.signals import Interrupted
+from contrastive_cli.starting import check_recorded
 from contrastive_cli.untrusted import printable
 from contrastive_cli.validate import validate
 
@@ -79,6 +80,7 @@ def main(args: list[str]) -> int:
             f"{original.path} has status {original.status!r}{why}; only completed runs can be "
             f"reproduced (use `contrast resume {original.path}` for interrupted ones)"
         )
+    check_recorded(cfg, (original.results or {}).get("starting_weights"), "contrast reproduce")
     overrides = [*original.overrides, "eval.cache_baselines=false"]
     if cfg.trainer.time_budget is None and rebuild(original.overrides, "")[0].trainer.time_budget:
         # the epochs its time budget fixed, as a value: the rerun measures no budget

@@ -11,6 +11,7 @@ from omegaconf import open_dict
 from contrastive_cli.config import apply_overrides
 from contrastive_cli.rundirs import load_run
 from contrastive_cli.signals import Interrupted
+from contrastive_cli.starting import check_recorded
 
 HELP = "continue an interrupted run from checkpoints/last.pt, in its own directory"
 GROUPS = ("device",)  # what an override may switch: where it runs, not what it computes
@@ -19,6 +20,7 @@ KEYS = (
     "trainer.devices",
     "trainer.max_restarts",
     "trainer.log_every",
+    "trainer.log_every_s",
     "data.root",
     "data.path",
     "data.eval_path",
@@ -48,6 +50,7 @@ def main(args: list[str]) -> int:
     from contrastive_cli.launch import run_job
 
     cfg = apply_overrides(run.config(), ns.overrides, GROUPS, KEYS, "contrast resume")
+    check_recorded(cfg, _recorded_start(run), "contrast resume")
     with open_dict(cfg):
         cfg.trainer.resume = True
     try:
@@ -55,3 +58,16 @@ def main(args: list[str]) -> int:
     except Interrupted as e:
         return e.exit_code
     return 0
+
+
+def _recorded_start(run) -> object:
+    """The starting weights' record of ``run``: its checkpoint's, else its results.json's."""
+    from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint
+    from contrastive_cli.runfiles import CHECKPOINT
+
+    path = latest_valid_checkpoint(run.path / CHECKPOINT.parent)
+    if path is not None:
+        recorded = load_checkpoint(path).get("starting_weights")
+        if recorded is not None:
+            return recorded
+    return (run.results or {}).get("starting_weights")

@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from contrastive_cli.command_line import check_command_line
 from contrastive_cli.config import CONF_DIR, expand_home
@@ -161,6 +161,18 @@ def _help(args: list[str]) -> int | None:
     return 0
 
 
+def _announce(cfg: DictConfig) -> None:
+    """The run's first line, once its settings' names and plain values are right: what
+    comes next (importing torch, checking each object's arguments, Hydra, the data) takes
+    seconds, up to a minute on a busy machine."""
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices", default=None) or {}
+    print(
+        f"starting {choice.get('loss', 'a run')} on {choice.get('data', 'its data')}: importing "
+        "torch, checking the objects' settings, loading the data",
+        flush=True,
+    )
+
+
 def _holds_a_run(folder: Path) -> bool:
     return any(os.path.lexists(folder / f) for f in ("results.json", "checkpoints", ".hydra"))
 
@@ -202,7 +214,8 @@ def main(args: list[str]) -> int:
     ):
         args = [*args, "hydra.sweeper.direction=maximize"]
     sys.argv = ["contrast train", *args]
-    check_command_line(sys.argv[1:])  # one line, exit 2, before Hydra creates a run directory
+    # One line per problem, exit 2, before Hydra creates a run directory; rank 0 announces the run.
+    check_command_line(sys.argv[1:], _announce if place is None or place.rank == 0 else None)
     staging = None
     if place is not None and place.rank > 0:  # rank 0 alone writes the run directory
         sys.argv.append("hydra.output_subdir=null")

@@ -17,9 +17,9 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from contrastive_cli.errors import DataError
+from contrastive_cli.progress import Task
 from contrastive_cli.untrusted import printable
 
 log = logging.getLogger(__name__)
@@ -219,21 +219,18 @@ class ImageFiles:
         out = torch.empty(self.shape, dtype=torch.uint8)
         kept: list[int] = []
         failed: list[tuple[int, str]] = []
-        bar = tqdm(
-            total=len(self), desc=desc, unit="img", leave=False, disable=None, dynamic_ncols=True
-        )
         index_batches = [list(range(s, min(s + 256, len(self)))) for s in range(0, len(self), 256)]
-        for idx, (images, ok, reasons) in zip(
-            index_batches, self._decoded(index_batches), strict=True
-        ):
-            for j, i in enumerate(idx):
-                if ok[j]:
-                    out[len(kept)] = images[j]
-                    kept.append(i)
-                else:
-                    failed.append((i, reasons[j]))
-            bar.update(len(idx))
-        bar.close()
+        with Task(desc, total=len(self), unit="image") as bar:
+            for idx, (images, ok, reasons) in zip(
+                index_batches, self._decoded(index_batches), strict=True
+            ):
+                for j, i in enumerate(idx):
+                    if ok[j]:
+                        out[len(kept)] = images[j]
+                        kept.append(i)
+                    else:
+                        failed.append((i, reasons[j]))
+                bar.update(len(idx))
         return out[: len(kept)], kept, failed
 
     def _decoded(

@@ -9,6 +9,7 @@ the keys of what ran.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import pkgutil
@@ -23,6 +24,7 @@ from contrastive_cli.errors import ConfigError
 from contrastive_cli.evaluate import extract_features, pixel_features
 from contrastive_cli.evaluators.base import Evaluator, Features
 from contrastive_cli.labelfree import LabelFreeSample, sample_features
+from contrastive_cli.progress import Task
 
 __all__ = [
     "Evaluator",
@@ -78,10 +80,13 @@ def evaluate_features(
     return _run(build_evaluators(["knn", "linear"], settings, seed), features)
 
 
-def _run(evaluators: Sequence[Evaluator], features: Features) -> dict[str, float]:
+def _run(evaluators: Sequence[Evaluator], features: Features, label: str = "") -> dict[str, float]:
+    """Each evaluator on ``features``; with a ``label`` (the evaluated entry), each shows
+    its progress (``contrastive_cli.progress``) as ``<label>: <evaluator>``."""
     metrics: dict[str, float] = {}
     for evaluator in evaluators:
-        metrics.update(evaluator(features))
+        with Task(f"{label}: {evaluator.name}") if label else contextlib.nullcontext():
+            metrics.update(evaluator(features))
     return metrics
 
 
@@ -139,15 +144,18 @@ def evaluate_protocol(
         metrics = _run(
             chosen,
             Features(
-                features(train_images) if need_split else None,
+                features(train_images, f"{label}: features of train images")
+                if need_split
+                else None,
                 train_y,
-                features(test_images) if need_split else None,
+                features(test_images, f"{label}: features of test images") if need_split else None,
                 test_y,
                 num_classes,
                 sample_features(sample, features, view_features, projector)
                 if wants_sample
                 else None,  # type: ignore[arg-type]
             ),
+            label,
         )
         metrics["seconds"] = time.perf_counter() - start
         log.info(f"evaluated {label} in {metrics['seconds']:.1f} s")
@@ -155,7 +163,7 @@ def evaluate_protocol(
     return results
 
 
-FeatureMap = Callable[[Tensor], Tensor]
+FeatureMap = Callable[..., Tensor]  # (images, desc=None) -> features
 
 
 def _sources(
@@ -177,15 +185,15 @@ def _sources(
             return sample.pixels(views.to(device))
 
         sources["raw_pixels"] = (
-            lambda images: torch.cat(
+            lambda images, desc=None: torch.cat(
                 [pixel_features(chunk.to(device)) for chunk in images.split(batch_size)]
             ),
             pixel_views,
         )
     for name, encoder in encoders.items():
         sources[name] = (
-            lambda images, enc=encoder: extract_features(
-                enc, images, transform, device, batch_size, channels_last, autocast
+            lambda images, desc=None, enc=encoder: extract_features(
+                enc, images, transform, device, batch_size, channels_last, autocast, desc
             ),
             lambda views, enc=encoder: extract_features(
                 enc, views, _same, device, batch_size, channels_last, autocast
@@ -202,5 +210,6 @@ def _same(x: Tensor) -> Tensor:
 EVALUATED = {
     "raw_pixels": "raw pixels",
     "random_init": "random-init encoder",
+    "pretrained": "encoder as loaded (encoder.weights)",
     "trained": "trained encoder",
 }

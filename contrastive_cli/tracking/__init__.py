@@ -108,6 +108,25 @@ def is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def results_markdown(results: dict[str, Any]) -> str | None:
+    """The end-of-run numbers as a Markdown table, one row per metric: the trained encoder,
+    then each baseline (raw pixels, random init). None when the run has no metrics."""
+    metrics = {k: v for k, v in (results.get("metrics") or {}).items() if is_number(v)}
+    if not metrics:
+        return None
+    baselines = {name: values or {} for name, values in (results.get("baselines") or {}).items()}
+    names = ["trained", *(name.replace("_", " ") for name in baselines)]
+    rows = [f"| metric | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
+    for key, value in metrics.items():
+        cells = [_cell(value), *(_cell(b.get(key)) for b in baselines.values())]
+        rows.append(f"| {key} | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4g}" if is_number(value) else ""
+
+
 def restart_line(restart: dict[str, Any]) -> str:
     """One restart of a group of processes, as results.json records it, in words."""
     return (
@@ -145,9 +164,14 @@ class Trackers:
         """Connect each tracker, here and now, before training starts: its imports, database
         set-up and server probe (bounded by its timeout) would otherwise compete with the
         training loop for the interpreter. Everything after this runs in the background."""
+        from contrastive_cli.progress import Task
+
         self.run_dir = run_dir
         for tracker in list(self.trackers):
-            self._call(tracker, "start", (run_dir, config, dict(choices), resumed), self.trackers)
+            with Task(f"starting tracker={_name(tracker)}"):  # MLflow's first start: ~30 s
+                self._call(
+                    tracker, "start", (run_dir, config, dict(choices), resumed), self.trackers
+                )
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
         self._put("log_step", step, dict(values))

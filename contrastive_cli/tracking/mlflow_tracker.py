@@ -7,10 +7,15 @@ always from the current command line and environment, never from a run directory
 resume`` continues the same MLflow run when it logs to that same store; in a sweep directory it keeps the parent run's id,
 which every job (in whatever process) reads to attach itself as a child.
 
-What: params are the flattened resolved config and the chosen options (``loss``, ``data``...);
+What: params are the flattened resolved config without Hydra's object keys (``_target_``,
+``_partial_``: the chosen options ``loss``, ``data``... name the objects) and those options;
 metrics are the loss and learning rate every ``trainer.log_every`` steps, per epoch the
 mean loss, images/s and monitor k-NN, and at the end the evaluation and both baselines; tags
-carry the status, git commit and versions; artifacts are ``.hydra/``, ``results.json``,
+carry the status, git commit and versions, and the run's description (MLflow's
+``mlflow.note.content``, the top of its page) the results table: each metric of the trained
+encoder beside the baselines'. The experiment is marked a model-training one
+(``mlflow.experimentKind``), so MLflow 3 opens it on its runs, not on an empty Traces page.
+Artifacts are ``.hydra/``, ``results.json``,
 ``metrics.jsonl``, ``train.log``, ``plots/`` and, with ``log_encoder``, the encoder.
 
 An unreachable server must cost seconds, not minutes: http(s) URIs are probed first with
@@ -43,6 +48,7 @@ from contrastive_cli.tracking import (
     read_state,
     require,
     restart_line,
+    results_markdown,
     update_state,
 )
 from contrastive_cli.untrusted import is_regular
@@ -61,6 +67,10 @@ NOT_PARAMS = (
     "hydra",
     "trainer.resume",
 )  # where it is logged, and resume, change nothing
+# Hydra's instantiation keys: the chosen options (params ``loss``, ``encoder``...) name the
+# objects; .hydra/config.yaml (an artifact) keeps them. They led MLflow's compare view.
+OBJECT_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 MAX_TAG_LENGTH = 5000
 BATCH = 100  # MLflow takes at most 100 params (1,000 metrics) per log_batch
@@ -200,6 +210,8 @@ class MlflowTracker:
             tags[f"contrast.restart.{i}"] = restart_line(restart)
         if results.get("versions"):  # what results.json records (a resume may run newer code)
             tags.update(version_tags(results["versions"]))
+        if table := results_markdown(results):  # the run page's description
+            tags["mlflow.note.content"] = f"{status}\n\n{table}"
         self._log(
             metrics=final_metrics(results),
             tags=tags,
@@ -368,7 +380,7 @@ def experiment_id_for(client: Any, name: str, uri: str) -> str:
         if uri.startswith("sqlite:///"):
             location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except MlflowException:  # another job created it first
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -378,16 +390,19 @@ def experiment_id_for(client: Any, name: str, uri: str) -> str:
             f"the MLflow experiment {name!r} is deleted; restore it or choose another with "
             "tracker.mlflow.experiment=NAME"
         )
+    if not set(EXPERIMENT_KIND) & set(experiment.tags or {}):  # made before, or by others
+        client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
     return experiment.experiment_id
 
 
 def flatten(node: Any, prefix: str = "", skip: Sequence[str] = ()) -> dict[str, str]:
-    """{dotted key: value as text} of a plain config (lists as JSON)."""
+    """{dotted key: value as text} of a plain config (lists as JSON), without the keys
+    ``skip`` and Hydra's object keys (``OBJECT_KEYS``)."""
     out: dict[str, str] = {}
     if isinstance(node, dict):
         for k, v in node.items():
             key = f"{prefix}{k}"
-            if key not in skip:
+            if key not in skip and k not in OBJECT_KEYS:
                 out.update(flatten(v, f"{key}.", skip))
         return out
     key = prefix[:-1]

@@ -1,9 +1,12 @@
 """TensorBoard: event files in ``<run_dir>/tensorboard/``, so ``tensorboard --logdir outputs``
 shows every run and sweep job side by side.
 
-Scalars: ``train/loss`` and ``train/lr`` every ``trainer.log_every`` steps, ``epoch/loss``,
-``epoch/images_per_s`` and ``monitor/knn`` per epoch, ``final/<metric>`` and
-``baseline/<name>/<metric>`` at the end, all against the optimizer step. The projector gets
+Scalars, against the optimizer step, named so that TensorBoard (which sorts cards by name)
+opens on the loss and the monitor: ``epoch/loss`` and ``epoch/monitor_knn`` per epoch,
+``final/<metric>`` at the end (one point per run: runs compare there),
+``train/images_per_s`` per epoch and ``train/loss``, ``train/lr`` every ``trainer.log_every``
+steps. The baselines are one text card, ``results``: each metric of the trained encoder beside
+raw pixels' and the random-init encoder's (not a one-point card per baseline and metric). The projector gets
 the test features of the embedding map (``eval.embedding_points`` images) with their labels
 and thumbnails. A resumed run drops the events its previous attempt logged after the
 checkpoint (TensorBoard's ``purge_step``), so curves do not fold back on themselves.
@@ -15,7 +18,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from contrastive_cli.tracking import EmbeddingSample, is_number, require, restart_line
+from contrastive_cli.tracking import (
+    EmbeddingSample,
+    is_number,
+    require,
+    restart_line,
+    results_markdown,
+)
 
 SUBDIR = "tensorboard"
 
@@ -67,10 +76,12 @@ class TensorboardTracker:
         step = int(record["step"])
         writer = self._writer(step)
         writer.add_scalar("epoch/loss", record["loss"], step)
-        writer.add_scalar("epoch/images_per_s", record["images_per_s"], step)
-        for key in ("knn", "rankme", "rankme_projector", "alignment", "uniformity"):
-            if record.get(key) is not None:  # the monitor's k-NN and label-free metrics
-                writer.add_scalar(f"monitor/{key}", record[key], step)
+        if record.get("knn") is not None:
+            writer.add_scalar("epoch/monitor_knn", record["knn"], step)
+        writer.add_scalar("train/images_per_s", record["images_per_s"], step)
+        for key in ("rankme", "rankme_projector", "alignment", "uniformity"):
+            if record.get(key) is not None:  # the monitor's label-free metrics
+                writer.add_scalar(f"epoch/monitor_{key}", record[key], step)
 
     def log_embedding(self, sample: EmbeddingSample, step: int) -> None:
         """The projector: features, labels (and class names) and thumbnails in [0, 1]."""
@@ -97,10 +108,8 @@ class TensorboardTracker:
         for key, value in (results.get("metrics") or {}).items():
             if is_number(value):
                 writer.add_scalar(f"final/{key}", value, step)
-        for baseline, values in (results.get("baselines") or {}).items():
-            for key, value in (values or {}).items():
-                if is_number(value):
-                    writer.add_scalar(f"baseline/{baseline}/{key}", value, step)
+        if table := results_markdown(results):
+            writer.add_text("results", table, step)
         if results.get("restarts"):  # elastic restarts of a group of processes
             lines = [restart_line(r) for r in results["restarts"]]
             writer.add_text("restarts", "\n\n".join(lines), step)
