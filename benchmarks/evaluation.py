@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from benchmarks import reference_probe
 from benchmarks.common import Options, fmt, load_images, machine, md_table, summary, timed, write
@@ -25,10 +26,14 @@ from contrastive_cli.evaluate import (
     linear_probe,
     pixel_features,
 )
+from contrastive_cli.evaluators import Features, build_evaluators
+from contrastive_cli.labelfree import LabelFreeSample, labelfree_metrics, sample_features
 from contrastive_cli.parts import build_encoder
 
 NAME = "evaluation"
 TARGET_SECONDS = 10.0  # k-NN + probe on the encoder's features, CPU
+ADDED_TARGET_S = 2.0  # label-free metrics + retrieval
+LOWSHOT_TARGET_S = 3.0  # the low-shot probes
 QUICK = ["eval.probe.max_iter=30", "eval.probe.weight_decays=[1e-4,1e-2]"]
 
 
@@ -115,7 +120,8 @@ def run(opts: Options) -> dict[str, Any]:
             "accuracy": {f"knn_k{k}": accuracy(p, test_y) for k, p in got["knn"].items()}
             | {"linear_top1": got["probe"].top1, "probe_weight_decay": got["probe"].weight_decay},
         }
-        if reference:
+        if reference:  # the encoder: label-free, retrieval and low-shot, each on its own
+            out |= added_metrics(got, train_x, test_x)
             t = timed(lambda: probe(reference_probe.linear_probe), runtime.device)
             out["reference_probe"] = {
                 "seconds": t.wall_s,
@@ -124,6 +130,41 @@ def run(opts: Options) -> dict[str, Any]:
                 "probe_weight_decay": got["probe"].weight_decay,
             }
         return out
+
+    settings_dict = OmegaConf.to_container(ev, resolve=True)
+
+    def added_metrics(got: dict, train_x: torch.Tensor, test_x: torch.Tensor) -> dict[str, Any]:
+        """Seconds of the label-free metrics (the sample, its 3 feature passes, the metrics),
+        retrieval and the low-shot probes on the encoder's features."""
+
+        def labelfree() -> None:
+            sample = LabelFreeSample.of(data.test.images, augment, int(ev.labelfree_size))
+
+            def feats(transform: Any) -> Any:
+                return lambda x: extract_features(
+                    encoder, x, transform, runtime.device, ev.batch_size, runtime.channels_last
+                )
+
+            got["labelfree"] = labelfree_metrics(
+                sample_features(sample, feats(augment.normalize), feats(lambda v: v))
+            )
+
+        features = Features(train_x, train_y, test_x, test_y, data.num_classes)
+        [retrieval, lowshot] = build_evaluators(["retrieval", "lowshot"], settings_dict, 0)
+        runs = {
+            "labelfree": [timed(labelfree, runtime.device) for _ in range(repeats)],
+            "retrieval": [
+                timed(lambda: got.update(retrieval=retrieval(features)), runtime.device)
+                for _ in range(repeats)
+            ],
+            "lowshot": [
+                timed(lambda: got.update(lowshot=lowshot(features)), runtime.device)
+                for _ in range(repeats)
+            ],
+        }
+        return {f"{k}_s": summary([t.wall_s for t in v]) for k, v in runs.items()} | {
+            "added_metrics": got["labelfree"] | got["retrieval"] | got["lowshot"]
+        }
 
     results = [measure(encoder_name, encoder_features, True), measure("raw pixels", pixels, False)]
 
@@ -161,6 +202,8 @@ def run(opts: Options) -> dict[str, Any]:
     )
     main = results[0]
     total = main["knn_plus_probe_s"]["median"]
+    added = main["labelfree_s"]["median"] + main["retrieval_s"]["median"]
+    lowshot_s = main["lowshot_s"]["median"]
     notes = [
         f"Data: {source}, {main['train']:,} train / {main['test']:,} test images; device {runtime.describe()}; "
         f"{repeats} runs each. Probe: eval.probe = {probe_cfg}.",
@@ -178,6 +221,14 @@ def run(opts: Options) -> dict[str, Any]:
             else f"Target missed: k-NN + probe on the encoder's features {total:.1f} s, {total - TARGET_SECONDS:.1f} s "
             f"over the {TARGET_SECONDS:.0f} s target."
         ),
+        f"Added by the label-free metrics ({fmt(main['labelfree_s'])} s: the sample of "
+        f"{ev.labelfree_size} test images, its views, 3 feature passes, RankMe, alignment, "
+        f"uniformity) and retrieval ({fmt(main['retrieval_s'])} s, {ev.retrieval_queries} "
+        f"queries): {added:.1f} s (target <= {ADDED_TARGET_S:.0f} s: "
+        f"{'met' if added <= ADDED_TARGET_S else 'missed'}); low-shot probes "
+        f"{fmt(main['lowshot_s'])} s (target <= {LOWSHOT_TARGET_S:.0f} s: "
+        f"{'met' if lowshot_s <= LOWSHOT_TARGET_S else 'missed'}), on the encoder's features. "
+        f"Values: {', '.join(f'{k} {v:.4f}' for k, v in main['added_metrics'].items())}.",
     ]
     settings = {
         "data": source,

@@ -160,6 +160,12 @@ def baseline_keys(
         "knn_k": [int(k) for k in ev.knn_k],
         "knn_temperature": float(ev.knn_temperature),
         "probe": OmegaConf.to_container(ev.probe, resolve=True),
+        # low-shot, retrieval and the label-free sample (alignment: the augmentation's views)
+        "lowshot": [float(f) for f in ev.get("lowshot", [])],
+        "lowshot_draws": int(ev.get("lowshot_draws", 3)),
+        "retrieval_queries": ev.get("retrieval_queries", 1000),
+        "labelfree_size": int(ev.get("labelfree_size", 2048)),
+        "augment": OmegaConf.to_container(cfg.data.augment, resolve=True),
         "seed": int(seed),
         "torch": torch.__version__,
         "device": runtime.device.type,

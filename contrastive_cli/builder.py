@@ -27,6 +27,7 @@ from contrastive_cli.errors import ConfigError
 from contrastive_cli.evaluate import KnnMonitor
 from contrastive_cli.evaluation import Evaluation, evaluation_of
 from contrastive_cli.events import Callback, Loop, Progress
+from contrastive_cli.labelfree import LABEL_FREE_METRICS, LabelFreeMonitor
 from contrastive_cli.parts import build_encoder, encoder_metadata, load_data, seed_everything
 from contrastive_cli.starting import starting_weights
 from contrastive_cli.train import Training, train
@@ -86,6 +87,8 @@ class Built:
     evaluation: Evaluation
     encoder_metadata: dict[str, str]  # what encoder.safetensors carries
     starting: dict | None = None  # the starting weights' record (source, SHA-256), if any
+    # rank 0, eval.every > 0 and a label-free metric in eval.metrics only
+    labelfree_monitor: LabelFreeMonitor | None = None
 
 
 def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = None) -> Built:
@@ -126,6 +129,17 @@ def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = Non
             runtime.autocast,
         )
     evaluation = evaluation_of(cfg, data, runtime, int(t.seed), starting)
+    labelfree_monitor = None
+    if dist.main and cfg.eval.every > 0 and set(cfg.eval.metrics) & LABEL_FREE_METRICS:
+        labelfree_monitor = LabelFreeMonitor(
+            data.train.images if labelled else data.pretrain.images,
+            augment,
+            int(cfg.eval.get("labelfree_size", 2048)),
+            runtime.device,
+            cfg.eval.batch_size,
+            runtime.channels_last,
+            runtime.autocast,
+        )
     return Built(
         Settings.of(cfg),
         runtime,
@@ -136,6 +150,7 @@ def build_run(cfg: DictConfig, dist: Dist = SINGLE, data: ImageData | None = Non
         evaluation,
         encoder_metadata(cfg),
         starting.record() if starting is not None else None,
+        labelfree_monitor=labelfree_monitor,
     )
 
 

@@ -21,6 +21,8 @@ from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
 from contrastive_cli.evaluate import PROTOCOL_VERSION
 from contrastive_cli.evaluators import Evaluator, build_evaluators, evaluate_protocol
+from contrastive_cli.finetune import finetune_metrics
+from contrastive_cli.labelfree import LabelFreeSample
 from contrastive_cli.parts import build_encoder, encoder_node
 from contrastive_cli.starting import Starting
 
@@ -37,13 +39,21 @@ class Evaluation:
     cache_keys: Callable[[], dict[str, dict[str, Any]]]  # {}: nothing read or written
     baseline_encoders: dict[str, Callable[[], nn.Module]]  # name -> the encoder, on the CPU
     batch_size: int
+    labelfree_size: int = 2048  # eval.labelfree_size
+    finetune: dict[str, Any] | None = None  # eval.finetune when enabled
+    seed: int = 0
 
     def __call__(
-        self, encoder: nn.Module, data: ImageData, augment: Any, runtime: Runtime
+        self,
+        encoder: nn.Module,
+        data: ImageData,
+        augment: Any,
+        runtime: Runtime,
+        projector: nn.Module | None = None,
     ) -> Outcome:
-        """(metrics, baselines, {baseline: whether it came from the cache})."""
-        assert data.train is not None and data.test is not None
-        keys = self.cache_keys()
+        """(metrics, baselines, {baseline: whether it came from the cache}). Without labels,
+        the label-free evaluators only; ``projector``: the method's, for ``rankme_projector``."""
+        keys = self.cache_keys() if data.labelled else {}
         cache = BaselineCache(cache_dir())
         cached: dict[str, dict[str, float]] = {}
         for name, key in keys.items():
@@ -57,12 +67,13 @@ class Evaluation:
         for name, make in self.baseline_encoders.items() if self.baselines else ():
             if name not in cached:
                 encoders[name] = make().to(runtime.device, memory_format=memory_format)
+        train, test = data.train, data.test
         evaluated = evaluate_protocol(
             encoders,
-            data.train.images,
-            data.train.labels,
-            data.test.images,
-            data.test.labels,
+            train.images if train else None,
+            train.labels if train else None,
+            test.images if test else None,
+            test.labels if test else None,
             data.num_classes,
             augment.normalize,
             runtime.device,
@@ -71,8 +82,10 @@ class Evaluation:
             pixels=self.baselines and "raw_pixels" not in cached,
             channels_last=runtime.channels_last,
             autocast=runtime.autocast,
+            sample=labelfree_sample(data, augment, self.labelfree_size),
+            projectors={"trained": projector} if projector is not None else None,
         )
-        metrics = evaluated.pop("trained")
+        metrics = evaluated.pop("trained", {})
         for name, result in evaluated.items():
             if name in keys:
                 cache.put(name, keys[name], {k: v for k, v in result.items() if k != "seconds"})
@@ -81,6 +94,16 @@ class Evaluation:
             for name in ("raw_pixels", *self.baseline_encoders)
             if name in cached or name in evaluated
         }
+        if self.finetune is not None and data.labelled:
+            metrics |= finetune_metrics(
+                encoder,
+                self.baseline_encoders["random_init"],
+                data,
+                augment,
+                runtime.device,
+                self.finetune,
+                self.seed,
+            )
         return metrics, baselines, {name: name in cached for name in baselines}
 
 
@@ -98,6 +121,7 @@ def evaluation_of(
     baselines = bool(cfg.eval.baselines)
     cached = baselines and bool(cfg.eval.get("cache_baselines", True))
     encoder_config = OmegaConf.to_container(encoder_node(cfg), resolve=True)
+    finetune = settings.get("finetune")
     encoders: dict[str, Callable[[], nn.Module]] = {"random_init": lambda: build_encoder(cfg, seed)}
     if starting is not None:
         encoders["pretrained"] = lambda: starting.load_into(build_encoder(cfg, seed))
@@ -114,7 +138,17 @@ def evaluation_of(
         keys if cached else dict,
         encoders,
         int(cfg.eval.batch_size),
+        int(cfg.eval.get("labelfree_size", 2048)),
+        finetune if finetune and finetune.get("enabled") else None,
+        seed,
     )
+
+
+def labelfree_sample(data: ImageData, augment: Any, size: int) -> LabelFreeSample:
+    """The label-free metrics' fixed sample: of the test split (held out of training) where
+    the data has one, else of the images trained on (an unlabelled folder)."""
+    split = data.test if data.test is not None else data.pretrain
+    return LabelFreeSample.of(split.images, augment, size)
 
 
 def evaluate_encoder(

@@ -17,6 +17,7 @@ from contrastive_cli.data.datasets import ImageData
 from contrastive_cli.device import Runtime
 from contrastive_cli.evaluate import extract_features
 from contrastive_cli.events import Progress
+from contrastive_cli.labelfree import projector_of
 from contrastive_cli.parts import load_data
 from contrastive_cli.progress import configure as progress_lines
 from contrastive_cli.report import results_table, versions
@@ -55,12 +56,15 @@ def finish(
         "images_per_s": progress.step * s.batch_size / max(progress.train_seconds, 1e-9),
     }
     eval_start = time.perf_counter()
-    if built.data.labelled:
-        results["metrics"], results["baselines"], results["baselines_from_cache"] = (
-            built.evaluation(encoder, built.data, built.augment, built.runtime)
+    projector = projector_of(built.training.method)
+    results["metrics"], results["baselines"], results["baselines_from_cache"] = built.evaluation(
+        encoder, built.data, built.augment, built.runtime, projector
+    )
+    if not built.data.labelled:
+        results["eval_skipped"] = (
+            "the data has no labels: k-NN, the probes and retrieval are skipped "
+            "(label-free metrics only)"
         )
-    else:
-        results["eval_skipped"] = "the data has no labels: k-NN and the linear probe are skipped"
         log.info(results["eval_skipped"])
     results["eval_time_s"] = time.perf_counter() - eval_start
     # One feature extraction for the embedding map and TensorBoard's projector.

@@ -32,8 +32,12 @@ def run_label(run: Run, others: Sequence[Run]) -> str:
 
 
 def plot_curves(series: Sequence[tuple[str, list[dict]]], out: Path) -> Path:
-    """Loss and monitor k-NN per epoch from (label, metrics.jsonl records); runs share the axes."""
-    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=CURVES_SIZE, dpi=DPI)
+    """Loss and monitor k-NN per epoch from (label, metrics.jsonl records), and where the
+    records have them the monitor's label-free metrics (RankMe; alignment and uniformity on
+    a second axis); runs share the axes."""
+    labelfree = any(k in r for _, records in series for r in records for k in LABEL_FREE)
+    fig, axes = plt.subplots(1, 3 if labelfree else 2, figsize=CURVES_SIZE, dpi=DPI)
+    ax_loss, ax_knn = axes[0], axes[1]
     for label, records in series:
         if not records:
             continue
@@ -45,12 +49,35 @@ def plot_curves(series: Sequence[tuple[str, list[dict]]], out: Path) -> Path:
             ax_knn.plot(*zip(*knn, strict=True), marker=".", label=label)
     ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
     ax_knn.set(title="monitor k-NN (held-out part of train)", xlabel="epoch", ylabel="accuracy")
-    for ax in (ax_loss, ax_knn):
+    if labelfree:
+        _plot_labelfree(axes[2], series)
+    for ax in axes:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
     return _save(fig, out)
+
+
+LABEL_FREE = ("rankme", "alignment", "uniformity")
+
+
+def _plot_labelfree(ax: plt.Axes, series: Sequence[tuple[str, list[dict]]]) -> None:
+    """RankMe (solid, left axis), alignment (dashed) and uniformity (dotted, right axis)."""
+    right = ax.twinx()
+    for label, records in series:
+        for key, axis, style in (
+            ("rankme", ax, "-"),
+            ("alignment", right, "--"),
+            ("uniformity", right, ":"),
+        ):
+            points = [(r["epoch"], r[key]) for r in records if key in r]
+            if points:
+                axis.plot(*zip(*points, strict=True), style, marker=".", label=f"{label} {key}")
+    ax.set(title="monitor label-free (train sample)", xlabel="epoch", ylabel="RankMe")
+    right.set_ylabel("alignment (--), uniformity (:)")
+    if right.lines:
+        right.legend(fontsize=6, loc="lower right")
 
 
 def plot_embedding(

@@ -38,6 +38,10 @@ SPECIAL_KEY = re.compile(r"^_\w*_$")  # _target_, _args_, _partial_, _recursive_
 # Keys a run's record may not decide for whoever reads it: where things are (data.root comes
 # from the reader's environment), whether this command resumes, and where tracking goes.
 NOT_COMPARED = ("data.root", "data.cache_dir", "data.source.cache_dir", "trainer.resume", "tracker")
+# Defaults a shipped config had before: a run that saved one of them kept the default then,
+# and is rebuilt with today's (eval.metrics before the low-shot, retrieval and label-free
+# evaluators: `contrast eval` of such a run computes them too).
+FORMER_DEFAULTS: dict[str, tuple[Any, ...]] = {"eval.metrics": (["knn", "linear"],)}
 # Never taken from a run directory: where tracking goes, where a folder's decoded cache goes.
 DESTINATIONS = ("tracker.mlflow.tracking_uri", "data.cache_dir")
 
@@ -279,7 +283,8 @@ def compare(saved: Any, cfg: DictConfig, source: str) -> DictConfig:
                 f"{key} in {source} is not allowed: no such setting in the config that the "
                 "run's overrides and contrast's conf/ give"
             )
-        if not _same(value, rebuilt[key]):
+        former = any(_same(value, v) for v in FORMER_DEFAULTS.get(key, ()))
+        if not _same(value, rebuilt[key]) and not former:
             raise ConfigError(
                 f"{key}={_shown(value)} in {source} is not allowed: the run's overrides and "
                 f"contrast's conf/ give {_shown(rebuilt[key])} (a saved config is compared, "

@@ -25,8 +25,24 @@ __all__ = [
     "write_json",
 ]
 
-NOT_IN_TABLE = {"probe_weight_decay", "seconds"}  # in results.json, not accuracies
+NOT_IN_TABLE = {
+    "probe_weight_decay",
+    "seconds",
+    "finetune_lr",
+    "finetune_scratch_lr",
+}  # in results.json, not accuracies
 LINEAR_LABELS = {"linear_top1": "linear", "linear_top5": "linear top-5"}
+LABELS = {
+    **LINEAR_LABELS,
+    "recall_at_1": "R@1",
+    "recall_at_5": "R@5",
+    "map_at_r": "MAP@R",
+    "finetune_top1": "fine-tune",
+    "finetune_scratch_top1": "from scratch",
+    "rankme": "RankMe",
+    "rankme_projector": "RankMe proj.",
+}
+LABEL_FREE_KEYS = {"rankme", "rankme_projector", "alignment", "uniformity"}
 # results.json's baselines, as the table names them (in results.json's order)
 BASELINE_LABELS = {
     "raw_pixels": "raw pixels",
@@ -42,10 +58,12 @@ def knn_keys(metrics: dict[str, Any]) -> list[str]:
 
 
 def metric_label(key: str) -> str:
-    """knn_k50 -> 'k-NN k=50', linear_top1 -> 'linear'."""
+    """knn_k50 -> 'k-NN k=50', linear_top1 -> 'linear', lowshot_1pct -> '1% labels'."""
     if key.startswith("knn_k"):
         return f"k-NN k={key.removeprefix('knn_k')}"
-    return LINEAR_LABELS.get(key, key)
+    if m := re.fullmatch(r"lowshot_(.+)pct", key):
+        return f"{m.group(1)}% labels"
+    return LABELS.get(key, key)
 
 
 class MetricsLog:
@@ -147,38 +165,80 @@ def _git_sha() -> str | None:
 
 
 def results_table(results: dict) -> str:
-    """The table printed at the end of a run: trained encoder beside its baselines."""
+    """The table printed at the end of a run: trained encoder beside its baselines; the
+    accuracies (with the gain over the best baseline) first, then the label-free metrics."""
     metrics = results.get("metrics") or {}
     baselines = results.get("baselines") or {}
-    keys = knn_keys(metrics) + [k for k in LINEAR_LABELS if k in metrics]
-    keys += [  # what other evaluators (eval.metrics) returned, in their order
-        k
-        for k, v in metrics.items()
-        if k not in keys and k not in NOT_IN_TABLE and isinstance(v, (int, float))
-    ]
     title = f"{results.get('loss', '?')} encoder"
     rows = [(BASELINE_LABELS.get(name, name), m) for name, m in baselines.items()]
     rows.append((title, metrics))
     rows = [(name, m) for name, m in rows if m]
-    gain = "gain over best baseline"
-    width = max(len(name) for name in [gain, *(name for name, _ in rows)])
-    header = " " * width + "".join(f"  {metric_label(k):>12}" for k in keys)
-    lines = [header]
-    for name, m in rows:
-        lines.append(
-            f"{name:<{width}}"
-            + "".join(f"  {m[k]:>12.4f}" if k in m else f"  {'-':>12}" for k in keys)
-        )
-    best = {k: max((b[k] for b in baselines.values() if b and k in b), default=None) for k in keys}
-    if any(v is not None for v in best.values()) and metrics:
-        lines.append(
-            f"{gain:<{width}}"
-            + "".join(
-                f"  {metrics[k] - best[k]:>+12.4f}" if best[k] is not None else f"  {'':>12}"
-                for k in keys
-            )
+    keys = table_keys([m for _, m in rows])
+    blocks = []
+    accuracies = [k for k in keys if k not in LABEL_FREE_KEYS]
+    if accuracies:
+        blocks.append(_block(rows, accuracies, metrics, baselines, gain=True))
+    labelfree = [k for k in keys if k in LABEL_FREE_KEYS]
+    if labelfree:
+        blocks.append(
+            "label-free (RankMe: higher uses more dimensions; alignment, uniformity: lower is "
+            "better; collapsed: 1, 0, 0)\n"
+            + _block(rows, labelfree, metrics, baselines, gain=False)
         )
     split = str(results.get("split") or "")
     if split.startswith("heldout"):  # `contrast eval --heldout`: not a test-split result
-        lines.insert(0, f"held-out (train): {split}, not the test split")
+        blocks.insert(0, f"held-out (train): {split}, not the test split")
+    return "\n\n".join(blocks)
+
+
+def table_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The metric keys the rows hold, in table order: k-NN, linear, then what other
+    evaluators returned, in their order (a low-shot ``_std`` rides in its mean's cell)."""
+    seen = list(dict.fromkeys(k for m in rows for k in m))
+    keys = knn_keys(dict.fromkeys(seen)) + [k for k in LINEAR_LABELS if k in seen]
+    keys += [
+        k
+        for k in seen
+        if k not in keys
+        and k not in NOT_IN_TABLE
+        and not k.endswith("_std")
+        and all(isinstance(m.get(k, 0.0), (int, float)) for m in rows)
+    ]
+    return keys
+
+
+def _block(
+    rows: list[tuple[str, dict]], keys: list[str], metrics: dict, baselines: dict, gain: bool
+) -> str:
+    label = "gain over best baseline"
+    width = max(len(name) for name in [label, *(name for name, _ in rows)])
+    cell = max(
+        12,
+        *(len(metric_label(k)) for k in keys),
+        *(len(_value(m, k)) for _, m in rows for k in keys),
+    )
+    lines = [" " * width + "".join(f"  {metric_label(k):>{cell}}" for k in keys)]
+    for name, m in rows:
+        lines.append(f"{name:<{width}}" + "".join(f"  {_value(m, k):>{cell}}" for k in keys))
+    best = {k: max((b[k] for b in baselines.values() if b and k in b), default=None) for k in keys}
+    if gain and any(v is not None for v in best.values()) and metrics:
+        lines.append(
+            f"{label:<{width}}"
+            + "".join(
+                f"  {metrics[k] - best[k]:>+{cell}.4f}"
+                if best[k] is not None and k in metrics
+                else f"  {'':>{cell}}"
+                for k in keys
+            )
+        )
     return "\n".join(lines)
+
+
+def _value(m: dict, key: str) -> str:
+    if key not in m:
+        return "-"
+    if f"{key}_std" in m:  # low-shot: mean +- std over the draws
+        return f"{m[key]:.4f}+-{m[f'{key}_std']:.3f}"
+    if key.startswith("rankme"):
+        return f"{m[key]:.2f}"
+    return f"{m[key]:.4f}"

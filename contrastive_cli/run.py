@@ -211,8 +211,8 @@ def run_callbacks(
             files.config(saved)
 
     head: list[Callback] = []
-    if built.monitor is not None:
-        head.append(Monitor(built.monitor, s.monitor_every))
+    if built.monitor is not None or built.labelfree_monitor is not None:
+        head.append(Monitor(built.monitor, s.monitor_every, built.labelfree_monitor))
     head.append(TimeBudget(s.time_budget, dist, fixed))
     tail: list[Callback] = [Signals(stop, files.path, summary.stopped), Divergence(summary.stopped)]
     if not dist.main:

@@ -226,6 +226,16 @@ class Probe:
 
 
 @dataclass
+class Finetune:
+    enabled: bool
+    epochs: PositiveInt
+    lrs: Annotated[list[Positive], NonEmpty]
+    val_fraction: Fraction
+    batch_size: PositiveInt
+    max_images: PositiveInt | None
+
+
+@dataclass
 class Eval:
     metrics: Annotated[list[Text], NonEmpty]  # evaluator names: contrastive_cli/evaluators/
     probe: Node
@@ -233,6 +243,11 @@ class Eval:
     knn_temperature: Positive
     baselines: bool
     cache_baselines: bool  # raw-pixel and random-init results from the cache when unchanged
+    lowshot: list[Fraction]  # fractions of the train split per class ([]: no low-shot probes)
+    lowshot_draws: PositiveInt
+    retrieval_queries: PositiveInt | None  # None: every test image
+    labelfree_size: Annotated[int, Ge(2)]
+    finetune: Node
     every: Count
     monitor_bank: PositiveInt
     monitor_queries: PositiveInt
@@ -285,7 +300,14 @@ class Starting:
     pretrained: bool
 
 
-SECTIONS = {"": Root, "trainer": Trainer, "eval": Eval, "eval.probe": Probe, "optim": Optim}
+SECTIONS = {
+    "": Root,
+    "trainer": Trainer,
+    "eval": Eval,
+    "eval.probe": Probe,
+    "eval.finetune": Finetune,
+    "optim": Optim,
+}
 SECTIONS["data"] = Data
 SECTIONS["encoder"] = Starting  # not in REQUIRED_IN: configs saved before it lack the keys
 REQUIRED_IN = ("", "trainer", "eval", "eval.probe", "optim")  # every (non-null) field is set

@@ -1,7 +1,11 @@
 """Tables of runs: one row per run directory, shared by `contrast runs` and sweep summaries.
 
-k-NN columns follow each run's ``eval.knn_k``: ``knn`` is the headline accuracy (the first k,
-what sweepers optimise) and every other k gets a column ``knn<k>`` (``knn20`` by default).
+The metric columns follow what the runs computed: k-NN columns follow each run's
+``eval.knn_k`` (``knn`` is the headline accuracy, the first k, what sweepers optimise, and
+every other k gets a column ``knn<k>``, ``knn20`` by default), ``linear`` is the probe's top-1,
+and every other metric of results.json (``lowshot_1pct``, ``recall_at_1``, ``map_at_r``,
+``finetune_top1``, ``rankme``, ``alignment``, ``uniformity``, ...) gets a column of its key
+after ``linear``. A metric column that no run has is left out.
 """
 
 from __future__ import annotations
@@ -34,24 +38,44 @@ COLUMNS = [
 ]  # plus knn<k> after knn for each k-NN but the first that the runs measured
 METRIC_COLUMNS = ("knn", "linear")
 EXTRA_KNN = re.compile(r"knn(\d+)")  # knn20: the k-NN accuracy with k=20
+# the other metrics' columns: their results.json keys
+EXTRA_METRIC = re.compile(
+    r"lowshot_[\d.]+pct|recall_at_\d+|map_at_r|finetune(_scratch)?_top1|rankme(_projector)?|alignment|uniformity"
+)
+LOWER_IS_BETTER = {"alignment", "uniformity"}  # sorted ascending: best first
 NUMERIC = {"epochs", "wall_s"}
 
 
 def is_metric(column: str) -> bool:
-    return column in METRIC_COLUMNS or EXTRA_KNN.fullmatch(column) is not None
+    return (
+        column in METRIC_COLUMNS
+        or EXTRA_KNN.fullmatch(column) is not None
+        or EXTRA_METRIC.fullmatch(column) is not None
+    )
 
 
 def is_column(column: str) -> bool:
-    """A column of `contrast runs`: one of COLUMNS or a k-NN column knn<k>."""
-    return column in COLUMNS or EXTRA_KNN.fullmatch(column) is not None
+    """A column of `contrast runs`: one of COLUMNS, a k-NN column knn<k> or another metric."""
+    return column in COLUMNS or is_metric(column)
 
 
 def with_knn_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:
-    """``columns`` with the rows' other k-NN columns (knn<k>, first seen first) after knn."""
-    extra = list(dict.fromkeys(k for r in rows for k in r if EXTRA_KNN.fullmatch(k)))
+    """``columns`` with the rows' other k-NN columns (knn<k>, first seen first) after knn and
+    their other metric columns after linear; a metric column no row has is left out."""
+    seen = list(dict.fromkeys(k for r in rows for k, v in r.items() if v is not None))
+    extra = [k for k in seen if EXTRA_KNN.fullmatch(k)]
+    others = [k for k in seen if EXTRA_METRIC.fullmatch(k)]
     out: list[str] = []
     for c in columns:
-        out += [c, *extra] if c == "knn" else [c]
+        if c in METRIC_COLUMNS and c not in seen:
+            c_list: list[str] = []
+        else:
+            c_list = [c]
+        if c == "knn":
+            c_list += extra
+        if c == "linear":
+            c_list += others
+        out += c_list
     return out
 
 
@@ -80,6 +104,9 @@ def run_row(run: Run) -> dict[str, Any]:
     for key in knn[1:]:
         row[f"knn{key.removeprefix('knn_k')}"] = metrics[key]
     row["linear"] = metrics.get("linear_top1")
+    for key, value in metrics.items():  # the other evaluators' metrics, by their keys
+        if EXTRA_METRIC.fullmatch(key) and isinstance(value, int | float):
+            row[key] = value
     if results.get("error") and run.status != "completed":
         row["error"] = results["error"]
     if run.problem:
@@ -113,7 +140,7 @@ def _same(actual: Any, wanted: str) -> bool:
 
 def sort_rows(rows: list[dict[str, Any]], key: str, reverse: bool = False) -> list[dict[str, Any]]:
     """Metrics sort best first; other columns ascending. Missing values go last."""
-    descending = is_metric(key)
+    descending = is_metric(key) and key not in LOWER_IS_BETTER
     present = [r for r in rows if r.get(key) is not None]
     missing = [r for r in rows if r.get(key) is None]
     present.sort(key=lambda r: r[key], reverse=descending != reverse)

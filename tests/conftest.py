@@ -22,6 +22,8 @@ TINY = [
     "eval.probe.weight_decays=[1e-4,1e-2]",
     "eval.monitor_bank=500",
     "eval.monitor_queries=100",
+    "eval.lowshot_draws=2",
+    "eval.labelfree_size=256",
     "eval.embedding_points=200",
     "trainer.checkpoint_every_s=0",  # a checkpoint every epoch: what kill/resume tests stop at
 ]

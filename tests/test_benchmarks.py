@@ -86,6 +86,11 @@ def test_evaluation(tmp_path):
         assert {"knn_k200", "knn_k20", "linear_top1"} <= set(r["accuracy"])
         assert all(0 <= r["accuracy"][k] <= 1 for k in ("knn_k200", "knn_k20", "linear_top1"))
     assert results[0]["reference_probe"]["seconds"] > 0
+    for key in ("labelfree_s", "retrieval_s", "lowshot_s"):  # what they add, timed
+        assert is_stat(results[0][key]), key
+    assert {"rankme", "alignment", "uniformity", "map_at_r", "lowshot_1pct"} <= set(
+        results[0]["added_metrics"]
+    )
 
 
 def test_memory(tmp_path):

@@ -47,7 +47,15 @@ def protocol(names: list[str]) -> dict[str, dict[str, float]]:
 
 
 def test_the_shipped_evaluators_and_their_interface():
-    assert available() == ["knn", "linear"]
+    assert available() == [
+        "alignment",
+        "knn",
+        "linear",
+        "lowshot",
+        "rankme",
+        "retrieval",
+        "uniformity",
+    ]
     knn, linear = build_evaluators(["knn", "linear"], SETTINGS, seed=0)
     assert (knn.name, knn.needs_labels, linear.name, linear.needs_labels) == (
         "knn",
@@ -77,10 +85,10 @@ def test_eval_metrics_chooses_what_runs_and_what_results_hold():
 
 def test_an_unknown_evaluator_is_one_line_naming_the_known_ones():
     with pytest.raises(ConfigError) as e:
-        build_evaluators(["knn", "rankme"], SETTINGS, seed=0)
+        build_evaluators(["knn", "lidar"], SETTINGS, seed=0)
     message = str(e.value)
-    assert "eval.metrics=['knn', 'rankme'] is not allowed" in message and "\n" not in message
-    assert "allowed: a list of knn, linear" in message
+    assert "eval.metrics=['knn', 'lidar'] is not allowed" in message and "\n" not in message
+    assert "allowed: a list of alignment, knn, linear, lowshot" in message
 
 
 def test_a_new_evaluator_is_one_module_and_its_name(tmp_path, monkeypatch):

@@ -166,7 +166,11 @@ def test_runs_lists_sorts_filters_and_writes_csv(reference, tmp_path):
     results = read_results(reference)
     assert row["loss"] == "ntxent" and row["data"] == "digits" and row["status"] == "completed"
     assert float(row["knn"]) == results["metrics"]["knn_k200"]
+    for column in ("lowshot_1pct", "recall_at_1", "map_at_r", "rankme", "alignment", "uniformity"):
+        assert float(row[column]) == pytest.approx(results["metrics"][column], rel=1e-6)
     assert "trainer.epochs=3" in row["overrides"]
+    by_alignment = run_cli(["runs", str(reference.parent), "--sort", "alignment"], cwd=tmp_path)
+    assert by_alignment.returncode == 0 and "rankme" in by_alignment.stdout.splitlines()[0]
     none = run_cli(
         ["runs", str(reference.parent), "--where", "loss=moco", "--json", "-"],
         cwd=tmp_path,
@@ -195,8 +199,28 @@ def test_eval_of_the_saved_encoder_reproduces_the_runs_numbers(reference, tmp_pa
     out = tmp_path / "eval.json"
     run_cli(["eval", str(reference), "--out", str(out)], cwd=tmp_path, check=True)
     evaluated = json.loads(out.read_text())
-    for key in ("knn_k200", "knn_k20", "linear_top1"):
+    for key in ("knn_k200", "knn_k20", "linear_top1", "lowshot_10pct", "map_at_r", "rankme"):
         assert evaluated["metrics"][key] == read_results(reference)["metrics"][key]
+
+
+def test_eval_of_a_run_made_before_the_new_metrics_computes_them(reference, tmp_path):
+    """A run directory as the main branch wrote it before low-shot, retrieval and the
+    label-free metrics: eval.metrics=[knn, linear] and none of their settings."""
+    import yaml
+
+    old = tmp_path / "old"
+    shutil.copytree(reference, old)
+    config = yaml.safe_load((old / ".hydra" / "config.yaml").read_text())
+    for key in ("lowshot", "lowshot_draws", "retrieval_queries", "labelfree_size", "finetune"):
+        del config["eval"][key]
+    config["eval"]["metrics"] = ["knn", "linear"]
+    (old / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "eval.json"
+    run_cli(["eval", str(old), "--out", str(out)], cwd=tmp_path, check=True)
+    metrics = json.loads(out.read_text())["metrics"]
+    expected = read_results(reference)["metrics"]
+    for key in ("knn_k200", "lowshot_1pct", "lowshot_1pct_std", "recall_at_5", "uniformity"):
+        assert metrics[key] == expected[key]
 
 
 def _png_size(path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -43,19 +44,28 @@ def test_labelled_folder_trains_and_evaluates_skipping_the_corrupt_file(tmp_path
     assert "broken.png" in (run / "train.log").read_text()
 
 
-def test_unlabelled_folder_trains_and_says_evaluation_is_skipped(tmp_path):
+def test_unlabelled_folder_ends_with_the_label_free_metrics_of_encoder_and_baselines(tmp_path):
     write_images(tmp_path / "photos", classes=None, per_class=24)
     proc = run_cli(
         ["train", *FOLDER_TINY, f"data.path={tmp_path / 'photos'}", "data.cache=true"],
         cwd=tmp_path,
         check=True,
     )
-    assert "without class subfolders" in proc.stdout and "skipped" in proc.stdout
+    assert "without class subfolders" in proc.stdout
     [run] = run_dirs(tmp_path / "outputs")
     results = read_results(run)
     assert results["status"] == "completed"
-    assert "metrics" not in results
-    assert "k-NN and the linear probe are skipped" in results["eval_skipped"]
+    entries = [results["metrics"], results["baselines"]["raw_pixels"]]
+    entries.append(results["baselines"]["random_init"])
+    for metrics in entries:  # never only "skipped": each encoder and baseline measured
+        assert metrics["rankme"] >= 1.0 and 0.0 <= metrics["alignment"] <= 4.0
+        assert -4.0 <= metrics["uniformity"] <= 0.0 and "knn_k200" not in metrics
+    assert "rankme_projector" in results["metrics"]  # ntxent has a projector
+    assert "RankMe" in proc.stdout and "raw pixels" in proc.stdout  # the printed table
+    assert "k-NN, the probes and retrieval are skipped" in results["eval_skipped"]
+    # ... and the run has a curve without labels
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "rankme" in records[-1] and "knn" not in records[-1]
     assert (tmp_path / "photos" / ".contrast-cache" / "16px-3ch.safetensors").is_file()
 
 

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 GROUPS = ("data", "device")  # what an override may switch
 KEYS = ("data.", "device.", "eval.")  # and set; the encoder is always the run's
 HELP = (
-    "evaluate a saved encoder (k-NN, linear probe, baselines) on any dataset: RUN_DIR data=cifar100"
+    "evaluate a saved encoder (k-NN, probes, retrieval, label-free metrics, baselines) on any "
+    "dataset: RUN_DIR data=cifar100"
 )
 
 
@@ -166,10 +167,19 @@ def main(args: list[str]) -> int:
         help="evaluate on a fixed, stratified FRACTION of the train split instead of test (the "
         "rest is the k-NN bank and the probe's training set): for choosing a recipe, test untouched",
     )
+    parser.add_argument(
+        "--finetune",
+        action="store_true",
+        help="also fine-tune the encoder and a linear head end to end (eval.finetune.*), beside "
+        "the same from random init: costly",
+    )
     ns = parser.parse_intermixed_args(args)  # options before or after the overrides
     if ns.heldout is not None and not 0 < ns.heldout < 1:
         raise ConfigError(f"--heldout={ns.heldout} is not allowed; allowed: a fraction in (0, 1)")
     weights, cfg, saved, choices = _source(ns.source.expanduser(), ns.overrides)
+    if ns.finetune:
+        with open_dict(cfg):
+            cfg.eval.finetune.enabled = True
     trained_on = saved.data
     if cfg.data.channels != trained_on.channels:
         raise ConfigError(
@@ -185,7 +195,9 @@ def main(args: list[str]) -> int:
     runtime = build(cfg.device)
     data = load_data(cfg)
     if not data.labelled:
-        raise UserError(f"data={cfg.data.name} has no labels to evaluate with")
+        if ns.heldout is not None:
+            raise UserError(f"--heldout needs labels; data={cfg.data.name} has none")
+        log.info(f"data={cfg.data.name} has no labels: the label-free metrics only")
     if ns.heldout is not None:
         data = heldout_split(data, ns.heldout, cfg.data.name)
     encoder = load_trained_encoder(cfg, weights)

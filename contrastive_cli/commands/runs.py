@@ -19,7 +19,7 @@ from contrastive_cli.tables import (
     to_csv,
 )
 
-HELP = "table of runs under outputs/ (or given paths): data, encoder, loss, overrides, k-NN, linear, status"
+HELP = "table of runs under outputs/ (or given paths): data, encoder, loss, overrides, the metrics they computed, status"
 
 
 def main(args: list[str]) -> int:
@@ -34,8 +34,9 @@ def main(args: list[str]) -> int:
     parser.add_argument(
         "--sort",
         default="date",
-        help=f"column to sort by: {', '.join(COLUMNS)}, or knn<k> for another k of eval.knn_k "
-        "(knn is the first k; metrics best first)",
+        help=f"column to sort by: {', '.join(COLUMNS)}, knn<k> for another k of eval.knn_k "
+        "(knn is the first k), or another metric a run computed (lowshot_1pct, recall_at_1, "
+        "map_at_r, finetune_top1, rankme, alignment, uniformity...; metrics best first)",
     )
     parser.add_argument("--reverse", action="store_true", help="reverse the sort order")
     parser.add_argument(
@@ -51,7 +52,8 @@ def main(args: list[str]) -> int:
     ns = parser.parse_args(args)
     if not is_column(ns.sort):
         raise ConfigError(
-            f"--sort={ns.sort!r} is not a column; allowed: {', '.join(COLUMNS)}, knn<k> (e.g. knn20)"
+            f"--sort={ns.sort!r} is not a column; allowed: {', '.join(COLUMNS)}, knn<k> (e.g. "
+            "knn20) or a metric key (lowshot_1pct, recall_at_1, map_at_r, rankme, alignment, ...)"
         )
     for condition in ns.where:
         if "=" not in condition:

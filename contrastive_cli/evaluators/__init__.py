@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from contrastive_cli.errors import ConfigError
 from contrastive_cli.evaluate import extract_features, pixel_features
 from contrastive_cli.evaluators.base import Evaluator, Features
+from contrastive_cli.labelfree import LabelFreeSample, sample_features
 from contrastive_cli.progress import Task
 
 __all__ = [
@@ -91,10 +92,10 @@ def _run(evaluators: Sequence[Evaluator], features: Features, label: str = "") -
 
 def evaluate_protocol(
     encoders: dict[str, nn.Module],
-    train_images: Tensor,
-    train_labels: Tensor,
-    test_images: Tensor,
-    test_labels: Tensor,
+    train_images: Tensor | None,
+    train_labels: Tensor | None,
+    test_images: Tensor | None,
+    test_labels: Tensor | None,
     num_classes: int,
     transform: Callable[[Tensor], Tensor],
     device: torch.device,
@@ -103,40 +104,106 @@ def evaluate_protocol(
     pixels: bool = True,
     channels_last: bool = False,
     autocast: bool = False,
+    sample: LabelFreeSample | None = None,
+    projectors: dict[str, nn.Module] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Every encoder in ``encoders`` (and raw pixels) through the same evaluators.
 
     Returns {name: metrics}; raw pixels appear as ``raw_pixels``. Each metrics dict also
-    holds ``seconds``: feature extraction plus the evaluators for that entry.
+    holds ``seconds``: feature extraction plus the evaluators for that entry. Without labels
+    (``train_labels`` None) only the label-free evaluators run; they see ``sample`` (the
+    label-free sample), and RankMe also ``projectors[name]`` where given.
     """
-    train_y, test_y = train_labels.to(device), test_labels.to(device)
-    sources: dict[str, Callable[[Tensor, str], Tensor]] = {}
-    if pixels:
-        sources["raw_pixels"] = lambda images, desc: torch.cat(
-            [pixel_features(chunk.to(device)) for chunk in images.split(batch_size)]
-        )
-    for name, encoder in encoders.items():
-        sources[name] = lambda images, desc, enc=encoder: extract_features(
-            enc, images, transform, device, batch_size, channels_last, autocast, desc
-        )
+    labelled = train_labels is not None and test_labels is not None
+    # Without labels there is no train/test split: only the evaluators of the sample run.
+    chosen = [e for e in evaluators if labelled or getattr(e, "needs_sample", False)]
+    wants_sample = sample is not None and any(getattr(e, "needs_sample", False) for e in chosen)
+    chosen = [e for e in chosen if wants_sample or not getattr(e, "needs_sample", False)]
+    need_split = labelled and any(not getattr(e, "needs_sample", False) for e in chosen)
+    if not chosen:
+        return {}
+    train_y = train_labels.to(device) if labelled else None  # type: ignore[union-attr]
+    test_y = test_labels.to(device) if labelled else None  # type: ignore[union-attr]
+    sources = _sources(
+        encoders, transform, device, batch_size, pixels, channels_last, autocast, sample
+    )
     results = {}
-    names = ", ".join(e.name for e in evaluators)
-    for i, (name, features) in enumerate(sources.items(), 1):
+    names = ", ".join(e.name for e in chosen)
+    for i, (name, (features, view_features)) in enumerate(sources.items(), 1):
         # A line per evaluated entry: the silence after the last epoch took minutes on
         # Fashion-MNIST (features and every evaluator per entry).
         label = EVALUATED.get(name, name)
-        log.info(
-            f"evaluating {i}/{len(sources)}: {label} (features of {len(train_images):,} train + "
-            f"{len(test_images):,} test images, {names})"
+        what = (
+            f"features of {len(train_images):,} train + {len(test_images):,} test images"  # type: ignore[arg-type]
+            if need_split
+            else f"features of {len(sample.images):,} sample images and 2 views"  # type: ignore[union-attr]
         )
+        log.info(f"evaluating {i}/{len(sources)}: {label} ({what}, {names})")
         start = time.perf_counter()
-        train_x = features(train_images, f"{label}: features of train images")
-        test_x = features(test_images, f"{label}: features of test images")
-        metrics = _run(evaluators, Features(train_x, train_y, test_x, test_y, num_classes), label)
+        projector = (projectors or {}).get(name)
+        metrics = _run(
+            chosen,
+            Features(
+                features(train_images, f"{label}: features of train images")
+                if need_split
+                else None,
+                train_y,
+                features(test_images, f"{label}: features of test images") if need_split else None,
+                test_y,
+                num_classes,
+                sample_features(sample, features, view_features, projector)
+                if wants_sample
+                else None,  # type: ignore[arg-type]
+            ),
+            label,
+        )
         metrics["seconds"] = time.perf_counter() - start
         log.info(f"evaluated {label} in {metrics['seconds']:.1f} s")
         results[name] = metrics
     return results
+
+
+FeatureMap = Callable[..., Tensor]  # (images, desc=None) -> features
+
+
+def _sources(
+    encoders: dict[str, nn.Module],
+    transform: FeatureMap,
+    device: torch.device,
+    batch_size: int,
+    pixels: bool,
+    channels_last: bool,
+    autocast: bool,
+    sample: LabelFreeSample | None,
+) -> dict[str, tuple[FeatureMap, FeatureMap]]:
+    """{name: (features of uint8 images, features of augmented float views)}."""
+    sources: dict[str, tuple[FeatureMap, FeatureMap]] = {}
+    if pixels:
+
+        def pixel_views(views: Tensor) -> Tensor:
+            assert sample is not None
+            return sample.pixels(views.to(device))
+
+        sources["raw_pixels"] = (
+            lambda images, desc=None: torch.cat(
+                [pixel_features(chunk.to(device)) for chunk in images.split(batch_size)]
+            ),
+            pixel_views,
+        )
+    for name, encoder in encoders.items():
+        sources[name] = (
+            lambda images, desc=None, enc=encoder: extract_features(
+                enc, images, transform, device, batch_size, channels_last, autocast, desc
+            ),
+            lambda views, enc=encoder: extract_features(
+                enc, views, _same, device, batch_size, channels_last, autocast
+            ),
+        )
+    return sources
+
+
+def _same(x: Tensor) -> Tensor:
+    return x
 
 
 # How evaluate_protocol's progress lines name its entries.

@@ -18,14 +18,16 @@ class BYOL(nn.Module):
         self,
         encoder: nn.Module,
         projector: Callable[[int], nn.Module],
-        predictor: Callable[[int], nn.Module],
+        predictor: Callable[[int], nn.Module] | None,
         projection_dim: PositiveInt = 256,
         base_momentum: Probability = 0.996,
     ):
         super().__init__()
         self.encoder = encoder
+        # loss.predictor=null: no predictor (the ablation of Grill et al. 2020, Table 5b, that
+        # collapses); what the label-free metrics' collapse check and study use
         self.projector, self.predictor = projector_and_predictor(
-            encoder, projector, predictor, projection_dim
+            encoder, projector, predictor or (lambda _: nn.Identity()), projection_dim
         )
         self.target_encoder = frozen_copy(encoder)
         self.target_projector = frozen_copy(self.projector)

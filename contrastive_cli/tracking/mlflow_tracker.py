@@ -96,6 +96,10 @@ def _artifacts(
                 yield child, folder
 
 
+# the label-free metrics the monitor adds to an epoch's record (contrastive_cli.labelfree)
+MONITOR_LABEL_FREE = ("rankme", "rankme_projector", "alignment", "uniformity")
+
+
 class MlflowTracker:
     """Logs a run (``start`` ... ``finish``) or a sweep (``start_sweep``, ``finish_sweep``)."""
 
@@ -181,6 +185,7 @@ class MlflowTracker:
             "epoch_loss": record["loss"],
             "images_per_s": record.get("images_per_s"),
             "monitor_knn": record.get("knn"),
+            **{f"monitor_{k}": record.get(k) for k in MONITOR_LABEL_FREE},
         }
         self._log(
             metrics={

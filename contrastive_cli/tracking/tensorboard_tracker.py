@@ -79,6 +79,9 @@ class TensorboardTracker:
         if record.get("knn") is not None:
             writer.add_scalar("epoch/monitor_knn", record["knn"], step)
         writer.add_scalar("train/images_per_s", record["images_per_s"], step)
+        for key in ("rankme", "rankme_projector", "alignment", "uniformity"):
+            if record.get(key) is not None:  # the monitor's label-free metrics
+                writer.add_scalar(f"epoch/monitor_{key}", record[key], step)
 
     def log_embedding(self, sample: EmbeddingSample, step: int) -> None:
         """The projector: features, labels (and class names) and thumbnails in [0, 1]."""
