@@ -165,7 +165,12 @@ def baseline_keys(
         "lowshot_draws": int(ev.get("lowshot_draws", 3)),
         "retrieval_queries": ev.get("retrieval_queries", 1000),
         "labelfree_size": int(ev.get("labelfree_size", 2048)),
-        "augment": OmegaConf.to_container(cfg.data.augment, resolve=True),
+        # the views' normalisation is undone for raw pixels; random_init keys it below
+        "augment": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.data.augment, resolve=True).items()
+            if k not in ("mean", "std")
+        },
         "seed": int(seed),
         "torch": torch.__version__,
         "device": runtime.device.type,
