@@ -381,4 +381,7 @@ def test_metrics_jsonl_holds_the_documented_fields_only(reference):
     lines = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     for r in lines:
-        assert set(r) == {"epoch", "step", "loss", "lr", "images_per_s", "epoch_time_s", "knn"}
+        assert set(r) == {
+            *("epoch", "step", "loss", "lr", "images_per_s", "epoch_time_s", "knn"),
+            *("rankme", "rankme_projector", "alignment", "uniformity"),  # the label-free monitor
+        }

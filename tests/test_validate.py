@@ -78,7 +78,7 @@ BAD = [
     (["loss=dino", "loss.center_momentum=1"], "loss.center_momentum=1"),
     (["loss=byol", "data.augment.local_crops=6"], "data.augment.local_crops=6"),
     (["eval.knn_temperature=0"], "eval.knn_temperature=0"),
-    (["eval.metrics=[knn,rankme]"], "eval.metrics=['knn', 'rankme'] is not allowed"),
+    (["eval.metrics=[knn,lidar]"], "eval.metrics=['knn', 'lidar'] is not allowed"),
     (["eval.metrics=[]"], "eval.metrics=[]"),
     (["optim.optimizer.weight_decay=-1"], "optim.optimizer.weight_decay=-1"),
     (["data.augment.hflip=1.5"], "data.augment.hflip=1.5"),
