@@ -297,11 +297,12 @@ def worker(config: dict, run_dir: str, choices: dict[str, str], errors: str) -> 
             failures.report(errors, attempt, place.rank, "crash", message, 1, e)
         sys.exit(1)
     finally:
-        _leave()
         # Exiting now: a signal from the launcher (stopping the group) ends the process as
-        # it would have, never as an Interrupted raised inside interpreter shutdown.
+        # it would have, never as an Interrupted raised while leaving the group (its garbage
+        # collection takes a moment) or inside interpreter shutdown.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _leave()
 
 
 def _detach() -> None:

@@ -67,6 +67,17 @@ def assert_same_run(run: Path, reference: Path) -> None:
     for key, value in expected["metrics"].items():
         if key in ("seconds", "probe_weight_decay"):  # evaluation time; a near-tie's choice
             continue
+        if key in ("rankme", "rankme_projector", "alignment", "uniformity"):
+            # continuous functions of the features: the training's rounding spread (rankme
+            # measured 8e-4 relative, two processes against one), with margin
+            assert results["metrics"][key] == pytest.approx(value, rel=1e-2), key
+            continue
+        if key.startswith("lowshot_"):
+            # probes fitted on 1% / 10% of digits' train split (one or two images per class at
+            # 1%): a rounding-level change in the features moves a few of the 360 test images
+            # (measured 3.5 images, two processes resumed on one against one process)
+            assert results["metrics"][key] == pytest.approx(value, abs=0.05), key
+            continue
         # accuracies are float32: 1e-6 for their rounding (1e-9 was below one ulp)
         assert results["metrics"][key] == pytest.approx(value, abs=2 / 360 + 1e-6), key
 

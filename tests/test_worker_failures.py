@@ -193,6 +193,8 @@ def test_ctrl_c_while_the_workers_start_is_quiet(tmp_path):
         text=True,
     )
     assert proc.stdout is not None
+    announced = proc.stdout.readline()  # "starting ntxent on digits: ..." before torch loads
+    assert announced.startswith("starting ntxent on digits"), announced
     first = proc.stdout.readline()
     assert first.startswith("starting 2 processes"), first
     proc.send_signal(signal.SIGINT)
