@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from contrastive_cli import install_hint
+from contrastive_cli.commands import Parser
 from contrastive_cli.config import apply_overrides, build
 from contrastive_cli.errors import ConfigError, DataError
 from contrastive_cli.rundirs import load_run
@@ -34,13 +35,8 @@ GROUPS = ("data", "device")  # config groups an override may switch
 KEYS = ("data.", "device.", "eval.batch_size")  # keys an override may set
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"contrast embed: {message} (see contrast embed --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="contrast embed",
         description="Run a trained encoder over a dataset and write one row per image: split, path "
         "(image folders) or index, label (when known), class (when named) and the embedding.",

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from contrastive_cli import install_hint
+from contrastive_cli.commands import Parser
 from contrastive_cli.errors import ConfigError, DataError, UserError
 from contrastive_cli.writer import FILE_MODE
 
@@ -44,13 +45,8 @@ CHECK_IMAGES = 256  # test images each check runs (fewer for large images)
 log = logging.getLogger(__name__)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"contrast export: {message} (see contrast export --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="contrast export",
         description=HELP,
         epilog="examples:\n"
