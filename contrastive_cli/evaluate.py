@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # The baseline cache (contrastive_cli.baselines) keys on this: bump it with any change here that
 # changes a number the protocol returns.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: low-shot grid eval.lowshot_weight_decays, warm-started draws
 
 
 def extract_features(
@@ -133,6 +133,8 @@ class ProbeResult:
     top5: float | None
     weight_decay: float
     val_top1: float
+    # the grid's first (strongest-decay) held-out fit: (its basis, V, b), for a warm start
+    first: tuple[ProbeBasis, Tensor, Tensor] | None = field(default=None, compare=False, repr=False)
 
 
 def _standardise(fit: Tensor, *others: Tensor) -> list[Tensor]:
@@ -201,6 +203,12 @@ class ProbeBasis:
         if self.rot is None:
             return (x - self.mean) / self.std
         return (x - self.mean) @ (self.rot / self.std.T)
+
+    def logits(self, x: Tensor, v: Tensor, b: Tensor) -> Tensor:
+        """``F.linear(self.z(x), v, b)`` with V folded into the basis first: (N, D) x (D, K)
+        instead of (N, D) x (D, D) (the low-shot probes score all of test six times)."""
+        w = (v / self.std if self.rot is None else v @ (self.rot / self.std.T).T).T  # (D, K)
+        return torch.addmm(b, x - self.mean, w)
 
     def carry(self, v: Tensor, b: Tensor, to: ProbeBasis) -> tuple[Tensor, Tensor]:
         """(V, b) fitted in this basis -> the (V, b) in ``to`` that gives the same logits for
@@ -289,6 +297,7 @@ def linear_probe(
     val_fraction: float = 0.1,
     seed: int = 0,
     max_iter: int = 200,
+    start: tuple[ProbeBasis, Tensor, Tensor] | None = None,
 ) -> ProbeResult:
     """Choose the weight decay on a held-out part of train, refit on all of train, test once.
 
@@ -296,7 +305,10 @@ def linear_probe(
     decay, fitted in a whitened basis of them (``ProbeBasis``: the same objective, better
     conditioned). Each fit is warm-started: the grid from strong to weak decay, and the refit
     from the chosen held-out fit, carried over exactly to the all-train basis (the same
-    logits for every input), so the refit starts near its optimum.
+    logits for every input), so the refit starts near its optimum. ``start``: a fit of the
+    same features on another sample (another probe's ``first``), carried over likewise into
+    the first grid fit's start (the low-shot draws); it changes where L-BFGS starts, not the
+    objective.
     """
     g = torch.Generator().manual_seed(derive_seed(seed, "probe-split"))
     order = torch.randperm(len(train_x), generator=g).to(train_x.device)
@@ -309,13 +321,15 @@ def linear_probe(
     del fit_x
     fit_y, val_y = train_y[fit_idx], train_y[val_idx]
     best: tuple[float, float, tuple[Tensor, Tensor]] | None = None
-    params = None
+    params = start[0].carry(start[1], start[2], to=fit_basis) if start is not None else None
+    first = None
     with Task("probe fits", total=len(weight_decays) + 1, unit="fit") as fits:
         for wd in sorted(weight_decays, reverse=True):  # strong to weak, warm-started
             fits.note(weight_decay=f"{wd:g}")
             params = fit_logistic(
                 fit_z, fit_y, num_classes, wd * fit_basis.penalty, max_iter, init=params
             )
+            first = first or (fit_basis, *params)
             val_acc = accuracy(F.linear(val_z, *params).argmax(1), val_y)
             if best is None or val_acc > best[1]:
                 best = (wd, val_acc, params)
@@ -329,11 +343,11 @@ def linear_probe(
         wd = best[0] * basis.penalty
         v, b = fit_logistic(all_z, train_y, num_classes, wd, max_iter, init=init)
         del all_z
-    logits = F.linear(basis.z(test_x.float()), v, b)
+    logits = basis.logits(test_x.float(), v, b)
     top5 = None
     if num_classes > 10:
         top5 = (logits.topk(5, dim=1).indices == test_y[:, None]).any(1).float().mean().item()
-    return ProbeResult(accuracy(logits.argmax(1), test_y), top5, best[0], best[1])
+    return ProbeResult(accuracy(logits.argmax(1), test_y), top5, best[0], best[1], first)
 
 
 class KnnMonitor:

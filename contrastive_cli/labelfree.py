@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,6 +80,13 @@ class LabelFreeSample:
     views: tuple[Tensor, Tensor]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    indices: Tensor | None = None  # (S,) the images' positions in ``source``
+    source: Any = field(default=None, repr=False, compare=False)  # what they were drawn from
+
+    def of_split(self, images: Any) -> bool:
+        """Whether the sample was drawn from ``images`` (the same object): then its clean
+        features are rows ``indices`` of that split's features, no second pass needed."""
+        return self.source is not None and self.source is images and self.indices is not None
 
     @staticmethod
     def of(images: Any, augment: Any, size: int, seed: int = SAMPLE_SEED) -> LabelFreeSample:
@@ -91,7 +98,7 @@ class LabelFreeSample:
             chosen = torch.cat(list(chosen.split(256)))
         g = torch.Generator().manual_seed(derive_seed(seed, "labelfree-views"))
         views = (augment(chosen, g), augment(chosen, g))
-        return LabelFreeSample(chosen, views, tuple(augment.mean), tuple(augment.std))
+        return LabelFreeSample(chosen, views, tuple(augment.mean), tuple(augment.std), idx, images)
 
     def pixels(self, views: Tensor) -> Tensor:
         """Augmented views as the raw-pixel baseline sees them: pixels in [0, 1], flattened
@@ -116,10 +123,14 @@ def sample_features(
     features: Callable[[Tensor], Tensor],
     view_features: Callable[[Tensor], Tensor],
     projector: nn.Module | None = None,
+    clean: Tensor | None = None,
 ) -> SampleFeatures:
     """``features`` of the sample's images (uint8 in), ``view_features`` of its views (float,
-    already augmented and normalised in), and the projector's output on the clean features."""
-    clean = features(sample.images)
+    already augmented and normalised in), and the projector's output on the clean features.
+    ``clean``: those features already computed (rows of the split's features it was drawn
+    from), instead of a pass over the images."""
+    if clean is None:
+        clean = features(sample.images)
     views = (view_features(sample.views[0]), view_features(sample.views[1]))
     projected = None
     if projector is not None:

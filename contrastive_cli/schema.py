@@ -245,6 +245,7 @@ class Eval:
     cache_baselines: bool  # raw-pixel and random-init results from the cache when unchanged
     lowshot: list[Fraction]  # fractions of the train split per class ([]: no low-shot probes)
     lowshot_draws: PositiveInt
+    lowshot_weight_decays: Annotated[list[NonNegative], NonEmpty]  # the low-shot probes' grid
     retrieval_queries: PositiveInt | None  # None: every test image
     labelfree_size: Annotated[int, Ge(2)]
     finetune: Node

@@ -234,3 +234,70 @@ def test_lowshot_draws_are_stratified_fixed_by_seed_and_from_train_only(monkeypa
     }
     assert len(seen) == 6 and all(float(x.abs().max()) < 100 for x in seen)
     assert [len(x) for x in seen[:3]] == [9, 9, 9] and metrics["lowshot_50pct_std"] >= 0
+
+
+def test_the_sample_of_the_test_split_reuses_its_features_and_equals_a_pass_of_its_own():
+    images, labels = digits(120), torch.arange(120) % 3
+    sample = LabelFreeSample.of(images, augment(), size=40)
+    assert sample.of_split(images) and not sample.of_split(digits(120))
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 6))
+    seen = []
+    encoder.register_forward_hook(lambda module, x, out: seen.append(len(out)))
+    run = evaluate_protocol(
+        {"trained": encoder},
+        digits(90, seed=1),
+        torch.arange(90) % 3,
+        images,
+        labels,
+        3,
+        augment().normalize,
+        torch.device("cpu"),
+        build_evaluators(["knn", "rankme", "uniformity"], SETTINGS, seed=0),
+        batch_size=32,
+        pixels=False,
+        sample=sample,
+    )["trained"]
+    assert sum(seen) == 90 + 120 + 2 * 40  # train, test, the two views: no pass over the sample
+    with torch.no_grad():
+        own = encoder(augment().normalize(sample.images))  # a pass over the sample itself
+    assert run["rankme"] == pytest.approx(rankme(own), rel=1e-5)
+    assert run["uniformity"] == pytest.approx(uniformity(own), rel=1e-5)
+
+
+def test_lowshot_probes_use_their_grid_and_warm_start_each_draw_from_the_last(monkeypatch):
+    import contrastive_cli.evaluators.lowshot as lowshot
+    from contrastive_cli.evaluate import linear_probe
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        result = linear_probe(*args, **kwargs)
+        calls.append((kwargs["weight_decays"], kwargs["start"], result))
+        return result
+
+    monkeypatch.setattr(lowshot, "linear_probe", spy)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 3
+    train_x = torch.randn(300, 4, generator=g) + labels[:, None].float()
+    settings = SETTINGS | {"lowshot": [0.2], "lowshot_weight_decays": [0.05, 0.005]}
+    [evaluator] = build_evaluators(["lowshot"], settings, seed=0)
+    test_y = torch.arange(60) % 3
+    test_x = torch.randn(60, 4, generator=g) + test_y[:, None].float()
+    evaluator(Features(train_x, labels, test_x, test_y, 3))
+    assert [c[0] for c in calls] == [[0.05, 0.005]] * 3
+    assert calls[0][1] is None
+    assert calls[1][1] is calls[0][2].first and calls[2][1] is calls[1][2].first
+    # the warm start moves where L-BFGS starts, not the optimum it reaches
+    idx = lowshot.stratified_draw(labels, 0.2, seed=0, draw=1)
+    args = (train_x[idx], labels[idx], test_x, test_y, 3)
+    probe = {"weight_decays": [0.05, 0.005], "max_iter": 200}
+    cold = linear_probe(*args, **probe)
+    warm = linear_probe(*args, **probe, start=calls[0][2].first)
+    assert warm.weight_decay == cold.weight_decay and warm.top1 == pytest.approx(
+        cold.top1, abs=2 / 60
+    )
+    assert lowshot.make({"probe": SETTINGS["probe"]}, 0).probe["weight_decays"] == [
+        1e-4,
+        1e-3,
+        1e-2,
+    ]

@@ -141,26 +141,29 @@ def evaluate_protocol(
         log.info(f"evaluating {i}/{len(sources)}: {label} ({what}, {names})")
         start = time.perf_counter()
         projector = (projectors or {}).get(name)
+        train_x = (
+            features(train_images, f"{label}: features of train images") if need_split else None
+        )
+        test_x = features(test_images, f"{label}: features of test images") if need_split else None
+        of_sample = None
+        if wants_sample:
+            clean = _rows_of(sample, test_images, test_x)  # type: ignore[arg-type]
+            of_sample = sample_features(sample, features, view_features, projector, clean)  # type: ignore[arg-type]
         metrics = _run(
-            chosen,
-            Features(
-                features(train_images, f"{label}: features of train images")
-                if need_split
-                else None,
-                train_y,
-                features(test_images, f"{label}: features of test images") if need_split else None,
-                test_y,
-                num_classes,
-                sample_features(sample, features, view_features, projector)
-                if wants_sample
-                else None,  # type: ignore[arg-type]
-            ),
-            label,
+            chosen, Features(train_x, train_y, test_x, test_y, num_classes, of_sample), label
         )
         metrics["seconds"] = time.perf_counter() - start
         log.info(f"evaluated {label} in {metrics['seconds']:.1f} s")
         results[name] = metrics
     return results
+
+
+def _rows_of(sample: LabelFreeSample, split: Any, split_x: Tensor | None) -> Tensor | None:
+    """The sample's clean features as rows of ``split_x`` (the features of ``split``) when the
+    sample was drawn from that split (the test split of labelled data): one pass saved."""
+    if split_x is None or not sample.of_split(split):
+        return None
+    return split_x[sample.indices.to(split_x.device)]  # type: ignore[union-attr]
 
 
 FeatureMap = Callable[..., Tensor]  # (images, desc=None) -> features

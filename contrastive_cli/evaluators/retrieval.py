@@ -37,9 +37,13 @@ def retrieval_metrics(
     hits = {k: 0.0 for k in KS}
     ap_sum = 0.0
     ranks = torch.arange(1, depth + 1, device=bank.device, dtype=torch.float32)
+    buffer = bank.new_empty(min(chunk, len(queries)), len(bank))  # reused: no page faults
     for start in range(0, len(queries), chunk):
         q, y = queries[start : start + chunk], query_y[start : start + chunk]
-        idx = (q @ bank.T).topk(depth, dim=1).indices  # (m, depth), nearest first
+        sim = torch.mm(q, bank.T, out=buffer[: len(q)])
+        # the depth nearest, then ordered: cheaper than a sorted topk (~30% on CPU)
+        top, idx = sim.topk(depth, dim=1, sorted=False)
+        idx = idx.gather(1, top.argsort(dim=1, descending=True))  # (m, depth), nearest first
         rel = (bank_y[idx] == y[:, None]).float()
         for k in KS:
             hits[k] += float(rel[:, :k].amax(1).sum())
