@@ -152,11 +152,18 @@ def labelfree_sample(data: ImageData, augment: Any, size: int) -> LabelFreeSampl
 
 
 def evaluate_encoder(
-    cfg: DictConfig, encoder: nn.Module, data: ImageData, augment: Any, runtime: Runtime, seed: int
+    cfg: DictConfig,
+    encoder: nn.Module,
+    data: ImageData,
+    augment: Any,
+    runtime: Runtime,
+    seed: int,
+    projector: nn.Module | None = None,
 ) -> Outcome:
     """The evaluation of ``cfg`` for ``encoder`` (what `contrast eval` runs): (metrics,
     baselines, {baseline: whether it came from the cache}). The ``pretrained`` baseline of a
-    run that started from weights is left out, with a warning, when they cannot be read."""
+    run that started from weights is left out, with a warning, when they cannot be read.
+    ``projector``: the run's, on ``runtime``'s device (``rankme_projector``)."""
     from contrastive_cli.errors import ConfigError
     from contrastive_cli.starting import starting_weights
 
@@ -166,4 +173,5 @@ def evaluate_encoder(
             starting = starting_weights(cfg, build_encoder(cfg, seed))
         except ConfigError as e:
             log.warning(f"warning: no pretrained baseline: {e}")
-    return evaluation_of(cfg, data, runtime, seed, starting)(encoder, data, augment, runtime)
+    evaluation = evaluation_of(cfg, data, runtime, seed, starting)
+    return evaluation(encoder, data, augment, runtime, projector)

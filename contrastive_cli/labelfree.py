@@ -18,9 +18,12 @@ and their two views augmented with the training augmentation from a fixed genera
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 
 from contrastive_cli.data.batches import derive_seed
 
+log = logging.getLogger(__name__)
 RANKME_EPS = 1e-7  # Garrido et al. 2023, eq. 1
 UNIFORMITY_T = 2.0  # Wang & Isola 2020
 SAMPLE_SEED = 0  # the label-free sample and its views: the same for every run
@@ -66,6 +70,38 @@ def projector_of(method: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Module):
             return module
     return None
+
+
+def saved_projector(loss: Any, run_dir: Path, encoder: nn.Module) -> nn.Module | None:
+    """The projector of a finished run, for ``rankme_projector`` in ``contrast eval``: the
+    method ``loss`` (the run's ``cfg.loss``) builds around a copy of ``encoder``, loaded from
+    the run's last checkpoint when that checkpoint's encoder is ``encoder`` (its trained
+    weights, as the end of training saves both). None, with a line saying why, where the run
+    kept no checkpoint (``trainer.checkpoint=false``), it cannot be read or is of another
+    state than the encoder's, or the method has no projector."""
+    from contrastive_cli.checkpoint import latest_valid_checkpoint, load_checkpoint
+    from contrastive_cli.config import build
+    from contrastive_cli.errors import CheckpointError
+    from contrastive_cli.weights import load_weights
+
+    try:
+        path = latest_valid_checkpoint(run_dir / "checkpoints")
+        if path is None:
+            log.info("no rankme_projector: the run kept no checkpoint (the projector's weights)")
+            return None
+        state = load_checkpoint(path)["method"]
+        own = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+        if any(k not in state or not torch.equal(state[k].cpu(), v.cpu()) for k, v in own.items()):
+            log.warning(
+                f"warning: no rankme_projector: {path} is not the state the encoder was saved in"
+            )
+            return None
+        method = build(loss, encoder=copy.deepcopy(encoder).cpu())
+        load_weights(method, state, path)
+    except CheckpointError as e:
+        log.warning(f"warning: no rankme_projector: {e}")
+        return None
+    return projector_of(method)
 
 
 @dataclass

@@ -199,8 +199,25 @@ def test_eval_of_the_saved_encoder_reproduces_the_runs_numbers(reference, tmp_pa
     out = tmp_path / "eval.json"
     run_cli(["eval", str(reference), "--out", str(out)], cwd=tmp_path, check=True)
     evaluated = json.loads(out.read_text())
-    for key in ("knn_k200", "knn_k20", "linear_top1", "lowshot_10pct", "map_at_r", "rankme"):
+    keys = ("knn_k200", "knn_k20", "linear_top1", "lowshot_10pct", "map_at_r", "rankme")
+    for key in (*keys, "rankme_projector"):  # the projector: from the last checkpoint
         assert evaluated["metrics"][key] == read_results(reference)["metrics"][key]
+
+
+def test_eval_of_a_run_without_checkpoints_leaves_out_only_the_projectors_rankme(
+    reference, tmp_path
+):
+    """trainer.checkpoint=false keeps no projector weights: rankme_projector is left out,
+    the rest computed (and a checkpoint of another state than the encoder's is not used)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints")
+    args = ["eval.metrics=[rankme]", "eval.baselines=false"]
+    out = tmp_path / "eval.json"
+    run_cli(["eval", str(run), *args, "--out", str(out)], cwd=tmp_path, check=True)
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["rankme"] == read_results(reference)["metrics"]["rankme"]
+    assert "rankme_projector" not in metrics
 
 
 def test_eval_of_a_run_made_before_the_new_metrics_computes_them(reference, tmp_path):
@@ -211,7 +228,8 @@ def test_eval_of_a_run_made_before_the_new_metrics_computes_them(reference, tmp_
     old = tmp_path / "old"
     shutil.copytree(reference, old)
     config = yaml.safe_load((old / ".hydra" / "config.yaml").read_text())
-    for key in ("lowshot", "lowshot_draws", "retrieval_queries", "labelfree_size", "finetune"):
+    new = ("lowshot", "lowshot_draws", "lowshot_weight_decays", "retrieval_queries")
+    for key in (*new, "labelfree_size", "finetune"):
         del config["eval"][key]
     config["eval"]["metrics"] = ["knn", "linear"]
     (old / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))

@@ -204,8 +204,19 @@ def main(args: list[str]) -> int:
     encoder.to(runtime.device)
     augment = build(cfg.data.augment)
     progress_lines(cfg.trainer.get("log_every_s"))
+    projector = None  # a run directory's: its method's projector from the last checkpoint
+    if "loss" in cfg and (weights.parent / ".hydra").is_dir():
+        from contrastive_cli.labelfree import saved_projector
+
+        projector = saved_projector(cfg.loss, weights.parent, encoder)
     metrics, baselines, from_cache = evaluate_encoder(
-        cfg, encoder, data, augment, runtime, cfg.trainer.seed
+        cfg,
+        encoder,
+        data,
+        augment,
+        runtime,
+        cfg.trainer.seed,
+        projector.to(runtime.device) if projector is not None else None,
     )
     results = {
         "status": "completed",
