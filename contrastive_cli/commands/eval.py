@@ -151,6 +151,17 @@ def heldout_split(data: ImageData, fraction: float, name: str) -> ImageData:
     )
 
 
+def _run_projector(cfg: DictConfig, weights: Path, encoder: Any, device: Any) -> Any:
+    """A run directory's projector (``rankme_projector``), from its last checkpoint, on
+    ``device``; None for a bare encoder file or where the run kept none."""
+    if "loss" not in cfg or not (weights.parent / ".hydra").is_dir():
+        return None
+    from contrastive_cli.labelfree import saved_projector
+
+    projector = saved_projector(cfg.loss, weights.parent, encoder)
+    return projector.to(device) if projector is not None else None
+
+
 def main(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="contrast eval", description=HELP)
     parser.add_argument("source", type=Path, help="a run directory or an encoder.safetensors file")
@@ -204,19 +215,9 @@ def main(args: list[str]) -> int:
     encoder.to(runtime.device)
     augment = build(cfg.data.augment)
     progress_lines(cfg.trainer.get("log_every_s"))
-    projector = None  # a run directory's: its method's projector from the last checkpoint
-    if "loss" in cfg and (weights.parent / ".hydra").is_dir():
-        from contrastive_cli.labelfree import saved_projector
-
-        projector = saved_projector(cfg.loss, weights.parent, encoder)
+    projector = _run_projector(cfg, weights, encoder, runtime.device)
     metrics, baselines, from_cache = evaluate_encoder(
-        cfg,
-        encoder,
-        data,
-        augment,
-        runtime,
-        cfg.trainer.seed,
-        projector.to(runtime.device) if projector is not None else None,
+        cfg, encoder, data, augment, runtime, cfg.trainer.seed, projector
     )
     results = {
         "status": "completed",
