@@ -211,8 +211,7 @@ def main(args: list[str]) -> int:
         log.info(f"data={cfg.data.name} has no labels: the label-free metrics only")
     if ns.heldout is not None:
         data = heldout_split(data, ns.heldout, cfg.data.name)
-    encoder = load_trained_encoder(cfg, weights)
-    encoder.to(runtime.device)
+    encoder = load_trained_encoder(cfg, weights).to(runtime.device)
     augment = build(cfg.data.augment)
     progress_lines(cfg.trainer.get("log_every_s"))
     projector = _run_projector(cfg, weights, encoder, runtime.device)
