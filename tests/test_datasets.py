@@ -9,6 +9,7 @@ import torch
 
 from contrastive_cli.data.datasets import ImageData, Split, capped, stratified_pick
 from contrastive_cli.parts import load_data
+from tests.conftest import TINY, read_results, run_cli
 
 
 def _split(labels: list[int], offset: int = 0) -> Split:
@@ -59,3 +60,23 @@ def test_the_config_caps_what_a_run_loads(compose_cfg):
     assert small.pretrain is small.train and len(full.train) == 1437
     whole = {bytes(img.numpy()) for img in full.test.images}
     assert all(bytes(img.numpy()) in whole for img in small.test.images)  # a subset of test
+
+
+def test_a_capped_run_trains_and_is_scored_on_the_subsets_and_says_so(tmp_path):
+    caps = ["data.train_images=300", "data.test_images=100", "eval.metrics=[knn]"]
+    run_cli(
+        [
+            "train",
+            *TINY,
+            *caps,
+            "trainer.epochs=1",
+            "eval.plots=false",
+            f"hydra.run.dir={tmp_path}/r",
+        ],
+        cwd=tmp_path,
+        check=True,
+    )
+    results = read_results(tmp_path / "r")
+    assert results["images"] == {"train": 300, "test": 100}
+    assert results["steps"] == 300 // 64  # one epoch over the capped train split
+    assert set(results["baselines"]) == {"raw_pixels", "random_init"}
