@@ -164,7 +164,7 @@ def baseline_keys(
         "lowshot": [float(f) for f in ev.get("lowshot", [])],
         "lowshot_draws": int(ev.get("lowshot_draws", 3)),
         "lowshot_weight_decays": [float(w) for w in ev.get("lowshot_weight_decays", [])],
-        "retrieval_queries": ev.get("retrieval_queries", 1000),
+        "retrieval_queries": ev.get("retrieval_queries", 500),
         "labelfree_size": int(ev.get("labelfree_size", 2048)),
         # the views' normalisation is undone for raw pixels; random_init keys it below
         "augment": {

@@ -22,6 +22,7 @@ from contrastive_cli.data.batches import derive_seed
 from contrastive_cli.evaluators.base import Features
 
 KS = (1, 5)
+QUERIES = 500  # eval.retrieval_queries where a config has none (was 1000: see the README)
 
 
 @torch.no_grad()
@@ -76,5 +77,5 @@ class Retrieval:
 
 def make(settings: dict[str, Any], seed: int) -> Retrieval:
     """From the ``eval`` section: ``eval.retrieval_queries`` (null: every test image)."""
-    queries = settings.get("retrieval_queries", 1000)
+    queries = settings.get("retrieval_queries", QUERIES)
     return Retrieval(None if queries is None else int(queries), seed)
