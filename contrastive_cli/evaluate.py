@@ -298,6 +298,7 @@ def linear_probe(
     seed: int = 0,
     max_iter: int = 200,
     start: tuple[ProbeBasis, Tensor, Tensor] | None = None,
+    whiten: bool | None = None,
 ) -> ProbeResult:
     """Choose the weight decay on a held-out part of train, refit on all of train, test once.
 
@@ -308,13 +309,14 @@ def linear_probe(
     logits for every input), so the refit starts near its optimum. ``start``: a fit of the
     same features on another sample (another probe's ``first``), carried over likewise into
     the first grid fit's start (the low-shot draws); it changes where L-BFGS starts, not the
-    objective.
+    objective. ``whiten``: fit in the whitened basis (None: when D <= WHITEN_MAX_DIM).
     """
     g = torch.Generator().manual_seed(derive_seed(seed, "probe-split"))
     order = torch.randperm(len(train_x), generator=g).to(train_x.device)
     n_val = max(1, round(len(train_x) * val_fraction))
     val_idx, fit_idx = order[:n_val], order[n_val:]
-    whiten = train_x.shape[1] <= WHITEN_MAX_DIM
+    if whiten is None:
+        whiten = train_x.shape[1] <= WHITEN_MAX_DIM
     fit_x = train_x[fit_idx].float()
     fit_basis = ProbeBasis.of(fit_x, whiten)
     fit_z, val_z = fit_basis.z(fit_x), fit_basis.z(train_x[val_idx].float())

@@ -20,10 +20,15 @@ import torch
 from torch import Tensor
 
 from contrastive_cli.data.batches import derive_seed
-from contrastive_cli.evaluate import linear_probe
+from contrastive_cli.evaluate import WHITEN_MAX_DIM, linear_probe
 from contrastive_cli.evaluators.base import Features
 
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2)  # eval.lowshot_weight_decays where a config has none
+# A draw of fewer than this many images per feature is fitted on standardised features, not
+# whitened ones: with few images the covariance's small eigenvalues make the whitened basis's
+# L2 term ill-conditioned. Fashion-MNIST, 256-d cnn features: 197 against 342 L-BFGS
+# evaluations over the grid at 540 images (2 per feature), 344 against 213 at 5,400 (21).
+WHITEN_MIN_ROWS_PER_DIM = 10
 
 
 def lowshot_key(fraction: float) -> str:
@@ -69,6 +74,8 @@ class LowShot:
                     f.num_classes,
                     seed=derive_seed(self.seed, "lowshot-probe", draw),
                     start=start,
+                    whiten=len(idx) >= WHITEN_MIN_ROWS_PER_DIM * f.train_x.shape[1]
+                    and f.train_x.shape[1] <= WHITEN_MAX_DIM,
                     **self.probe,
                 )
                 start = result.first
