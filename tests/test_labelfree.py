@@ -272,7 +272,7 @@ def test_lowshot_probes_use_their_grid_and_warm_start_each_draw_from_the_last(mo
 
     def spy(*args, **kwargs):
         result = linear_probe(*args, **kwargs)
-        calls.append((kwargs["weight_decays"], kwargs["start"], result))
+        calls.append((kwargs["weight_decays"], kwargs["start"], result, kwargs["whiten"]))
         return result
 
     monkeypatch.setattr(lowshot, "linear_probe", spy)
@@ -287,6 +287,12 @@ def test_lowshot_probes_use_their_grid_and_warm_start_each_draw_from_the_last(mo
     assert [c[0] for c in calls] == [[0.05, 0.005]] * 3
     assert calls[0][1] is None
     assert calls[1][1] is calls[0][2].first and calls[2][1] is calls[1][2].first
+    # 60 images of 4 features: whitened; 15 (fewer than 10 per feature): standardised
+    assert [c[3] for c in calls] == [True] * 3
+    build_evaluators(["lowshot"], settings | {"lowshot": [0.05]}, 0)[0](
+        Features(train_x, labels, test_x, test_y, 3)
+    )
+    assert [c[3] for c in calls[3:]] == [False] * 3
     # the warm start moves where L-BFGS starts, not the optimum it reaches
     idx = lowshot.stratified_draw(labels, 0.2, seed=0, draw=1)
     args = (train_x[idx], labels[idx], test_x, test_y, 3)
