@@ -14,7 +14,8 @@ mean loss, images/s and monitor k-NN, and at the end the evaluation and both bas
 carry the status, git commit and versions, and the run's description (MLflow's
 ``mlflow.note.content``, the top of its page) the results table: each metric of the trained
 encoder beside the baselines'. The experiment is marked a model-training one
-(``mlflow.experimentKind``), so MLflow 3 opens it on its runs, not on an empty Traces page.
+(``mlflow.experimentKind``), so MLflow 3 opens it on its runs, not on an empty Traces page,
+and gets a saved view with the compared metrics first (``mlflow_view``).
 Artifacts are ``.hydra/``, ``results.json``,
 ``metrics.jsonl``, ``train.log``, ``plots/`` and, with ``log_encoder``, the encoder.
 
