@@ -102,6 +102,12 @@ def parse(argv: list[str] | None = None) -> tuple[Options, list[str]]:
     losses = [loss for loss in args.losses.split(",") if loss]
     if not set(losses) <= set(LOSSES):
         p.error(f"--losses: choose from {', '.join(LOSSES)}")
+    if args.encoders:
+        from benchmarks.encoders import ENCODERS
+
+        wrong = [e for e in args.encoders.split(",") if e not in ENCODERS]
+        if wrong:
+            p.error(f"--encoders {','.join(wrong)}: choose from {', '.join(ENCODERS)}")
     quick = args.quick
     opts = Options(
         out=args.out or (RESULTS / "quick" if quick else RESULTS),

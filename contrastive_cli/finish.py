@@ -52,6 +52,7 @@ def finish(
         "status": "completed",
         **summary,
         "steps": progress.step,
+        "images": {name: len(split) for name, split in built.data.named_splits().items()},
         "train_time_s": progress.train_seconds,
         "images_per_s": progress.step * s.batch_size / max(progress.train_seconds, 1e-9),
     }

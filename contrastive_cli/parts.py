@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from contrastive_cli.config import build
-from contrastive_cli.data.datasets import ImageData
+from contrastive_cli.data.datasets import ImageData, capped
 from contrastive_cli.errors import DataError
 
 
@@ -49,7 +49,7 @@ def load_data(cfg: DictConfig) -> ImageData:
             f"data={cfg.data.name}: images are {c}x{h}x{w} but the config says "
             f"data.channels={cfg.data.channels}, data.image_size={cfg.data.image_size}"
         )
-    return data
+    return capped(data, cfg.data.get("train_images"), cfg.data.get("test_images"))
 
 
 # Keys of the encoder section that say where its weights start, not how it is built

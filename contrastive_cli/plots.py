@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -186,7 +187,9 @@ def plot_sweep(runs: Sequence[Run], out: Path, metric: str | None = None) -> Pat
 
 def _save(fig: plt.Figure, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    with warnings.catch_warnings():  # long labels: the layout stays as it is, no warning
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        fig.tight_layout()
     fig.savefig(out, dpi=DPI)
     plt.close(fig)
     return out

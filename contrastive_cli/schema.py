@@ -287,6 +287,8 @@ class Data:
     extensions: Annotated[list[Text], NonEmpty]
     max_pixels: PositiveInt
     pretrain_split: Literal["unlabeled", "train", "train+unlabeled"]
+    train_images: PositiveInt | None  # at most this many pretrained on / in train (fixed subset)
+    test_images: PositiveInt | None  # at most this many in test (fixed stratified subset)
     source: Node
     augment: Node
 

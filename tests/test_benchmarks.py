@@ -133,6 +133,13 @@ def test_options():
         parse(["nonsense"])
 
 
+def test_an_unknown_encoder_is_a_usage_error_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse(["encoders", "--encoders", "cnn,resnet5"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert stop.value.code == 2 and "--encoders resnet5: choose from cnn," in err
+
+
 def test_distributed(tmp_path, no_datasets):
     """The default ``--data auto`` on a machine without Fashion-MNIST: the benchmark's own
     fallback (digits at 28x28), in every process, with no download attempt."""

@@ -235,6 +235,21 @@ def test_plot_writes_curves_and_embedding_pngs(reference, tmp_path):
     assert _png_size(tmp_path / "plots" / "embedding.png") == (700, 700)
 
 
+def test_plot_keeps_a_runs_own_embedding_map_unless_asked_to_redraw(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    first = run_cli(["plot", str(run)], cwd=tmp_path, check=True)
+    drawn = run / "plots" / "embedding.png"
+    assert "then t-SNE" in first.stdout and _png_size(drawn) == (700, 700)
+    assert "Warning" not in first.stderr
+    stamp = drawn.stat().st_mtime_ns
+    again = run_cli(["plot", str(run)], cwd=tmp_path, check=True)
+    assert "kept" in again.stdout and "t-SNE" not in again.stdout
+    assert drawn.stat().st_mtime_ns == stamp and str(drawn) in again.stdout
+    redraw = run_cli(["plot", str(run), "--redraw"], cwd=tmp_path, check=True)
+    assert "then t-SNE" in redraw.stdout and drawn.stat().st_mtime_ns != stamp
+
+
 def test_resume_of_a_completed_run_changes_nothing(reference, tmp_path):
     before = (reference / "results.json").read_text()
     proc = run_cli(["resume", str(reference)], cwd=tmp_path, check=True)

@@ -29,6 +29,22 @@ def _metrics(run: Run, of: int) -> list[dict]:
         return []
 
 
+def _current_map(run_dir: Path, target: Path) -> bool:
+    """``target`` is the run's own plots/embedding.png, a plain file written after its
+    encoder: t-SNE would draw the same map again (the sample and the seed are fixed)."""
+    encoder = run_dir / "encoder.safetensors"
+    try:
+        own = target.parent.resolve() == (run_dir / "plots").resolve()
+        return (
+            own
+            and target.is_file()
+            and not target.is_symlink()
+            and target.lstat().st_mtime >= encoder.lstat().st_mtime
+        )
+    except OSError:
+        return False
+
+
 def main(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="contrast plot", description=HELP)
     parser.add_argument("paths", nargs="+", type=Path, help="run directories or sweep directories")
@@ -39,6 +55,11 @@ def main(args: list[str]) -> int:
     )
     parser.add_argument(
         "--no-embedding", action="store_true", help="skip the embedding maps (slow on CPU)"
+    )
+    parser.add_argument(
+        "--redraw",
+        action="store_true",
+        help="draw a run's embedding map again even where its plots/ holds one newer than its encoder",
     )
     ns = parser.parse_args(args)
     runs = find_runs(ns.paths)
@@ -66,6 +87,13 @@ def main(args: list[str]) -> int:
                 if len(runs) == 1
                 else safe_path(run.path, "plots/embedding.png")
             )
+            if not ns.redraw and _current_map(run.path, target):
+                log.info(
+                    f"embedding map of {printable(run.path)}: kept {printable(target)} (newer "
+                    "than its encoder; --redraw draws it again)"
+                )
+                written.append(target)
+                continue
             log.info(
                 f"embedding map of {printable(run.path)}: its encoder's test features, then t-SNE"
             )

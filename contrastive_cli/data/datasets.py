@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -73,18 +74,49 @@ def stratified_test_mask(labels: np.ndarray, test_fraction: float, seed: int = 0
     evaluates on the same images.
 
     ceil(n * test_fraction) test images in all (scikit-learn's convention: 360 of digits'
-    1,797), spread over the classes in proportion, the leftover to the largest remainders;
-    rounding each class on its own would drift from that total.
+    1,797), spread over the classes in proportion (``stratified_pick``).
     """
+    return stratified_pick(labels, math.ceil(len(labels) * test_fraction - 1e-9), seed)
+
+
+def stratified_pick(labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """A mask of exactly ``count`` images chosen with ``seed``, spread over the classes in
+    proportion to their sizes, the leftover to the largest remainders (rounding each class
+    on its own would drift from the total)."""
     classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * test_fraction
+    quota = counts * (count / len(labels))
     per_class = np.floor(quota).astype(int)
-    leftover = math.ceil(len(labels) * test_fraction - 1e-9) - int(per_class.sum())
+    leftover = count - int(per_class.sum())
     per_class[np.argsort(per_class - quota, kind="stable")[:leftover]] += 1
     rng = np.random.default_rng(seed)
-    test_idx: list[int] = []
+    picked: list[int] = []
     for c, k in zip(classes, per_class, strict=True):
-        test_idx.extend(rng.permutation(np.flatnonzero(labels == c))[:k])
-    is_test = np.zeros(len(labels), dtype=bool)
-    is_test[np.asarray(test_idx, dtype=np.int64)] = True
-    return is_test
+        picked.extend(rng.permutation(np.flatnonzero(labels == c))[:k])
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[np.asarray(picked, dtype=np.int64)] = True
+    return mask
+
+
+def _capped(split: Split, at_most: int | None) -> Split:
+    """At most ``at_most`` images of ``split``: a fixed subset (seed 0, not the run seed, so
+    every run of the same setting sees the same images), stratified by label where there
+    are labels, in the split's own order."""
+    if at_most is None or len(split) <= at_most:
+        return split
+    if split.labels is not None:
+        keep = np.flatnonzero(stratified_pick(split.labels.numpy(), at_most, seed=0))
+    else:
+        keep = np.sort(np.random.default_rng(0).permutation(len(split))[:at_most])
+    return split.subset(torch.from_numpy(keep))
+
+
+def capped(data: ImageData, train: int | None, test: int | None) -> ImageData:
+    """``data`` with at most ``train`` images pretrained on and in the labelled train split
+    and at most ``test`` in the test split (``data.train_images``, ``data.test_images``):
+    smaller, comparable runs on a CPU. Pretraining on the train split stays that split."""
+    if train is None and test is None:
+        return data
+    new_train = _capped(data.train, train) if data.train is not None else None
+    pretrain = new_train if data.pretrain is data.train else _capped(data.pretrain, train)
+    new_test = _capped(data.test, test) if data.test is not None else None
+    return dataclasses.replace(data, pretrain=pretrain, train=new_train, test=new_test)
