@@ -308,13 +308,19 @@ def yaml_comments(path: Path) -> dict[str, str]:
     return comments
 
 
-def _option_files(group: str, option: str) -> list[Path]:
-    """The option's YAML file and those its defaults list pulls from the same group."""
+@functools.cache
+def _option_files(group: str, option: str) -> tuple[Path, ...]:
+    """The option's YAML file and those its defaults list pulls from the same group (each
+    file read once: ``--help`` asks this for every setting)."""
+    import yaml
+
     path = CONF_DIR / group / f"{option}.yaml"
     if not path.is_file():
-        return []
-    files = [path]
-    for entry in OmegaConf.load(path).get("defaults", []) or []:
+        return ()
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    node = yaml.load(path.read_text(), Loader=loader)  # a safe loader
+    files = (path,)
+    for entry in (node.get("defaults") if isinstance(node, dict) else None) or []:
         if isinstance(entry, str) and entry != "_self_":
             files += _option_files(group, entry)
     return files

@@ -102,3 +102,100 @@ def test_tensorboard_opens_on_the_loss_and_the_monitor_with_baselines_in_one_car
     [text] = events.Tensors("results/text_summary")
     table = text.tensor_proto.string_val[0].decode()
     assert "| knn_k200 | 0.9167 | 0.9333 | 0.85 |" in table
+
+
+# What MLflow 3.17's UI reads from a saved view's state (ExperimentPageUIState's fields and
+# the search facets, as listed in its bundle): a key outside these is silently ignored.
+UI_STATE_FIELDS = {
+    "selectedColumns", "columnOrder", "columnWidths", "runsExpanded", "runsPinned",
+    "runsHidden", "runsVisibilityMap", "runsHiddenMode", "compareRunCharts",
+    "compareRunSections", "viewMaximized", "runListHidden", "isAccordionReordered", "groupBy",
+    "groupsExpanded", "autoRefreshEnabled", "useGroupedValuesInCharts", "hideEmptyCharts",
+    "globalLineChartConfig", "chartsSearchFilter",
+}  # fmt: skip
+SEARCH_FACETS = {"searchFilter", "orderByKey", "orderByAsc", "startTime", "lifecycleFilter"}
+
+
+def _view(client, experiment_id: str) -> tuple[dict, dict]:
+    import json
+
+    from contrastive_cli.tracking.mlflow_view import TAG
+
+    envelope = json.loads(client.get_experiment(experiment_id).tags[TAG])
+    assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
+    return envelope, json.loads(envelope["state"])  # the UI takes plain JSON or deflate;
+
+
+def test_mlflow_saved_view_puts_the_compared_metrics_and_training_curves_first(
+    tmp_path: Path, caplog
+):
+    import json
+
+    from mlflow import MlflowClient
+
+    from contrastive_cli.tracking.mlflow_tracker import MlflowTracker
+    from contrastive_cli.tracking.mlflow_view import TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = {
+        **CONFIG,
+        "eval": {"metrics": ["knn", "linear", "rankme"], "knn_k": [200, 20], "baselines": True},
+    }
+    run = tmp_path / "run"
+    run.mkdir()
+    tracker = MlflowTracker(tracking_uri=uri)
+    with caplog.at_level("INFO"):
+        tracker.start(run, config, {"loss": "ntxent", "data": "digits"}, resumed=False)
+    tracker.log_step(11, {"loss": 4.5, "lr": 1e-3})
+    for record in EPOCHS:
+        tracker.log_epoch(record)
+    tracker.finish("completed", RESULTS, run)
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("contrast")
+    [mlrun] = client.search_runs([experiment.experiment_id])
+    envelope, state = _view(client, experiment.experiment_id)
+    assert envelope["name"] == "contrast: accuracy first"
+    assert set(state) <= UI_STATE_FIELDS | SEARCH_FACETS, set(state) - UI_STATE_FIELDS
+    # The table: the compared metrics as the first columns, then the chosen options; every
+    # column names a metric or param this run really logged; best k-NN on top.
+    metrics = ["knn_k200", "linear_top1", "raw_pixels.knn_k200", "random_init.knn_k200"]
+    assert state["selectedColumns"] == [f"metrics.`{m}`" for m in metrics] + [
+        "params.`loss`",
+        "params.`data`",
+        "params.`encoder`",
+    ]
+    assert set(metrics) <= set(mlrun.data.metrics)
+    assert {"loss", "data"} <= set(mlrun.data.params)
+    assert state["columnOrder"] == state["selectedColumns"]
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`knn_k200`", False)
+    # The charts: a Training section first with the curves the loop logs, then the results.
+    sections = [s["name"] for s in state["compareRunSections"]]
+    assert sections[0] == "Training" and state["isAccordionReordered"] is True
+    training = state["compareRunSections"][0]["uuid"]
+    curves = [c["metricKey"] for c in state["compareRunCharts"] if c["metricSectionId"] == training]
+    assert curves == ["epoch_loss", "monitor_knn", "loss", "lr"]
+    assert set(curves) <= set(mlrun.data.metrics)
+    assert all(len(client.get_metric_history(mlrun.info.run_id, c)) >= 1 for c in curves)
+    bars = [c["metricKey"] for c in state["compareRunCharts"] if c["type"] == "BAR"]
+    assert bars == metrics
+    link = f"#/experiments/{experiment.experiment_id}/runs?viewStateShareKey=contrast"
+    assert any(link in r.getMessage() for r in caplog.records)
+
+    # Another run with another headline k updates the same view (no second copy, same
+    # creation time); a view someone saved over it in the UI is left as they saved it.
+    again = tmp_path / "again"
+    again.mkdir()
+    other = {**config, "eval": {**config["eval"], "knn_k": [20]}}
+    MlflowTracker(tracking_uri=uri).start(again, other, {}, resumed=False)
+    updated, state = _view(client, experiment.experiment_id)
+    assert state["orderByKey"] == "metrics.`knn_k20`"
+    assert updated["createdAt"] == envelope["createdAt"]
+    views = [k for k in client.get_experiment(experiment.experiment_id).tags if "ViewState" in k]
+    assert views == [TAG]
+    theirs = json.dumps({"name": "mine", "createdAt": 1, "state": "{}"})
+    client.set_experiment_tag(experiment.experiment_id, TAG, theirs)
+    third = tmp_path / "third"
+    third.mkdir()
+    MlflowTracker(tracking_uri=uri).start(third, config, {}, resumed=False)
+    assert client.get_experiment(experiment.experiment_id).tags[TAG] == theirs

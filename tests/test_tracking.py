@@ -606,6 +606,8 @@ def test_a_failing_tracker_is_one_warning_and_the_others_go_on(tmp_path, caplog)
 def test_the_first_lines_say_where_the_runs_go_and_how_to_open_them(stopped_and_resumed):
     _, run, _, _, output = stopped_and_resumed
     assert "MLflow: runs go to sqlite:///" in output and "mlflow ui --backend-store-uri '" in output
+    # the experiment's saved view, opened on `mlflow ui`'s address (tests/test_tracker_views.py)
+    assert "/runs?viewStateShareKey=contrast" in output and "puts knn_k200, linear_top1" in output
     assert f"TensorBoard: events go to {run / 'tensorboard'}" in output
     assert f"tensorboard --logdir '{run.parent}'" in output
 

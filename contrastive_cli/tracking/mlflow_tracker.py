@@ -14,7 +14,8 @@ mean loss, images/s and monitor k-NN, and at the end the evaluation and both bas
 carry the status, git commit and versions, and the run's description (MLflow's
 ``mlflow.note.content``, the top of its page) the results table: each metric of the trained
 encoder beside the baselines'. The experiment is marked a model-training one
-(``mlflow.experimentKind``), so MLflow 3 opens it on its runs, not on an empty Traces page.
+(``mlflow.experimentKind``), so MLflow 3 opens it on its runs, not on an empty Traces page,
+and gets a saved view with the compared metrics first (``mlflow_view``).
 Artifacts are ``.hydra/``, ``results.json``,
 ``metrics.jsonl``, ``train.log``, ``plots/`` and, with ``log_encoder``, the encoder.
 
@@ -51,6 +52,8 @@ from contrastive_cli.tracking import (
     results_markdown,
     update_state,
 )
+from contrastive_cli.tracking.mlflow_view import NAME as VIEW_NAME
+from contrastive_cli.tracking.mlflow_view import compared_metrics, view_link, write_view
 from contrastive_cli.untrusted import is_regular
 
 log = logging.getLogger(__name__)
@@ -152,6 +155,7 @@ class MlflowTracker:
                 self._logged_until[key] = max((m.step for m in history), default=-1)
             return
         experiment_id = experiment_id_for(self.client, self.experiment, uri)
+        self._saved_view(experiment_id, uri, config)
         tags = {
             "contrast.run_dir": str(run_dir.resolve()),
             "contrast.status": "running",
@@ -273,6 +277,23 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, MLFLOW_STATUS[status])
 
     # ------------------------------------------------------------------ helpers
+    def _saved_view(self, experiment_id: str, uri: str, config: dict[str, Any]) -> None:
+        """The experiment's view with the compared metrics first (``mlflow_view``), and the
+        line that says how to open it. A store that refuses it costs a warning, not the run."""
+        from mlflow.exceptions import MlflowException
+
+        metrics = compared_metrics(config)
+        try:
+            write_view(self.client, experiment_id, metrics)
+        except MlflowException as e:
+            log.warning(f"warning: tracker=mlflow: the saved view was not written ({e})")
+            return
+        first = ", ".join(m for m in metrics if "." not in m) or "the runs"
+        log.info(
+            f"MLflow: the view '{VIEW_NAME}' (Runs page, Views menu) puts {first} first, best run "
+            f"on top: {view_link(shown(uri), experiment_id)}"
+        )
+
     def _exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
 
