@@ -89,9 +89,11 @@ def saved_projector(loss: Any, run_dir: Path, encoder: nn.Module) -> nn.Module |
         if path is None:
             log.info("no rankme_projector: the run kept no checkpoint (the projector's weights)")
             return None
-        state = load_checkpoint(path)["method"]
+        state = load_checkpoint(path).get("method")
         own = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
-        if any(k not in state or not torch.equal(state[k].cpu(), v.cpu()) for k, v in own.items()):
+        if not isinstance(state, dict) or not all(
+            _same_tensor(state.get(k), v) for k, v in own.items()
+        ):
             log.warning(
                 f"warning: no rankme_projector: {path} is not the state the encoder was saved in"
             )
@@ -102,6 +104,10 @@ def saved_projector(loss: Any, run_dir: Path, encoder: nn.Module) -> nn.Module |
         log.warning(f"warning: no rankme_projector: {e}")
         return None
     return projector_of(method)
+
+
+def _same_tensor(a: Any, b: Tensor) -> bool:
+    return isinstance(a, Tensor) and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
 
 
 @dataclass

@@ -347,3 +347,25 @@ def test_byol_without_its_predictor_reads_as_collapsed_next_to_byol_with_it():
     without = byol_labelfree("loss.predictor=null")
     assert without["rankme_projector"] < 10 < with_predictor["rankme_projector"]
     assert without["rankme_projector"] < 0.5 * with_predictor["rankme_projector"]
+
+
+def test_saved_projector_is_the_checkpoints_when_it_holds_the_encoders_state(tmp_path, caplog):
+    from contrastive_cli.checkpoint import FORMAT, save_checkpoint
+    from contrastive_cli.config import build, compose
+    from contrastive_cli.labelfree import saved_projector
+    from contrastive_cli.parts import build_encoder
+
+    cfg = compose(["data=digits", "encoder=mlp", "encoder.hidden_dims=[32]", "loss=ntxent"])
+    assert saved_projector(cfg.loss, tmp_path, build_encoder(cfg, 0)) is None  # none kept
+    method = build(cfg.loss, encoder=build_encoder(cfg, 0))
+    with torch.no_grad():
+        for p in method.parameters():  # trained: neither encoder nor projector as built
+            p.add_(torch.randn_like(p))
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"format": FORMAT, "method": state})
+    projector = saved_projector(cfg.loss, tmp_path, method.encoder)
+    x = torch.randn(5, method.encoder.eval()(torch.zeros(2, 1, 8, 8)).shape[1])
+    assert torch.equal(projector.eval()(x), method.projector.eval()(x))
+    # a checkpoint of another state than the saved encoder's: not used, said so
+    assert saved_projector(cfg.loss, tmp_path, build_encoder(cfg, 0)) is None
+    assert "is not the state the encoder was saved in" in caplog.text
