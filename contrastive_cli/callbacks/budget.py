@@ -48,7 +48,7 @@ class TimeBudget(Callback):
         if self.dist.main:
             log.info(
                 f"trainer.time_budget={self.budget}: the first epoch took {first:.0f} s, "
-                f"so {epochs} epochs (now in .hydra/config.yaml)"
+                f"so {epochs} epoch{'s' if epochs != 1 else ''} (now in .hydra/config.yaml)"
             )
 
 
