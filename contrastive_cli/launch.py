@@ -197,7 +197,11 @@ def _our_agent(restarts: failures.Restarts, stop_file: Path) -> Iterator[None]:
       they can handle it) does not kill them with a KeyboardInterrupt traceback; the
       launcher takes Ctrl-C itself, leaves ``stop_file`` for workers that were still
       starting (``worker`` checks it once its handler is in place), and torch's agent
-      passes the signal on to the others.
+      passes the signal on to the others. A Ctrl-C while the launcher itself creates the
+      processes (SIGINT ignored there too, milliseconds; longer on a loaded machine) is
+      lost: the run goes on and a second Ctrl-C stops it. Blocking SIGINT instead of
+      ignoring it would not keep it: torch's store threads, which do not block it, would
+      take it and drop it.
 
     ``elastic_launch`` builds its ``LocalElasticAgent`` itself; this swaps in a subclass
     that overrides ``_monitor_workers`` and ``_start_workers``, the methods torch documents
