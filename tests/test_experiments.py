@@ -299,7 +299,7 @@ def test_a_time_budget_fixes_the_epochs_in_the_saved_config_and_reproduces(tmp_p
     epochs = len((run / "metrics.jsonl").read_text().splitlines())
     assert saved["time_budget"] is None and saved["epochs"] == epochs >= 1
     assert read_results(run)["epochs"] == epochs
-    assert f"so {epochs} epochs" in proc.stdout
+    assert f"so {epochs} epoch{'s' if epochs != 1 else ''} (now in" in proc.stdout
     again = run_cli(
         ["reproduce", str(run), "--out", str(tmp_path / "again")], cwd=tmp_path, check=True
     )
