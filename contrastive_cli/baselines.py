@@ -30,6 +30,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from contrastive_cli.evaluators.retrieval import QUERIES
 from contrastive_cli.report import write_json
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def baseline_keys(
         "lowshot": [float(f) for f in ev.get("lowshot", [])],
         "lowshot_draws": int(ev.get("lowshot_draws", 3)),
         "lowshot_weight_decays": [float(w) for w in ev.get("lowshot_weight_decays", [])],
-        "retrieval_queries": ev.get("retrieval_queries", 500),
+        "retrieval_queries": ev.get("retrieval_queries", QUERIES),
         "labelfree_size": int(ev.get("labelfree_size", 2048)),
         # the views' normalisation is undone for raw pixels; random_init keys it below
         "augment": {

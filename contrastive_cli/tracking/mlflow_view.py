@@ -18,8 +18,8 @@ Ours, ``contrast: accuracy first``:
   after them by the UI itself.
 
 The tag's value is the envelope MLflow's own "Save view" writes (``name``, ``createdAt``,
-``updatedAt``, ``state``), with ``state`` the plain JSON the UI reads as well as its
-deflate-compressed form. A view someone saved over ours in the UI is theirs: it is only
+``updatedAt``, ``state``), with ``state`` the page state as plain JSON (the UI reads that as
+well as the deflate-compressed form its own button writes). A view someone saved over ours in the UI is theirs: it is only
 rewritten while it is still the one contrast wrote (``writtenBy``).
 """
 
